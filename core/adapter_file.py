@@ -1,0 +1,90 @@
+"""Reading and writing adapter files: safetensors only, atomic writes, errors that name the file.
+
+Pickle-based files (.ckpt, .pt, .bin) can run code when loaded, so adapters are read from safetensors
+only; ``torch.load(weights_only=True)`` is the one other loader allowed by the project and is not needed
+for any adapter format this pack reads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, unreadable or holds values that cannot be used."""
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load every tensor and the metadata of a safetensors file, refusing anything else.
+
+    Raises AdapterFileError naming the file (and the key, for non-finite values) when the file is
+    missing, not safetensors, truncated or corrupt, or holds NaN / infinite values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterFileError(f"adapter file not found: {path}")
+    if path.suffix.lower() != ".safetensors":
+        raise AdapterFileError(
+            f"{path.name}: only .safetensors adapter files are loaded (pickle formats such as "
+            f"{path.suffix or 'this one'} can run code); convert it to safetensors first")
+    metadata = _read_header_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise AdapterFileError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    if not tensors:
+        raise AdapterFileError(f"{path.name}: the file holds no tensors")
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{path.name}: tensor '{key}' contains NaN or infinite values")
+    return tensors, metadata
+
+
+def _read_header_metadata(path: Path) -> dict[str, str]:
+    """The __metadata__ block of a safetensors header, validating the header on the way."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise AdapterFileError(f"{path.name}: not a safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len <= 0 or 8 + header_len > size:
+            raise AdapterFileError(
+                f"{path.name}: not a safetensors file or truncated (header says {header_len} bytes, file has {size})")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise AdapterFileError(f"{path.name}: not a safetensors file (header is not JSON: {error})") from error
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path.name}: not a safetensors file (header is not a JSON object)")
+    metadata = header.get("__metadata__") or {}
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                      overwrite: bool = False) -> Path:
+    """Write atomically: a temporary file in the same folder, then a rename. Never half-written.
+
+    Refuses to replace an existing file unless ``overwrite`` is true.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary,
+                  metadata={str(k): str(v) for k, v in metadata.items()})
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

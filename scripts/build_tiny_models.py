@@ -1,0 +1,191 @@
+"""Build the deterministic tiny models the demo and the tests run on.
+
+Nothing is downloaded: every weight comes from a seeded generator. The models are real ComfyUI
+architectures at the smallest size ComfyUI still detects as SD1.5 (see shared notes):
+
+- ``tiny_sd15.safetensors``: an SD1.5-shaped checkpoint. UNet with one level (model_channels 320,
+  context 768, one ResBlock + one transformer per block, 25.8M parameters), a TAESD VAE embedded under
+  ``first_stage_model.taesd_*`` and a random CLIP-L text encoder (ComfyUI's fixed SD1 config).
+- ``csa_demo_style.safetensors``: a small kohya-format LoRA on every attention projection of the tiny
+  UNet, used by the example workflow.
+
+Outputs are cached in ``--out`` and rebuilt only when this script changes (its hash is in ``stamp``).
+Run with the host venv's python and ComfyUI on ``sys.path`` (scripts/setup_host.sh does both).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+SEED = 20261122
+
+TINY_SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1,
+    "num_heads": 8,
+    "num_head_channels": -1,
+    "context_dim": 768,
+    "use_spatial_transformer": True,
+    "use_linear_in_transformer": False,
+    "legacy": False,
+    "adm_in_channels": None,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+CHECKPOINT_NAME = "tiny_sd15.safetensors"
+DEMO_LORA_NAME = "csa_demo_style.safetensors"
+DEMO_LORA_RANK = 4
+
+
+def script_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Give every parameter a finite, well-scaled value.
+
+    ComfyUI builds its modules with uninitialised storage (torch.empty), so every tensor is set here.
+    Norm layers are picked by type, not by name: the UNet's GroupNorms are called in_layers.0,
+    out_layers.0 and out.0, and zeroing them would silently cut every ResBlock.
+    """
+    norm_types = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, param in sub.named_parameters(recurse=False):
+                if isinstance(sub, norm_types):
+                    param.fill_(1.0 if name == "weight" else 0.0)
+                elif param.ndim >= 2:
+                    fan_in = param[0].numel()
+                    param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+                else:
+                    param.zero_()
+            for name, buf in sub.named_buffers(recurse=False):
+                if buf.is_floating_point() and not torch.isfinite(buf).all():
+                    buf.zero_()
+
+
+def build_unet(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**TINY_SD15_UNET_CONFIG, dtype=torch.float32, device="cpu",
+                     operations=comfy.ops.disable_weight_init)
+    init_weights_(unet, generator)
+    # Keep the output head small so the tiny model's epsilon stays in a sane range.
+    with torch.no_grad():
+        unet.out[2].weight.mul_(0.1)
+    return {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+
+
+def build_taesd(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    from comfy.taesd.taesd import TAESD
+
+    taesd = TAESD(latent_channels=4)
+    init_weights_(taesd, generator)
+    state = {k: v for k, v in taesd.state_dict().items() if k.startswith(("taesd_encoder.", "taesd_decoder."))}
+    # Identity latent scaling, ComfyUI's own defaults for an SD1.5 TAESD.
+    state["vae_scale"] = torch.tensor(1.0)
+    state["vae_shift"] = torch.tensor(0.0)
+    return {f"first_stage_model.{k}": v for k, v in state.items()}
+
+
+def build_clip_l(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    import comfy.ops
+    import comfy.sd1_clip
+
+    clip = comfy.sd1_clip.SDClipModel(device="cpu", dtype=torch.float32,
+                                      model_options={"custom_operations": comfy.ops.disable_weight_init})
+    init_weights_(clip.transformer, generator)
+    with torch.no_grad():
+        for name, param in clip.transformer.named_parameters():
+            if "embedding" in name:
+                param.normal_(0.0, 0.02, generator=generator)
+    state = clip.transformer.state_dict()
+    state.pop("text_model.embeddings.position_ids", None)
+    return {f"cond_stage_model.transformer.{k}": v for k, v in state.items()}
+
+
+def attention_projection_keys(unet_state: dict[str, torch.Tensor]) -> list[str]:
+    """Every attention projection weight of the UNet, as checkpoint keys without 'model.'."""
+    suffixes = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+    return sorted(k[len("model."):] for k in unet_state if ".attn" in k and k.endswith(suffixes))
+
+
+def build_demo_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A kohya-format LoRA (lora_unet_*) on every attention projection of the tiny UNet."""
+    lora: dict[str, torch.Tensor] = {}
+    for key in attention_projection_keys(unet_state):
+        out_dim, in_dim = unet_state["model." + key].shape
+        module = key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        prefix = f"lora_unet_{module}"
+        lora[f"{prefix}.lora_down.weight"] = torch.randn(DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
+        lora[f"{prefix}.lora_up.weight"] = torch.randn(out_dim, DEMO_LORA_RANK, generator=generator) * 0.5
+        lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
+    return lora
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_suffix(path.suffix + ".partial")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def build(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(SEED)
+    unet = build_unet(generator)
+    checkpoint = {**unet, **build_taesd(generator), **build_clip_l(generator)}
+    checkpoint = {k: v.to(torch.float16) for k, v in checkpoint.items()}
+    for key, value in checkpoint.items():
+        if not torch.isfinite(value).all():
+            raise RuntimeError(f"tiny model weight {key} is not finite after fp16 cast")
+    meta = {"modelspec.title": "Content-Style Adapters tiny SD1.5", "csa.build_hash": script_hash()}
+    save_atomic(checkpoint, out_dir / CHECKPOINT_NAME, meta)
+    lora = build_demo_lora(unet, generator)
+    save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash()})
+    (out_dir / "stamp").write_text(json.dumps({"hash": script_hash()}))
+
+
+def is_current(out_dir: Path) -> bool:
+    stamp = out_dir / "stamp"
+    if not stamp.exists() or not (out_dir / CHECKPOINT_NAME).exists():
+        return False
+    return json.loads(stamp.read_text()).get("hash") == script_hash()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="cache folder for the built models")
+    parser.add_argument("--comfyui", type=Path, required=True, help="ComfyUI source tree to import from")
+    args = parser.parse_args()
+    if is_current(args.out):
+        print(f"tiny models up to date in {args.out}")
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from comfy_host import import_comfyui
+
+    import_comfyui(args.comfyui)
+    build(args.out)
+    print(f"built tiny models in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

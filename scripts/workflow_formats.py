@@ -1,0 +1,140 @@
+"""Convert between ComfyUI's two workflow formats, using a server's /object_info as the schema.
+
+- UI format (workflows/*.json): what users open in ComfyUI: nodes with positions, links, widget values.
+- API format (workflows/api/*.json): what POST /prompt takes: {id: {class_type, inputs}}.
+
+``api_to_ui`` generates the UI file from its API twin; ``ui_to_api`` reads it back, and the test suite
+checks that the round trip gives the twin exactly. Regenerate the UI files after editing a twin:
+
+    .venv/bin/python scripts/workflow_formats.py --write
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from comfy_host import REPO_ROOT, ComfyServer
+
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+COLUMN_WIDTH, ROW_HEIGHT = 360, 260
+
+
+def input_specs(info: dict) -> list[tuple[str, list]]:
+    """(name, spec) of every input of a node, required first, in schema order."""
+    return [(name, spec) for section in ("required", "optional")
+            for name, spec in info["input"].get(section, {}).items()]
+
+
+def is_widget(spec: list) -> bool:
+    return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
+
+
+def has_control_widget(spec: list) -> bool:
+    """Seed-like inputs get an extra 'control after generate' widget value in the UI format."""
+    options = spec[1] if len(spec) > 1 else {}
+    return bool(options.get("control_after_generate"))
+
+
+def column_of(graph: dict) -> dict[str, int]:
+    """Left-to-right layout: a node sits one column right of its deepest input."""
+    columns: dict[str, int] = {}
+
+    def visit(node_id: str) -> int:
+        if node_id not in columns:
+            sources = [v[0] for v in graph[node_id]["inputs"].values() if isinstance(v, list)]
+            columns[node_id] = 1 + max((visit(s) for s in sources), default=-1)
+        return columns[node_id]
+
+    for node_id in graph:
+        visit(node_id)
+    return columns
+
+
+def api_to_ui(graph: dict, object_info: dict) -> dict:
+    columns = column_of(graph)
+    rows: dict[int, int] = {}
+    nodes, links = [], []
+    outputs_links: dict[tuple[str, int], list[int]] = {}
+    for order, node_id in enumerate(sorted(graph, key=lambda n: (columns[n], int(n)))):
+        node = graph[node_id]
+        info = object_info[node["class_type"]]
+        inputs, widgets = [], []
+        for name, spec in input_specs(info):
+            value = node["inputs"].get(name)
+            if is_widget(spec):
+                if name in node["inputs"]:
+                    widgets.append(value)
+                    if has_control_widget(spec):
+                        widgets.append("fixed")
+                continue
+            link_id = None
+            if isinstance(value, list):
+                link_id = len(links) + 1
+                links.append([link_id, int(value[0]), int(value[1]), int(node_id), len(inputs), spec[0]])
+                outputs_links.setdefault((value[0], int(value[1])), []).append(link_id)
+            inputs.append({"name": name, "type": spec[0], "link": link_id})
+        row = rows.get(columns[node_id], 0)
+        rows[columns[node_id]] = row + 1
+        nodes.append({
+            "id": int(node_id), "type": node["class_type"],
+            "pos": [40 + COLUMN_WIDTH * columns[node_id], 40 + ROW_HEIGHT * row], "size": [320, 200],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+            "outputs": [{"name": name, "type": kind, "slot_index": slot}
+                        for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))],
+            "properties": {"Node name for S&R": node["class_type"]},
+            "widgets_values": widgets,
+        })
+    for ui_node in nodes:
+        for output in ui_node["outputs"]:
+            output["links"] = outputs_links.get((str(ui_node["id"]), output["slot_index"]), [])
+    return {"last_node_id": max(int(n) for n in graph), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    links = {link[0]: link for link in workflow["links"]}
+    graph = {}
+    for ui_node in workflow["nodes"]:
+        info = object_info[ui_node["type"]]
+        inputs = {}
+        for slot in ui_node["inputs"]:
+            if slot.get("link") is not None:
+                link = links[slot["link"]]
+                inputs[slot["name"]] = [str(link[1]), link[2]]
+        values = iter(ui_node.get("widgets_values", []))
+        for name, spec in input_specs(info):
+            if is_widget(spec):
+                try:
+                    inputs[name] = next(values)
+                except StopIteration:
+                    break
+                if has_control_widget(spec):
+                    next(values, None)
+        graph[str(ui_node["id"])] = {"class_type": ui_node["type"], "inputs": inputs}
+    return graph
+
+
+def twins() -> list[tuple[Path, Path]]:
+    """(UI workflow, API twin) pairs, by file name."""
+    return [(WORKFLOWS_DIR / api.name, api) for api in sorted((WORKFLOWS_DIR / "api").glob("*.json"))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="regenerate every UI workflow from its API twin")
+    parser.add_argument("--base", type=Path, default=REPO_ROOT / ".host" / "base")
+    args = parser.parse_args()
+    with ComfyServer(args.base) as server:
+        object_info = server.get_json("/object_info")
+    for ui_path, api_path in twins():
+        ui = api_to_ui(json.loads(api_path.read_text()), object_info)
+        if args.write:
+            ui_path.write_text(json.dumps(ui, indent=2) + "\n")
+            print(f"wrote {ui_path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

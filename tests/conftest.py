@@ -1,0 +1,62 @@
+"""Test levels: tests/unit (core/ alone), tests/host (ComfyUI in-process), tests/e2e (a real server).
+
+The host and end-to-end levels need the runtime built by scripts/setup_host.sh (``make test`` runs it).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.append(str(path))
+
+import comfy_host  # noqa: E402  (scripts/comfy_host.py)
+
+
+def require_host() -> None:
+    missing = [p for p in (comfy_host.COMFYUI_DIR / "main.py", comfy_host.TINY_MODELS_DIR / "stamp") if not p.exists()]
+    if missing:
+        pytest.exit(f"host runtime missing ({', '.join(map(str, missing))}); run `make test` or scripts/setup_host.sh",
+                    returncode=2)
+
+
+@pytest.fixture(scope="session")
+def comfy_base(tmp_path_factory) -> Path:
+    """A ComfyUI base directory for this test session: the pack in custom_nodes, tiny models in models/."""
+    require_host()
+    return comfy_host.make_base_directory(tmp_path_factory.mktemp("comfy-base"))
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_base):
+    """ComfyUI imported in this process (CPU) with the pack loaded through ComfyUI's own loader.
+
+    Returns ComfyUI's NODE_CLASS_MAPPINGS, so tests call node classes exactly as the server would.
+    """
+    comfy_host.import_comfyui(base_directory=comfy_base)
+    return comfy_host.load_pack_in_process(comfy_base)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(comfy):
+    """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by ComfyUI's checkpoint loader."""
+    import comfy.sd
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(comfy_host.TINY_MODELS_DIR / "tiny_sd15.safetensors"))
+    return model, clip, vae
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfy_base):
+    """A real ComfyUI server on a free loopback port, stopped at the end of the session."""
+    server = comfy_host.ComfyServer(comfy_base)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

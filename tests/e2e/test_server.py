@@ -1,0 +1,60 @@
+"""The pack inside a real ComfyUI server: loading, /object_info, and every API workflow end to end."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import comfy_host
+from support.images import assert_real_images, expected_image_size
+
+pytestmark = pytest.mark.e2e
+
+API_WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows" / "api").glob("*.json"))
+
+
+def test_server_loaded_the_pack_without_import_errors(comfy_server):
+    log = comfy_server.log_text()
+    failed = [line for line in log.splitlines() if "(IMPORT FAILED)" in line and comfy_host.PACK_FOLDER_NAME in line]
+    assert failed == [], failed
+    assert any(comfy_host.PACK_FOLDER_NAME in line for line in log.splitlines() if "seconds:" in line), \
+        "the pack is not in ComfyUI's custom node import list"
+
+
+def test_object_info_lists_every_node_the_pack_registers(comfy_server, comfy):
+    from_pack = {node_id for node_id, cls in comfy.items()
+                 if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == f"custom_nodes.{comfy_host.PACK_FOLDER_NAME}"}
+    assert from_pack, "the in-process load registered no node for the pack"
+    info = comfy_server.get_json("/object_info")
+    missing = sorted(from_pack - set(info))
+    assert missing == [], f"/object_info lacks {missing}"
+    for node_id in from_pack:
+        node = info[node_id]
+        assert node_id.startswith("CSA_")
+        for section in ("required", "optional"):
+            for name, spec in node["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert all(node.get("output_tooltips", [])), f"{node_id} has an output without tooltip"
+
+
+@pytest.mark.parametrize("workflow", API_WORKFLOWS, ids=[p.stem for p in API_WORKFLOWS])
+def test_api_workflow_runs_and_saves_real_images(comfy_server, workflow):
+    graph = comfy_host.load_api_workflow(workflow)
+    result = comfy_server.run_prompt(graph)
+    assert_real_images(result.output_images, expected_image_size(graph))
+
+
+def test_every_ui_workflow_reads_back_as_its_api_twin(comfy_server):
+    import json
+
+    from workflow_formats import twins, ui_to_api
+
+    object_info = comfy_server.get_json("/object_info")
+    pairs = twins()
+    assert pairs, "no API workflows"
+    for ui_path, api_path in pairs:
+        assert ui_path.is_file(), f"{api_path.name} has no UI twin; run scripts/workflow_formats.py --write"
+        ui = json.loads(ui_path.read_text())
+        assert ui_to_api(ui, object_info) == json.loads(api_path.read_text()), f"{ui_path.name} drifted from its twin"
+    ui_only = sorted(p.name for p in ui_path.parent.glob("*.json")) if pairs else []
+    assert ui_only == sorted(ui.name for ui, _ in pairs), "a UI workflow has no API twin in workflows/api/"

@@ -1,0 +1,21 @@
+"""Helpers for in-process tests: realised weights of a patched ModelPatcher."""
+from __future__ import annotations
+
+import torch
+
+
+def patched_weights(patcher, keys) -> dict[str, torch.Tensor]:
+    """The weights a ModelPatcher would compute for ``keys``, without touching the shared model."""
+    state = patcher.model.state_dict()
+    out = {}
+    for key in keys:
+        import comfy.lora
+
+        weight = state[key].detach().to(torch.float32).clone()
+        out[key] = comfy.lora.calculate_weight(patcher.patches.get(key, []), weight, key)
+    return out
+
+
+def kohya_module(model_key: str) -> str:
+    """'diffusion_model.a.b.weight' -> 'lora_unet_a_b' (ComfyUI's native-name kohya key)."""
+    return "lora_unet_" + model_key[len("diffusion_model."):-len(".weight")].replace(".", "_")

@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.adapter_file import AdapterFileError, read_safetensors, write_safetensors
+
+
+def sample_tensors():
+    g = torch.Generator().manual_seed(0)
+    return {"a.lora_up.weight": torch.randn(8, 2, generator=g), "a.lora_down.weight": torch.randn(2, 4, generator=g),
+            "a.alpha": torch.tensor(2.0)}
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path):
+    path = write_safetensors(tmp_path / "x.safetensors", sample_tensors(), {"csa.role": "style"})
+    tensors, metadata = read_safetensors(path)
+    assert metadata == {"csa.role": "style"}
+    for key, value in sample_tensors().items():
+        assert torch.equal(tensors[key], value)
+
+
+def test_write_refuses_to_overwrite_unless_asked(tmp_path):
+    path = write_safetensors(tmp_path / "x.safetensors", sample_tensors(), {})
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_safetensors(path, {"b": torch.zeros(1)}, {})
+    assert set(read_safetensors(path)[0]) == set(sample_tensors())
+    write_safetensors(path, {"b.alpha": torch.ones(1)}, {}, overwrite=True)
+    assert set(read_safetensors(path)[0]) == {"b.alpha"}
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(Exception):
+        write_safetensors(tmp_path / "x.safetensors", {"a": "not a tensor"}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_file_is_named_in_the_error(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file(sample_tensors(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    with pytest.raises(AdapterFileError, match="cut.safetensors"):
+        read_safetensors(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 4, b"not a safetensors file at all, just text" * 3,
+                                     (8).to_bytes(8, "little") + b"[1,2,3]xx"])
+def test_garbage_is_rejected_as_not_safetensors(tmp_path, content):
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(AdapterFileError, match="junk.safetensors.*(not a safetensors|truncated)"):
+        read_safetensors(path)
+
+
+def test_pickle_formats_are_refused_by_extension(tmp_path):
+    path = tmp_path / "old.ckpt"
+    path.write_bytes(b"\x80\x04")
+    with pytest.raises(AdapterFileError, match="only .safetensors"):
+        read_safetensors(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(AdapterFileError, match="not found"):
+        read_safetensors(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_values_name_the_key(tmp_path, bad):
+    tensors = sample_tensors()
+    tensors["a.lora_up.weight"][3, 1] = bad
+    path = tmp_path / "nan.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(AdapterFileError, match=r"nan.safetensors: tensor 'a.lora_up.weight' contains NaN"):
+        read_safetensors(path)
