@@ -88,3 +88,18 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def path_inside(root: str | os.PathLike, subfolder: str, filename: str, suffix: str = ".safetensors") -> Path:
+    """root/subfolder/filename<suffix>, refusing names that are empty, absolute or escape root."""
+    if not filename or not filename.strip():
+        raise ValueError("filename is empty")
+    for label, part in (("subfolder", subfolder), ("filename", filename)):
+        if part and (os.path.isabs(part) or ".." in Path(part).parts or "\x00" in part):
+            raise ValueError(f"{label} {part!r} must be a relative name inside the folder (no '..', no absolute path)")
+    name = filename if filename.endswith(suffix) else filename + suffix
+    root_path = Path(root).resolve()
+    target = (root_path / (subfolder or "") / name).resolve()
+    if root_path not in target.parents:
+        raise ValueError(f"{subfolder}/{name} would be written outside {root_path}")
+    return target

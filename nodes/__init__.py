@@ -1,10 +1,19 @@
 """ComfyUI node classes (V3 schema). Each node validates, calls core/, and wraps the result."""
 from comfy_api.latest import ComfyExtension, io
 
+from . import comfy_compat
+from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
+from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
+from .save_adapter import SaveAdapter
 
 NODES: list[type[io.ComfyNode]] = [
+    LoadAdapter,
+    LoadContentAdapter,
+    LoadStyleAdapter,
     ApplyAdapters,
+    AdapterInfo,
+    SaveAdapter,
 ]
 
 
@@ -14,4 +23,5 @@ class ContentStyleAdaptersExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ContentStyleAdaptersExtension:
+    comfy_compat.register_pack_folder()
     return ContentStyleAdaptersExtension()

@@ -1,0 +1,100 @@
+"""The ADAPTER value: low-rank factors per target module, with a role, a method, a base and a strength.
+
+One module's weight change is ΔW = scale · up @ down with scale = alpha / rank, or 1 when the file has
+no alpha (ComfyUI's and diffusers' convention). Conv layers keep their kernel in ``down``
+(r, in, kh, kw) and a 1x1 ``up`` (out, r, 1, 1), the kohya LoCon layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+ROLES = ("content", "style", "concept", "generic")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    up: torch.Tensor
+    down: torch.Tensor
+    alpha: float | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. QR-LoRA's base_r
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        return (self.up.shape[0], *self.down.shape[1:])
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight change, shaped (out, in, *kernel)."""
+        product = self.up.flatten(1).to(dtype) @ self.down.flatten(1).to(dtype)
+        return (product * self.scale).reshape(self.delta_shape)
+
+    @property
+    def parameter_count(self) -> int:
+        return self.up.numel() + self.down.numel()
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.up, self.down, *self.extras.values()))
+
+
+def check_factors(module: str, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Raise ValueError naming the module when up and down cannot form a LoRA."""
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4):
+        raise ValueError(f"module '{module}': factors must be 2-D (linear) or 4-D (conv); "
+                         f"got up {tuple(up.shape)}, down {tuple(down.shape)}")
+    if up.shape[1] != down.shape[0]:
+        raise ValueError(f"module '{module}': rank mismatch, up is {tuple(up.shape)} but down is {tuple(down.shape)} "
+                         f"(up's 2nd dimension must equal down's 1st)")
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise ValueError(f"module '{module}': conv up factor must be 1x1, got {tuple(up.shape)}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Low-rank factors keyed by module name (any spelling the model's key map understands)."""
+
+    modules: dict[str, LowRank]
+    role: str = "generic"
+    method: str = "lora"
+    base: str = "unknown"
+    strength: float = 1.0
+    source: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+
+    def replace(self, **changes) -> "Adapter":
+        return dataclasses.replace(self, **changes)
+
+    def subset(self, names) -> "Adapter":
+        return self.replace(modules={n: self.modules[n] for n in names})
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(m.parameter_count for m in self.modules.values())
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(m.size_bytes for m in self.modules.values())
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    def cross_attention_width(self) -> int | None:
+        """Input width of the cross-attention key projections: 768 SD1.x, 1024 SD2.x, 2048 SDXL."""
+        widths = {m.down.shape[1] for name, m in self.modules.items()
+                  if name.replace(".", "_").endswith("attn2_to_k")}
+        return widths.pop() if len(widths) == 1 else None

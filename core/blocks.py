@@ -1,0 +1,115 @@
+"""UNet block names: which block a module lives in, B-LoRA block splits and per-block strengths.
+
+Blocks are named as ComfyUI names them (input_blocks.N, middle_block, output_blocks.N); module names in any
+spelling the pack reads (kohya, ComfyUI generic, diffusers) are compared on their underscored path.
+
+    module                                                    block (of a model key)
+    diffusion_model.input_blocks.4.1.transformer_blocks.0...  input_blocks.4
+    diffusion_model.middle_block.1.proj_in                    middle_block
+    diffusion_model.time_embed.0                              time_embed
+    text_encoders.clip_l.transformer...                       text_encoder
+"""
+from __future__ import annotations
+
+import re
+
+from .adapter import Adapter
+
+# B-LoRA / ConsisLoRA on SDXL: (diffusers name, ComfyUI name) of the content and the style block.
+B_LORA_BLOCKS = {
+    "content": ("up_blocks.0.attentions.0", "output_blocks.0.1"),
+    "style": ("up_blocks.0.attentions.1", "output_blocks.1.1"),
+}
+_PATH_PREFIXES = ("lora_unet_", "diffusion_model.", "unet.", "lycoris_")
+
+
+def underscored_path(module: str) -> str:
+    """A module name without its format prefix, dots replaced by underscores."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PATH_PREFIXES:
+            if module.startswith(prefix):
+                module, changed = module[len(prefix):], True
+    return module.replace(".", "_")
+
+
+def in_block(module: str, block: str) -> bool:
+    path, prefix = underscored_path(module), block.replace(".", "_")
+    return path == prefix or path.startswith(prefix + "_")
+
+
+def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
+    """Only the modules of the B-LoRA content block or style block (either spelling)."""
+    if part not in B_LORA_BLOCKS:
+        raise ValueError(f"B-LoRA part must be one of {sorted(B_LORA_BLOCKS)}, got {part!r}")
+    blocks = B_LORA_BLOCKS[part]
+    kept = [name for name in adapter.modules if any(in_block(name, b) for b in blocks)]
+    if not kept:
+        raise ValueError(f"{adapter.source}: no module in the B-LoRA {part} block ({' / '.join(blocks)}); "
+                         f"the file touches {sorted(touched_blocks(adapter.modules))[:8]}")
+    return adapter.subset(kept)
+
+
+_BLOCK = re.compile(r"^diffusion_model\.((?:input_blocks|output_blocks)\.\d+|middle_block|[a-z_]+)")
+
+
+def block_of(model_key: str) -> str:
+    """The ComfyUI block a model weight key belongs to."""
+    if model_key.startswith(("clip_", "text_encoders.")) or ".transformer.text_model." in model_key:
+        return "text_encoder"
+    match = _BLOCK.match(model_key)
+    return match.group(1) if match else model_key.split(".")[0]
+
+
+def block_of_module(module: str) -> str:
+    """The block a module name (any spelling) points into; text-encoder modules give 'text_encoder'."""
+    return next(iter(touched_blocks([module])))
+
+
+def touched_blocks(module_names) -> set[str]:
+    """Blocks named by module names in any spelling (diffusers blocks keep their diffusers name)."""
+    blocks = set()
+    for name in module_names:
+        if name.startswith(("lora_te", "text_encoder", "text_encoders.")):
+            blocks.add("text_encoder")
+            continue
+        path = underscored_path(name)
+        match = re.match(r"^((?:input|output|down|up)_blocks_\d+|middle_block|mid_block|text_model|[a-z]+)", path)
+        blocks.add(match.group(1).replace("_blocks_", "_blocks.") if match else path)
+    return blocks
+
+
+def parse_block_strengths(text: str) -> dict[str, float]:
+    """'input_blocks.4=0.5, output_blocks: 0' -> {'input_blocks.4': 0.5, 'output_blocks': 0.0}.
+
+    Entries are separated by commas or new lines; name and value by '=' or ':'.
+    """
+    strengths: dict[str, float] = {}
+    for entry in re.split(r"[,\n]", text or ""):
+        entry = entry.strip()
+        if not entry:
+            continue
+        match = re.fullmatch(r"([A-Za-z_][\w.]*)\s*[=:]\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", entry)
+        if not match:
+            raise ValueError(f"block strengths: cannot read {entry!r}; write entries like 'input_blocks.4=0.5' "
+                             f"or 'output_blocks: 0'")
+        strengths[match.group(1)] = float(match.group(2))
+    return strengths
+
+
+def strength_of_block(block: str, block_strengths: dict[str, float]) -> float:
+    """The most specific entry that names this block or a prefix of it ('output_blocks' covers them all)."""
+    best, best_len = 1.0, -1
+    for name, value in block_strengths.items():
+        if (block == name or block.startswith(name + ".") or block.startswith(name + "_")) and len(name) > best_len:
+            best, best_len = value, len(name)
+    return best
+
+
+def check_block_names(block_strengths: dict[str, float], model_blocks: set[str]) -> None:
+    unknown = [name for name in block_strengths
+               if not any(b == name or b.startswith(name + ".") for b in model_blocks)]
+    if unknown:
+        raise ValueError(f"block strengths name {unknown}, which this model does not have; "
+                         f"its blocks are {sorted(model_blocks)}")

@@ -1,0 +1,46 @@
+"""Adapter Info: what an adapter holds and how it fits a model, as text."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..core.adapter import Adapter
+from ..core.blocks import touched_blocks
+from .binding import bind_to_model, describe_binding
+from .common import CATEGORY, node_id
+from .sockets import AdapterSocket
+
+
+def describe_adapter(adapter: Adapter) -> str:
+    return "\n".join([
+        f"{adapter.source or '(unsaved adapter)'}",
+        f"role {adapter.role} · method {adapter.method} · base {adapter.base} · strength {adapter.strength:g}",
+        f"modules {len(adapter.modules)} · ranks {adapter.ranks} · parameters {adapter.parameter_count:,} · "
+        f"size {adapter.size_bytes / 2**20:.2f} MiB",
+        f"blocks touched: {', '.join(sorted(touched_blocks(adapter.modules)))}",
+    ])
+
+
+class AdapterInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("AdapterInfo"),
+            display_name="Adapter Info",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Show an adapter's modules, ranks, blocks, parameter count, size, role and method; with a "
+                        "model connected, also which modules match it.",
+            inputs=[
+                AdapterSocket.Input("adapter", tooltip="The adapter to describe."),
+                io.Model.Input("model", optional=True, tooltip="Optional model to match the adapter's modules against."),
+                io.Clip.Input("clip", optional=True, tooltip="Optional text encoder, for text-encoder modules."),
+            ],
+            outputs=[io.String.Output(display_name="info", tooltip="The description, as text.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter: Adapter, model=None, clip=None) -> io.NodeOutput:
+        text = describe_adapter(adapter)
+        if model is not None:
+            text += "\n" + describe_binding(adapter, bind_to_model(adapter, model, clip), model)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))

@@ -1,0 +1,48 @@
+"""Binding adapters to a ComfyUI model and turning them into ComfyUI weight patches."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ..core.adapter import Adapter
+from ..core.blocks import block_of, block_of_module, check_block_names, strength_of_block
+from ..core.resolve import Binding, bind, check_architecture
+from . import comfy_compat
+
+
+def bind_to_model(adapter: Adapter, model, clip=None) -> Binding:
+    """Every module of the adapter through ComfyUI's key map for this model (and CLIP)."""
+    check_architecture(adapter, comfy_compat.model_name(model), comfy_compat.model_context_dim(model))
+    binding = bind(adapter, comfy_compat.lora_key_map(model, clip), comfy_compat.weight_shapes(model, clip))
+    if binding.matched_count == 0:
+        hint = ("; it has text-encoder modules, so connect the CLIP" if clip is None and
+                any(block_of_module(m) == "text_encoder" for m in adapter.modules) else "")
+        raise ValueError(f"{adapter.source or 'adapter'}: this adapter does not match this model "
+                         f"({comfy_compat.model_name(model)}): none of its {len(adapter.modules)} modules is in the "
+                         f"model's key map (first: {sorted(adapter.modules)[:3]}){hint}")
+    return binding
+
+
+def describe_binding(adapter: Adapter, binding: Binding, model) -> str:
+    total = binding.matched_count + len(binding.unmatched)
+    line = (f"{adapter.source or adapter.method} ({adapter.role}, strength {adapter.strength:g}): "
+            f"{binding.matched_count} of {total} modules mapped onto {comfy_compat.model_name(model)}")
+    if binding.unmatched:
+        line += "\n  unmapped modules: " + ", ".join(binding.unmatched)
+    return line
+
+
+def patches_by_strength(adapters: list[Adapter], model, clip, block_strengths: dict[str, float]):
+    """{strength: {model key: ComfyUI LoRA weight adapter}} for all adapters, and a report per adapter."""
+    groups: dict[float, dict] = defaultdict(dict)
+    reports = []
+    model_blocks = {block_of(k) for k in comfy_compat.weight_shapes(model)}
+    check_block_names(block_strengths, model_blocks)
+    for index, adapter in enumerate(adapters):
+        binding = bind_to_model(adapter, model, clip)
+        reports.append(describe_binding(adapter, binding, model))
+        for key, (module, factors) in binding.targets.items():
+            strength = adapter.strength * strength_of_block(block_of(key), block_strengths)
+            if strength != 0:
+                name = f"csa{index}.{module}"
+                groups[strength][key] = comfy_compat.lora_weight_adapter(name, factors.up, factors.down, factors.alpha)
+    return groups, "\n".join(reports)

@@ -1,0 +1,64 @@
+"""Load Adapter nodes: read a LoRA-style file in any layout the pack knows into an ADAPTER."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..core.adapter import ROLES
+from ..core.adapter_file import read_safetensors
+from ..core.blocks import select_b_lora_part
+from ..core.formats import adapter_from_tensors
+from . import comfy_compat
+from .common import CATEGORY, node_id
+from .sockets import AdapterSocket
+
+PARTS = {"whole file": None, "B-LoRA content block": "content", "B-LoRA style block": "style"}
+ROLE_FROM_FILE = "from file"
+
+
+class LoadAdapter(io.ComfyNode):
+    ROLE: str | None = None  # fixed by the content / style variants
+    NAME, TITLE = "LoadAdapter", "Load Adapter"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        role_input = [] if cls.ROLE else [io.Combo.Input(
+            "role", options=[ROLE_FROM_FILE, *ROLES], default=ROLE_FROM_FILE,
+            tooltip="What the adapter carries. 'from file' reads the role saved in the file's metadata (else generic).")]
+        return io.Schema(
+            node_id=node_id(cls.NAME),
+            display_name=cls.TITLE,
+            category=CATEGORY,
+            description="Read an adapter file: kohya, diffusers / PEFT (also B4M's doubled unet. prefix), ComfyUI "
+                        "generic, B-LoRA / ConsisLoRA block splits and QR-LoRA files, from the loras folder or "
+                        f"models/{comfy_compat.PACK_FOLDER}.",
+            inputs=[
+                io.Combo.Input("adapter_name", options=comfy_compat.adapter_file_names(),
+                               tooltip="Adapter file (safetensors) in the loras folder or the pack's own folder."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="How strongly this adapter changes the model when applied or merged."),
+                io.Combo.Input("part", options=list(PARTS), default="whole file",
+                               tooltip="Take the whole file, or only the B-LoRA content block (up_blocks.0.attentions.0 "
+                                       "= output_blocks.0.1) or style block (up_blocks.0.attentions.1 = output_blocks.1.1)."),
+                *role_input,
+            ],
+            outputs=[AdapterSocket.Output(display_name="adapter", tooltip="The adapter, ready to apply, merge or inspect.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter_name: str, strength: float, part: str, role: str = ROLE_FROM_FILE) -> io.NodeOutput:
+        tensors, metadata = read_safetensors(comfy_compat.adapter_file_path(adapter_name))
+        chosen_role = cls.ROLE or (None if role == ROLE_FROM_FILE else role)
+        adapter = adapter_from_tensors(tensors, metadata, source=adapter_name, role=chosen_role)
+        if PARTS[part] is not None:
+            adapter = select_b_lora_part(adapter, PARTS[part])
+        return io.NodeOutput(adapter.replace(strength=strength))
+
+
+class LoadContentAdapter(LoadAdapter):
+    ROLE = "content"
+    NAME, TITLE = "LoadContentAdapter", "Load Content Adapter"
+
+
+class LoadStyleAdapter(LoadAdapter):
+    ROLE = "style"
+    NAME, TITLE = "LoadStyleAdapter", "Load Style Adapter"

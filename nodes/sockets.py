@@ -1,0 +1,11 @@
+"""Socket types the pack adds to ComfyUI, declared once."""
+from comfy_api.latest import io
+
+from ..core.adapter import Adapter
+
+
+@io.comfytype(io_type="CSA_ADAPTER")
+class AdapterSocket(io.ComfyTypeIO):
+    """Low-rank factors per module with a role (content, style, concept), method, base and strength."""
+
+    Type = Adapter
