@@ -49,6 +49,16 @@ TINY_SD15_UNET_CONFIG = {
     "use_temporal_resblock": False,
 }
 
+# The real SDXL UNet layout; tests build it on the meta device for key-layout checks (no memory, no weights).
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+    "num_heads": -1, "num_head_channels": 64, "context_dim": 2048, "use_spatial_transformer": True,
+    "use_linear_in_transformer": True, "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential",
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 DEMO_LORA_NAME = "csa_demo_style.safetensors"
 DEMO_LORA_RANK = 4
@@ -139,6 +149,16 @@ def build_demo_lora(unet_state: dict[str, torch.Tensor], generator: torch.Genera
         lora[f"{prefix}.lora_up.weight"] = torch.randn(out_dim, DEMO_LORA_RANK, generator=generator) * 0.5
         lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
     return lora
+
+
+def sdxl_meta_model():
+    """A ComfyUI ModelPatcher around an SDXL UNet on the meta device (ComfyUI must be imported)."""
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET_CONFIG))
+    model = config.get_model({}, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -99,6 +99,11 @@ class PromptResult:
     output_images: list[Path] = field(default_factory=list)
 
     @property
+    def output_texts(self) -> list[str]:
+        """Text that output nodes showed (PreviewAny, Adapter Info, Save Adapter, ...)."""
+        return [text for out in self.history.get("outputs", {}).values() for text in out.get("text", [])]
+
+    @property
     def executed_nodes(self) -> set[str]:
         return set(self.history.get("outputs", {}))
 

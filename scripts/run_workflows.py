@@ -25,6 +25,8 @@ def main() -> int:
         for path, graph in graphs:
             result = server.run_prompt(graph)
             print(f"{path.name}: {len(result.output_images)} image(s)")
+            for text in result.output_texts:
+                print("  | " + text.replace("\n", "\n  | "))
             for image in result.output_images:
                 print(f"  {image}")
     return 0

@@ -116,6 +116,12 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return graph
 
 
+def format_api(graph: dict) -> str:
+    """API workflows are written one node per line, so diffs stay readable."""
+    lines = [f"  {json.dumps(node_id)}: {json.dumps(node)}" for node_id, node in graph.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def twins() -> list[tuple[Path, Path]]:
     """(UI workflow, API twin) pairs, by file name."""
     return [(WORKFLOWS_DIR / api.name, api) for api in sorted((WORKFLOWS_DIR / "api").glob("*.json"))]
@@ -129,8 +135,10 @@ def main() -> int:
     with ComfyServer(args.base) as server:
         object_info = server.get_json("/object_info")
     for ui_path, api_path in twins():
-        ui = api_to_ui(json.loads(api_path.read_text()), object_info)
+        graph = json.loads(api_path.read_text())
+        ui = api_to_ui(graph, object_info)
         if args.write:
+            api_path.write_text(format_api(graph))
             ui_path.write_text(json.dumps(ui, indent=2) + "\n")
             print(f"wrote {ui_path.relative_to(REPO_ROOT)}")
     return 0

@@ -52,6 +52,14 @@ def tiny_sd15(comfy):
 
 
 @pytest.fixture(scope="session")
+def sdxl_meta(comfy):
+    """An SDXL-layout ModelPatcher on the meta device: real key names and shapes, no weights."""
+    from build_tiny_models import sdxl_meta_model
+
+    return sdxl_meta_model()
+
+
+@pytest.fixture(scope="session")
 def comfy_server(comfy_base):
     """A real ComfyUI server on a free loopback port, stopped at the end of the session."""
     server = comfy_host.ComfyServer(comfy_base)

@@ -58,3 +58,35 @@ def test_every_ui_workflow_reads_back_as_its_api_twin(comfy_server):
         assert ui_to_api(ui, object_info) == json.loads(api_path.read_text()), f"{ui_path.name} drifted from its twin"
     ui_only = sorted(p.name for p in ui_path.parent.glob("*.json")) if pairs else []
     assert ui_only == sorted(ui.name for ui, _ in pairs), "a UI workflow has no API twin in workflows/api/"
+
+
+def test_saved_adapter_loads_in_stock_lora_loader_through_the_server(comfy_server):
+    comfy_server.run_prompt(comfy_host.load_api_workflow(API_WORKFLOWS[0].parent / "apply_adapter.json"))
+    saved = comfy_server.base_directory / "models" / "loras" / "csa_demo_resaved.safetensors"
+    assert saved.is_file()
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": saved.name,
+                                                              "strength_model": 1.0}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a dotted ring"}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "seed": 1, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["3", 0],
+                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "csa/stock_reload"}},
+    }
+    result = comfy_server.run_prompt(graph)
+    assert_real_images(result.output_images, (64, 64))
+    assert "lora key not loaded" not in comfy_server.log_text()
+
+
+def test_a_corrupt_adapter_fails_its_prompt_but_not_the_server(comfy_server):
+    corrupt = comfy_server.base_directory / "models" / "loras" / "e2e_corrupt.safetensors"
+    corrupt.write_bytes((200).to_bytes(8, "little") + b'{"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}')
+    graph = {"1": {"class_type": "CSA_LoadAdapter", "inputs": {"adapter_name": corrupt.name, "strength": 1.0,
+                                                               "part": "whole file", "role": "from file"}},
+             "2": {"class_type": "CSA_AdapterInfo", "inputs": {"adapter": ["1", 0]}}}
+    with pytest.raises(comfy_host.PromptFailed, match="e2e_corrupt.safetensors: not a safetensors file or truncated"):
+        comfy_server.run_prompt(graph)
+    assert comfy_server.get_json("/system_stats")["system"]
