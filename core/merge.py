@@ -129,7 +129,7 @@ def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float
     if signs is not None:
         basis = terms[0].factors.up.flatten(1).to(dtype)
         coefficients = [t.weight * t.factors.scale * s.to(dtype)[:, None] * d for t, s, d in zip(terms, signs, downs)]
-        path = "shared-q"
+        path = "shared-q" if len(terms) > 1 else "single adapter"
     else:
         ups = torch.cat([t.factors.up.flatten(1).to(dtype) for t in terms], 1)
         basis, r_up = torch.linalg.qr(ups, mode="reduced")
@@ -156,12 +156,13 @@ def merge_layers(terms_by_key: dict[str, list[Term]], interference: str = "off",
 
 
 def overlap_summary(layers: dict[str, MergedLayer]) -> list[str]:
-    """One line per layer: max and mean principal-angle cosine of column and row spaces."""
-    lines = []
+    """A count of merge paths, then one line per layer: max and mean principal-angle cosines (out / in spaces)."""
+    paths = [layer.path for layer in layers.values()]
+    lines = [f"{len(layers)} layers: " + ", ".join(f"{paths.count(p)} {p}" for p in sorted(set(paths)))]
     for key, layer in layers.items():
         o = layer.overlap
         if o.column_cosines is None:
-            lines.append(f"{key}: {layer.path}, one role only")
+            lines.append(f"{key}: {layer.path}, content or style only")
             continue
         stats = [f"{name} max {c.max():.3f} mean {c.mean():.3f}" if c.numel() else f"{name} -"
                  for name, c in (("out", o.column_cosines), ("in", o.row_cosines))]

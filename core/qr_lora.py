@@ -75,3 +75,16 @@ def convert_to_qr_lora(weight: torch.Tensor, delta: torch.Tensor, rank: int) -> 
     up = qr.q.reshape(qr.q.shape[0], rank, 1, 1) if weight.ndim == 4 else qr.q
     base_r = qr.r.reshape(rank, *weight.shape[1:]) if weight.ndim == 4 else qr.r
     return Conversion(LowRank(up=up, down=down, alpha=None, extras={"base_r": base_r}), ratio)
+
+
+def convert_layers(deltas: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], rank: int,
+                   on_layer=None) -> dict[str, Conversion]:
+    """convert_to_qr_lora for every key, with the rank capped by each weight's size."""
+    converted = {}
+    for key, delta in deltas.items():
+        weight = weights[key]
+        capped = min(rank, weight.shape[0], weight[0].numel())
+        converted[key] = convert_to_qr_lora(weight, delta, capped)
+        if on_layer is not None:
+            on_layer()
+    return converted

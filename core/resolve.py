@@ -102,3 +102,9 @@ def _choose_name(options: list[str], form: str, two_encoders: bool) -> str | Non
     te_prefixes = ("lora_te1_", "lora_te2_") if two_encoders else ("lora_te_",)
     te = sorted(n for n in options if n.startswith(te_prefixes))
     return te[0] if te else None
+
+
+def generic_module_name(model_key: str) -> str:
+    """ComfyUI's generic module name for a model weight key (what its key map accepts everywhere)."""
+    stem = model_key[: -len(".weight")] if model_key.endswith(".weight") else model_key
+    return stem if stem.startswith("diffusion_model.") else "text_encoders." + stem

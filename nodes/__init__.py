@@ -5,6 +5,7 @@ from . import comfy_compat
 from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
+from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
 
 NODES: list[type[io.ComfyNode]] = [
@@ -14,6 +15,8 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyAdapters,
     AdapterInfo,
     SaveAdapter,
+    QRMerge,
+    ConvertToQRLoRA,
 ]
 
 

@@ -61,6 +61,7 @@ SDXL_UNET_CONFIG = {
 
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 DEMO_LORA_NAME = "csa_demo_style.safetensors"
+DEMO_CONTENT_NAME = "csa_demo_content.safetensors"
 DEMO_LORA_RANK = 4
 
 
@@ -161,6 +162,22 @@ def sdxl_meta_model():
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
+def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format LoRA (unet.<diffusers path>.lora_A/B) on the tiny UNet's input-block attention."""
+    diffusers_block = {"input_blocks.1.1": "down_blocks.0.attentions.0"}
+    lora: dict[str, torch.Tensor] = {}
+    for key in attention_projection_keys(unet_state):
+        native = key[len("diffusion_model."):-len(".weight")]
+        block = next((b for b in diffusers_block if native.startswith(b + ".")), None)
+        if block is None:
+            continue
+        out_dim, in_dim = unet_state["model." + key].shape
+        module = "unet." + diffusers_block[block] + native[len(block):]
+        lora[f"{module}.lora_A.weight"] = torch.randn(2 * DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
+        lora[f"{module}.lora_B.weight"] = torch.randn(out_dim, 2 * DEMO_LORA_RANK, generator=generator) * 0.5
+    return lora
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -179,7 +196,9 @@ def build(out_dir: Path) -> None:
     meta = {"modelspec.title": "Content-Style Adapters tiny SD1.5", "csa.build_hash": script_hash()}
     save_atomic(checkpoint, out_dir / CHECKPOINT_NAME, meta)
     lora = build_demo_lora(unet, generator)
-    save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash()})
+    save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash(), "csa.role": "style"})
+    save_atomic(build_demo_content(unet, generator), out_dir / DEMO_CONTENT_NAME,
+                {"csa.build_hash": script_hash(), "csa.role": "content"})
     (out_dir / "stamp").write_text(json.dumps({"hash": script_hash()}))
 
 

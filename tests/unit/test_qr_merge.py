@@ -88,7 +88,8 @@ def test_overlap_is_one_for_identical_and_zero_for_orthogonal_subspaces():
     apart = merge_layer([Term(LowRank(a, rand(4, 9, seed=44)), 1, "content"),
                          Term(LowRank(b, rand(4, 9, seed=45)), 1, "style")], dtype=F64)
     assert apart.overlap.column_cosines.max() < 1e-10
-    assert "overlap out max 0.000" in overlap_summary({"layer": apart})[0]
+    summary = overlap_summary({"layer": apart})
+    assert summary[0] == "1 layers: 1 joint-basis" and "overlap out max 0.000" in summary[1]
 
 
 def test_interference_removal_takes_content_input_directions_out_of_style():

@@ -1,0 +1,127 @@
+"""QR Merge and Convert to QR-LoRA: content and style adapters on a shared orthonormal basis."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core.adapter import Adapter
+from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
+from ..core.qr_lora import convert_layers
+from ..core.resolve import generic_module_name
+from . import comfy_compat
+from .binding import bind_to_model, patches_by_strength
+from .common import CATEGORY, node_id
+from .sockets import AdapterSocket
+
+EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
+
+
+def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict[str, float]) -> dict[str, list[Term]]:
+    """{model key: terms}: every adapter bound to the model, weighted by λ of its slot's role and its strength."""
+    terms: dict[str, list[Term]] = {}
+    for role, adapters in adapters_by_role.items():
+        for adapter in adapters:
+            for key, (_, factors) in bind_to_model(adapter, model).targets.items():
+                terms.setdefault(key, []).append(Term(factors, lambdas[role] * adapter.strength, role))
+    return terms
+
+
+def run_per_layer(total: int):
+    """A per-layer callback that moves ComfyUI's progress bar and stops cleanly on cancel."""
+    bar = comfy_compat.ProgressBar(total)
+
+    def step():
+        comfy_compat.throw_if_interrupted()
+        bar.update(1)
+    return step
+
+
+def patched_with(model, adapter: Adapter):
+    groups, _ = patches_by_strength([adapter], model, None, {})
+    model = model.clone()
+    for strength, patches in groups.items():
+        model.add_patches(patches, strength)
+    return model
+
+
+class QRMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        adapter_input = AdapterSocket.Input
+        return io.Schema(
+            node_id=node_id("QRMerge"),
+            display_name="QR Merge",
+            category=CATEGORY,
+            description="Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base "
+                        "share Q and merge exactly; ordinary LoRAs get one orthonormal basis for all their up-spaces "
+                        "(exactly the weighted sum, rank at most the sum of ranks). Reports per-layer overlap.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model; a patched clone is returned."),
+                adapter_input("content", tooltip="Content adapter (its slot makes it content, whatever its file says)."),
+                adapter_input("style", tooltip="Style adapter."),
+                io.Float.Input("lambda_content", default=1.0, min=-5.0, max=5.0, step=0.01,
+                               tooltip="λ_content: multiplies every content adapter (times its own strength)."),
+                io.Float.Input("lambda_style", default=1.0, min=-5.0, max=5.0, step=0.01,
+                               tooltip="λ_style: multiplies every style adapter (times its own strength)."),
+                io.Combo.Input("interference", options=list(INTERFERENCE_MODES), default="off",
+                               tooltip="Remove from the style coefficients their part in the content delta's input "
+                                       "directions (or the reverse, or both) to reduce interference."),
+                *[adapter_input(slot, optional=True, tooltip=f"Another {role} adapter.")
+                  for role, slots in EXTRA.items() for slot in slots],
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the merged adapter patched in."),
+                AdapterSocket.Output(display_name="merged", tooltip="The merged adapter (save it with Save Adapter)."),
+                io.String.Output(display_name="report",
+                                 tooltip="Per layer: merge path and principal-angle cosines between content and "
+                                         "style (out: output space, in: input space; 1 = same, 0 = orthogonal)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, content, style, lambda_content: float, lambda_style: float, interference: str,
+                **extra) -> io.NodeOutput:
+        adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
+                    for (role, slots), first in zip(EXTRA.items(), (content, style))}
+        terms = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
+        layers = merge_layers(terms, interference, on_layer=run_per_layer(len(terms)))
+        merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
+                         role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
+        report = "\n".join(overlap_summary(layers))
+        if lambda_content == 0 and lambda_style == 0:
+            return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
+        return io.NodeOutput(patched_with(model, merged), merged, report)
+
+
+class ConvertToQRLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ConvertToQRLoRA"),
+            display_name="Convert to QR-LoRA",
+            category=CATEGORY,
+            description="Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r "
+                        "subspace, ΔR = Qᵀ ΔW. Adapters converted on one base share Q, so QR Merge combines them at "
+                        "rank r. The part of ΔW outside span(Q) is dropped and reported.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the adapter was trained on."),
+                AdapterSocket.Input("adapter", tooltip="The adapter to convert."),
+                io.Int.Input("rank", default=64, min=1, max=1280, tooltip="r: columns of Q (QR-LoRA's rank)."),
+            ],
+            outputs=[
+                AdapterSocket.Output(display_name="adapter", tooltip="The adapter in QR-LoRA form (method qr-lora)."),
+                io.String.Output(display_name="report", tooltip="Per layer: the share of ΔW outside span(Q) (0 = kept whole)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter: Adapter, rank: int) -> io.NodeOutput:
+        targets = bind_to_model(adapter, model).targets
+        weights = model.model.state_dict()
+        deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in targets.items()}
+        converted = convert_layers(deltas, {k: weights[k].to(torch.float32) for k in deltas}, rank,
+                                   on_layer=run_per_layer(len(deltas)))
+        modules = {generic_module_name(key): c.factors for key, c in converted.items()}
+        report = "\n".join(f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q)" for key, c in converted.items())
+        qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model))
+        return io.NodeOutput(qr_adapter, report)

@@ -1,0 +1,103 @@
+"""QR Merge and Convert to QR-LoRA on the tiny SD1.5 model, against dense float64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from support.lora_files import build_file
+from support.weights import patched_weights
+
+pytestmark = pytest.mark.host
+
+MODULES = [f"{block}.transformer_blocks.0.{attn}.{proj}" for block in ("input_blocks.1.1", "output_blocks.1.1")
+           for attn in ("attn1", "attn2") for proj in ("to_q", "to_v")] + ["input_blocks.1.1.proj_in",
+                                                                          "input_blocks.1.0.in_layers.2"]
+
+
+@pytest.fixture(scope="module")
+def files(comfy_base, tiny_sd15):
+    shapes = {k: tuple(v.shape) for k, v in tiny_sd15[0].model.state_dict().items()}
+    content_t, content_d = build_file(shapes, MODULES, "kohya", rank=4, alpha=2.0, seed=101)
+    style_t, style_d = build_file(shapes, MODULES, "peft", rank=8, alpha=None, seed=102)
+    save_file(content_t, str(comfy_base / "models" / "loras" / "qr_content.safetensors"))
+    save_file(style_t, str(comfy_base / "models" / "loras" / "qr_style.safetensors"))
+    return content_d, style_d
+
+
+def load(comfy, name, strength):
+    return comfy["CSA_LoadAdapter"].execute(adapter_name=name, strength=strength, part="whole file",
+                                            role="from file").args[0]
+
+
+def qr_merge(comfy, model, content, style, lam_c, lam_s, interference="off"):
+    return comfy["CSA_QRMerge"].execute(model, content, style, lam_c, lam_s, interference).args
+
+
+def test_merge_of_ordinary_loras_equals_weighted_sum(comfy, tiny_sd15, files):
+    model, _, _ = tiny_sd15
+    content_d, style_d = files
+    content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 0.5)
+    patched, merged, report = qr_merge(comfy, model, content, style, 0.7, 1.3)
+    assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} joint-basis"
+    assert merged.ranks == [12] and merged.method == "qr-merge"
+    base = model.model.state_dict()
+    got = patched_weights(patched, content_d)
+    for key in content_d:
+        reference = base[key].double() + 0.7 * content_d[key] + 1.3 * 0.5 * style_d[key]
+        assert torch.allclose(got[key].double(), reference, atol=2e-5, rtol=1e-5), key
+    assert model.patches == {}
+
+
+def test_zero_strengths_return_the_model_untouched(comfy, tiny_sd15, files):
+    model, _, _ = tiny_sd15
+    content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 1.0)
+    patched, _, report = qr_merge(comfy, model, content, style, 0.0, 0.0)
+    assert patched is model and model.patches == {} and "model unchanged" in report
+
+
+def reference_q(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    """Independent QR-LoRA basis: top-r SVD core, reduced QR, first r columns, diag(R) >= 0."""
+    matrix = weight.reshape(weight.shape[0], -1).double()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    q, r = torch.linalg.qr((u[:, :rank] * s[:rank]) @ vh[:rank])
+    return q[:, :rank] * torch.sign(torch.diagonal(r)[:rank])
+
+
+def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tiny_sd15, files, comfy_base):
+    model, clip, _ = tiny_sd15
+    content_d, style_d = files
+    convert = comfy["CSA_ConvertToQRLoRA"]
+    content, c_report = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 16).args
+    style, _ = convert.execute(model, load(comfy, "qr_style.safetensors", 1.0), 16).args
+    assert content.method == "qr-lora" and len(c_report.splitlines()) == len(MODULES)
+    patched, merged, report = qr_merge(comfy, model, content, style, 0.6, 1.1)
+    assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} shared-q" and merged.ranks == [16]
+    base = model.model.state_dict()
+    got = patched_weights(patched, content_d)
+    for key in content_d:
+        q = reference_q(base[key], 16)
+        shape = base[key].shape
+        delta_rc = q.T @ content_d[key].reshape(shape[0], -1)
+        delta_rs = q.T @ style_d[key].reshape(shape[0], -1)
+        official = base[key].double() + (q @ (0.6 * delta_rc + 1.1 * delta_rs)).reshape(shape)
+        assert torch.allclose(got[key].double(), official, atol=5e-5, rtol=1e-4), key
+    saved = comfy["CSA_SaveAdapter"].execute(merged, "qr_merged", "", "comfy", False).args[0]
+    assert saved.endswith("qr_merged.safetensors")
+    stock = patched_weights(comfy["LoraLoader"]().load_lora(model, clip, "qr_merged.safetensors", 1.0, 0.0)[0], content_d)
+    for key in content_d:
+        assert torch.equal(stock[key], got[key]), key
+
+
+def test_interference_option_changes_only_the_style_part(comfy, tiny_sd15, files):
+    model, _, _ = tiny_sd15
+    content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 1.0)
+    plain = patched_weights(qr_merge(comfy, model, content, style, 1.0, 1.0)[0], files[0])
+    reduced = patched_weights(qr_merge(comfy, model, content, style, 1.0, 1.0,
+                                       "style without content directions")[0], files[0])
+    content_only = patched_weights(qr_merge(comfy, model, content, style, 1.0, 0.0,
+                                            "style without content directions")[0], files[0])
+    key = next(iter(files[0]))
+    assert not torch.allclose(plain[key], reduced[key])
+    assert torch.allclose(content_only[key].double(),
+                          model.model.state_dict()[key].double() + files[0][key], atol=2e-5)
