@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "scripts"))
+sys.path[:0] = [str(REPO_ROOT / "scripts")]
 import comfy_host  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "RESULTS.md"

@@ -54,11 +54,33 @@ def orthonormal_basis(matrix: torch.Tensor, tolerance: float = 1e-6) -> torch.Te
 
 
 def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosines of the principal angles between the column spaces of a and b (descending)."""
+    """Cosines of the principal angles between the column spaces of a and b (descending).
+
+    Fast path for full-rank tall factors: with Gram matrices AᵀA = LaLaᵀ and BᵀB = LbLbᵀ, the cosines
+    are the singular values of La⁻¹ AᵀB Lb⁻ᵀ, all small r x r work. Rank-deficient inputs take the SVD path.
+    """
+    small = _cosines_from_grams(a, b)
+    if small is not None:
+        return small
     qa, qb = orthonormal_basis(a), orthonormal_basis(b)
     if qa.shape[1] == 0 or qb.shape[1] == 0:
         return torch.zeros(0, dtype=a.dtype)
     return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
+
+
+def _cosines_from_grams(a: torch.Tensor, b: torch.Tensor, min_ratio: float = 1e-4) -> torch.Tensor | None:
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    la, info_a = torch.linalg.cholesky_ex(a64.T @ a64)
+    lb, info_b = torch.linalg.cholesky_ex(b64.T @ b64)
+    if info_a or info_b:
+        return None
+    for factor in (la, lb):
+        diagonal = torch.diagonal(factor)
+        if diagonal.min() <= min_ratio * diagonal.max():
+            return None
+    m = torch.linalg.solve_triangular(la, a64.T @ b64, upper=False)
+    m = torch.linalg.solve_triangular(lb, m.T, upper=False).T
+    return torch.linalg.svdvals(m).clamp(0.0, 1.0).to(a.dtype)
 
 
 def shared_q_signs(terms: list[Term], tolerance: float) -> list[torch.Tensor] | None:
@@ -139,8 +161,9 @@ def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float
         path = "joint-basis"
     merged = apply_interference(role_coefficients(terms, coefficients), interference)
     rank = basis.shape[1]
-    up = basis.reshape(shape[0], rank, *([1] * (len(shape) - 2)))
-    down = merged.reshape(rank, *shape[1:])
+    # contiguous: QR returns column-major factors, which make ComfyUI's patch matmul several times slower
+    up = basis.contiguous().reshape(shape[0], rank, *([1] * (len(shape) - 2)))
+    down = merged.contiguous().reshape(rank, *shape[1:])
     return MergedLayer(LowRank(up=up, down=down, alpha=None), path, layer_overlap(terms, dtype))
 
 

@@ -61,6 +61,14 @@ def load_pack_in_process(base_directory: Path) -> dict:
     return nodes.NODE_CLASS_MAPPINGS
 
 
+def pack_module(base_directory: Path, name: str):
+    """A submodule of the pack as ComfyUI imported it (ComfyUI names the package after its path)."""
+    import importlib
+
+    package = str(Path(base_directory) / "custom_nodes" / PACK_FOLDER_NAME).replace(".", "_x_")
+    return importlib.import_module(f"{package}.{name}")
+
+
 def link_or_copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.is_symlink() or target.exists():

@@ -145,3 +145,13 @@ def test_conversion_to_qr_lora_keeps_span_and_reports_the_rest():
     assert torch.allclose(converted.factors.delta(F64), projected, atol=1e-12)
     expected = torch.linalg.matrix_norm(outside - projected) / torch.linalg.matrix_norm(outside)
     assert converted.residual_ratio == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_principal_cosines_of_rank_deficient_factors_use_the_exact_path():
+    basis, _ = torch.linalg.qr(rand(20, 6, seed=80))
+    a = torch.cat([basis[:, :3], basis[:, :1] * 2.0], 1)  # rank 3 with 4 columns: Gram matrix is singular
+    b = torch.cat([basis[:, :2], basis[:, 3:5]], 1)
+    cosines = principal_cosines(a, b)
+    assert torch.allclose(cosines, torch.tensor([1.0, 1.0, 0.0], dtype=F64), atol=1e-10)
+    fast = principal_cosines(basis[:, :3] @ rand(3, 3, seed=81), basis[:, 1:4])
+    assert torch.allclose(fast, torch.tensor([1.0, 1.0, 0.0], dtype=F64), atol=1e-8)
