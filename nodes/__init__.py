@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import comfy_compat
 from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
+from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
@@ -17,6 +18,9 @@ NODES: list[type[io.ComfyNode]] = [
     SaveAdapter,
     QRMerge,
     ConvertToQRLoRA,
+    NewResidualAdapter,
+    ApplyLocalizedResidual,
+    ShowAttentionMask,
 ]
 
 

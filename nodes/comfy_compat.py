@@ -92,3 +92,64 @@ def throw_if_interrupted() -> None:
 
 
 ProgressBar = comfy.utils.ProgressBar
+
+
+# -- text encoder tokens -------------------------------------------------------------------------
+
+def token_ids(clip, text: str) -> list[int]:
+    """The first text encoder's token ids for ``text``, all 77-token chunks flattened, in conditioning order.
+
+    Embedding vectors (textual inversion) stand in the list as -1.
+    """
+    tokens = clip.tokenize(text)
+    first = tokens["l"] if "l" in tokens else tokens[sorted(tokens)[0]]
+    return [int(t[0]) if isinstance(t[0], int) else -1 for chunk in first for t in chunk]
+
+
+def special_token_ids(clip) -> set[int]:
+    """Start, end and padding ids: what the tokenizer adds around an empty prompt."""
+    return set(token_ids(clip, ""))
+
+
+# -- sampling hooks --------------------------------------------------------------------------------
+
+def percent_to_sigma(model, percent: float) -> float:
+    return float(model.get_model_object("model_sampling").percent_to_sigma(percent))
+
+
+def attn2_replace_patch(model, key: tuple):
+    """The attn2 replacement another pack already set for this transformer (specific key first), or None."""
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    return replace.get(key) or replace.get(key[:2])
+
+
+def set_attn2_replace_patch(model, patch, key: tuple) -> None:
+    model.set_model_attn2_replace(patch, key[0], key[1], key[2])
+
+
+def default_attention(q, k, v, heads: int):
+    import comfy.ldm.modules.attention
+
+    return comfy.ldm.modules.attention.optimized_attention(q, k, v, heads)
+
+
+def module_forward(model, module_name: str):
+    """The forward a module runs now (another pack's object patch of it included)."""
+    return model.get_model_object(f"{module_name}.forward")
+
+
+def replace_module_forward(model, module_name: str, forward) -> None:
+    """Object-patch one module's forward (undone when ComfyUI unpatches the model; weights stay patchable)."""
+    model.add_object_patch(f"{module_name}.forward", forward)
+
+
+def add_outer_sample_wrapper(model, key: str, wrapper) -> None:
+    """wrapper(executor, *args, **kwargs) around a whole sampling run."""
+    import comfy.patcher_extension
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, key, wrapper)
+
+
+# the extra_options keys a patch reads inside attention
+EXTRA_HEADS, EXTRA_BLOCK, EXTRA_SIGMAS, EXTRA_COND_OR_UNCOND = "n_heads", "block", "sigmas", "cond_or_uncond"
+EXTRA_ACTIVATIONS_SHAPE = "activations_shape"

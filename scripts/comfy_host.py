@@ -105,7 +105,11 @@ class PromptFailed(RuntimeError):
 class PromptResult:
     prompt_id: str
     history: dict
-    output_images: list[Path] = field(default_factory=list)
+    images_by_node: dict[str, list[Path]] = field(default_factory=dict)
+
+    @property
+    def output_images(self) -> list[Path]:
+        return [path for paths in self.images_by_node.values() for path in paths]
 
     @property
     def output_texts(self) -> list[str]:
@@ -199,16 +203,16 @@ class ComfyServer:
                 if status.get("status_str") != "success":
                     raise PromptFailed(f"prompt {prompt_id} ended with {status.get('status_str')}: "
                                        f"{json.dumps(status.get('messages'), indent=1)[-4000:]}")
-                return PromptResult(prompt_id, history, self._output_images(history))
+                return PromptResult(prompt_id, history, self._images_by_node(history))
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
 
-    def _output_images(self, history: dict) -> list[Path]:
-        images = []
-        for node_output in history.get("outputs", {}).values():
+    def _images_by_node(self, history: dict) -> dict[str, list[Path]]:
+        images = {}
+        for node_id, node_output in history.get("outputs", {}).items():
             for image in node_output.get("images", []):
                 folder = self.base_directory / image.get("type", "output") / image.get("subfolder", "")
-                images.append(folder / image["filename"])
+                images.setdefault(node_id, []).append(folder / image["filename"])
         return images
 
 

@@ -41,7 +41,10 @@ def test_object_info_lists_every_node_the_pack_registers(comfy_server, comfy):
 def test_api_workflow_runs_and_saves_real_images(comfy_server, workflow):
     graph = comfy_host.load_api_workflow(workflow)
     result = comfy_server.run_prompt(graph)
-    assert_real_images(result.output_images, expected_image_size(graph))
+    save_nodes = [node_id for node_id, node in graph.items() if node["class_type"] == "SaveImage"]
+    assert save_nodes and set(result.images_by_node) == set(save_nodes), "every SaveImage must have saved"
+    for node_id in save_nodes:
+        assert_real_images(result.images_by_node[node_id], expected_image_size(graph, node_id))
 
 
 def test_every_ui_workflow_reads_back_as_its_api_twin(comfy_server):

@@ -7,8 +7,11 @@ import numpy as np
 from PIL import Image
 
 
-def expected_image_size(graph: dict) -> tuple[int, int] | None:
-    """(width, height) of the graph's EmptyLatentImage, when it has exactly one."""
+def expected_image_size(graph: dict, save_node: str) -> tuple[int, int] | None:
+    """(width, height) a SaveImage must have when it saves a VAEDecode of the graph's only EmptyLatentImage."""
+    source = graph[save_node]["inputs"]["images"][0]
+    if graph[source]["class_type"] != "VAEDecode":
+        return None
     sizes = {(n["inputs"]["width"], n["inputs"]["height"]) for n in graph.values() if n["class_type"] == "EmptyLatentImage"}
     return sizes.pop() if len(sizes) == 1 else None
 

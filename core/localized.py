@@ -1,0 +1,145 @@
+"""Attention-localized residuals (Personalized Residuals + LAG, Ham et al., CVPR 2024).
+
+One low-rank residual ΔW_i = A_i B_i per transformer block, on its output projection proj_out, of rank
+about 5% of the block's channels. With localized attention-guided sampling (LAG) the residual acts only
+where the concept's cross-attention says the concept is:
+
+    out = W x + M ⊙ (ΔW x),   M = binarize(Σ_concept tokens softmax(q kᵀ / √d), averaged over heads)
+
+No extra UNet evaluations: the attention of the concept token columns is computed next to the normal
+attention, from the same q and k.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .adapter import LowRank
+
+THRESHOLD_MODES = ("median", "fixed value", "top-k percent")
+DEFAULT_RANK_FRACTION = 0.05
+
+
+def residual_rank(channels: int, fraction: float = DEFAULT_RANK_FRACTION) -> int:
+    """5% of the channels by default: 16 / 32 / 64 for 320 / 640 / 1280."""
+    return max(1, round(channels * fraction))
+
+
+def new_residual(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator, init_scale: float) -> LowRank:
+    """Factors for one proj_out residual: down ~ N(0, 1/channels); up = 0 (training start) or N(0, init_scale²)."""
+    out_dim, in_dim = weight_shape[0], weight_shape[1]
+    kernel = (1, 1) if len(weight_shape) == 4 else ()
+    down = torch.randn(rank, in_dim, *kernel, generator=generator) / math.sqrt(in_dim)
+    up = torch.randn(out_dim, rank, *kernel, generator=generator) * init_scale
+    return LowRank(up=up, down=down, alpha=None)
+
+
+def find_token_positions(prompt_tokens: list[int], word_tokens: list[int]) -> list[int]:
+    """Positions of every occurrence of a word's token sequence in the prompt's token sequence."""
+    if not word_tokens:
+        return []
+    width = len(word_tokens)
+    found = []
+    for start in range(len(prompt_tokens) - width + 1):
+        if prompt_tokens[start:start + width] == word_tokens:
+            found.extend(range(start, start + width))
+    return found
+
+
+def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: list[int]) -> torch.Tensor:
+    """Cross-attention probability mass on the concept token columns, averaged over heads: (B, N).
+
+    q: (B, N, heads·d) projected queries, k: (B, T, heads·d) projected keys. The softmax is taken over
+    all T tokens; only the concept columns are kept.
+    """
+    batch, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(batch, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(batch, k.shape[1], heads, d).transpose(1, 2).float()
+    probabilities = torch.softmax(qh @ kh.transpose(-1, -2) * d ** -0.5, dim=-1)
+    return probabilities[..., positions].sum(-1).mean(1)
+
+
+def binarize(attention: torch.Tensor, mode: str, value: float) -> torch.Tensor:
+    """(B, N) attention -> (B, N) mask of 0 / 1, per sample.
+
+    median: above the sample's median. fixed value: above ``value`` after scaling the sample to [0, 1].
+    top-k percent: the ``value`` percent of positions with the most attention.
+    """
+    if mode == "median":
+        return (attention > attention.median(dim=1, keepdim=True).values).to(attention.dtype)
+    if mode == "fixed value":
+        low, high = attention.amin(1, keepdim=True), attention.amax(1, keepdim=True)
+        scaled = (attention - low) / (high - low).clamp_min(1e-12)
+        return (scaled > value).to(attention.dtype)
+    if mode == "top-k percent":
+        count = round(attention.shape[1] * min(max(value, 0.0), 100.0) / 100.0)
+        mask = torch.zeros_like(attention)
+        if count > 0:
+            mask.scatter_(1, attention.topk(count, dim=1).indices, 1.0)
+        return mask
+    raise ValueError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")
+
+
+def lowrank_apply(x: torch.Tensor, factors: LowRank, channels_last: bool) -> torch.Tensor:
+    """ΔW x for a proj_out residual: x is (B, N, C) for a Linear, (B, C, H, W) for a 1x1 conv."""
+    up = factors.up.flatten(1).to(x.dtype)
+    down = factors.down.flatten(1).to(x.dtype)
+    if channels_last:
+        return (x @ down.T @ up.T) * factors.scale
+    return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale
+
+
+def mask_like_output(mask: torch.Tensor, output: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A (B, N) mask shaped to broadcast over a proj_out output (B, N, C) or (B, C, H, W)."""
+    if channels_last:
+        return mask[:, :, None].to(output.dtype)
+    return mask.reshape(output.shape[0], 1, output.shape[2], output.shape[3]).to(output.dtype)
+
+
+def masked_residual(base_out: torch.Tensor, x: torch.Tensor, factors: LowRank, mask: torch.Tensor | None,
+                    strength: float, channels_last: bool) -> torch.Tensor:
+    """W x + M ⊙ (strength · ΔW x); M None means everywhere (LAG off)."""
+    residual = lowrank_apply(x, factors, channels_last) * strength
+    if mask is not None:
+        residual = residual * mask_like_output(mask, base_out, channels_last)
+    return base_out + residual
+
+
+def share_conditional_mask(attention: torch.Tensor, cond_or_uncond: list[int]) -> torch.Tensor:
+    """Under CFG the batch holds cond (0) and uncond (1) chunks: every chunk gets the cond chunk's map."""
+    if not cond_or_uncond or 0 not in cond_or_uncond or len(set(cond_or_uncond)) == 1:
+        return attention
+    chunks = attention.chunk(len(cond_or_uncond))
+    cond = chunks[cond_or_uncond.index(0)]
+    return torch.cat([cond for _ in cond_or_uncond])
+
+
+def evenly_spaced(items: list, count: int) -> list:
+    if len(items) <= count:
+        return list(items)
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)] if count > 1 else [items[-1]]
+
+
+def mask_grid(recorded: dict[float, dict[tuple, torch.Tensor]], columns: int, cell: int, sample: int = 0) -> torch.Tensor:
+    """An (H, W) image: one row per block, one column per step (up to ``columns``, evenly spaced)."""
+    sigmas = evenly_spaced(sorted(recorded, reverse=True), columns)
+    blocks = sorted({b for masks in recorded.values() for b in masks})
+    grid = torch.zeros(len(blocks) * cell, len(sigmas) * cell)
+    for col, sigma in enumerate(sigmas):
+        for row, block in enumerate(blocks):
+            mask = recorded[sigma].get(block)
+            if mask is not None:
+                cell_image = torch.nn.functional.interpolate(mask[sample][None, None].float(), size=(cell, cell),
+                                                             mode="nearest")[0, 0]
+                grid[row * cell:(row + 1) * cell, col * cell:(col + 1) * cell] = cell_image
+    return grid
+
+
+def final_mask(recorded: dict[float, dict[tuple, torch.Tensor]], height: int, width: int) -> torch.Tensor:
+    """(B, height, width): the last step's masks of all blocks, resized and averaged."""
+    masks = recorded[min(recorded)].values()
+    resized = [torch.nn.functional.interpolate(m[:, None].float(), size=(height, width), mode="nearest")[:, 0]
+               for m in masks]
+    return torch.stack(resized).mean(0)

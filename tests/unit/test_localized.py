@@ -1,0 +1,79 @@
+"""core.localized: token lookup, concept attention, masks and the masked residual, against dense references."""
+import pytest
+import torch
+
+from core.adapter import LowRank
+from core.localized import (binarize, concept_attention, find_token_positions, final_mask, mask_grid, masked_residual,
+                            residual_rank, share_conditional_mask)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_token_positions_find_every_multi_token_occurrence():
+    assert find_token_positions([1, 5, 6, 7, 2, 5, 6, 9], [5, 6]) == [1, 2, 5, 6]
+    assert find_token_positions([1, 2, 3], [4]) == []
+    assert find_token_positions([1, 2, 3], []) == []
+
+
+def test_concept_attention_is_the_softmax_mass_on_concept_columns_averaged_over_heads():
+    q, k = rand(2, 6, 8, seed=1), rand(2, 5, 8, seed=2)
+    heads, d = 2, 4
+    got = concept_attention(q, k, heads, [1, 3])
+    expected = torch.zeros(2, 6)
+    for h in range(heads):
+        qh, kh = q[..., h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]
+        p = torch.softmax(qh @ kh.transpose(1, 2) / d ** 0.5, dim=-1)
+        expected += (p[..., 1] + p[..., 3]) / heads
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_binarize_modes():
+    a = torch.tensor([[0.1, 0.5, 0.3, 0.9], [4.0, 1.0, 2.0, 3.0]])
+    assert binarize(a, "median", 0).tolist() == [[0, 1, 0, 1], [1, 0, 0, 1]]
+    assert binarize(a, "fixed value", 0.5).tolist() == [[0, 1, 0, 1], [1, 0, 0, 1]]
+    assert binarize(a, "fixed value", 1.5).sum() == 0 and binarize(a, "fixed value", -1).sum() == 8
+    assert binarize(a, "top-k percent", 25).tolist() == [[0, 0, 0, 1], [1, 0, 0, 0]]
+    assert binarize(a, "top-k percent", 100).sum() == 8
+    with pytest.raises(ValueError, match="threshold mode must be one of"):
+        binarize(a, "mean", 0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_masked_residual_equals_dense_reference_inside_and_base_outside(channels_last):
+    c, r, b, h, w = 8, 2, 2, 3, 4
+    factors = LowRank(up=rand(c, r, seed=3) if channels_last else rand(c, r, 1, 1, seed=3),
+                      down=rand(r, c, seed=4) if channels_last else rand(r, c, 1, 1, seed=4), alpha=1.0)
+    delta = factors.delta().reshape(c, c)
+    mask = (rand(b, h * w, seed=5) > 0).float()
+    if channels_last:
+        x, base = rand(b, h * w, c, seed=6), rand(b, h * w, c, seed=7)
+        expected = base + mask[..., None] * 0.7 * (x @ delta.T)
+    else:
+        x, base = rand(b, c, h, w, seed=6), rand(b, c, h, w, seed=7)
+        expected = base + mask.reshape(b, 1, h, w) * 0.7 * torch.einsum("oi,bihw->bohw", delta, x)
+    got = masked_residual(base, x, factors, mask, 0.7, channels_last)
+    assert torch.allclose(got, expected, atol=1e-5)
+    outside = (mask == 0)[..., None].expand_as(base) if channels_last else (mask == 0).reshape(b, 1, h, w).expand_as(base)
+    assert torch.equal(got[outside], base[outside])
+    assert torch.equal(masked_residual(base, x, factors, torch.zeros(b, h * w), 1.0, channels_last), base)
+    everywhere = masked_residual(base, x, factors, None, 0.7, channels_last)
+    assert torch.allclose(everywhere, masked_residual(base, x, factors, torch.ones(b, h * w), 0.7, channels_last))
+
+
+def test_cfg_chunks_share_the_conditional_map():
+    cond, uncond = rand(2, 5, seed=8), rand(2, 5, seed=9)
+    shared = share_conditional_mask(torch.cat([uncond, cond]), [1, 0])
+    assert torch.equal(shared, torch.cat([cond, cond]))
+    assert torch.equal(share_conditional_mask(cond, [0]), cond)
+
+
+def test_rank_and_mask_pictures():
+    assert [residual_rank(c) for c in (320, 640, 1280)] == [16, 32, 64]
+    recorded = {14.0: {("input", 1): torch.ones(2, 4, 4, dtype=torch.bool)},
+                1.0: {("input", 1): torch.zeros(2, 4, 4, dtype=torch.bool), ("output", 1): torch.ones(2, 2, 2, dtype=torch.bool)}}
+    grid = mask_grid(recorded, columns=8, cell=8)
+    assert grid.shape == (16, 16) and grid[:8, :8].min() == 1 and grid[:8, 8:].max() == 0 and grid[8:, 8:].min() == 1
+    final = final_mask(recorded, 16, 16)
+    assert final.shape == (2, 16, 16) and torch.allclose(final, torch.full((2, 16, 16), 0.5))
