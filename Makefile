@@ -2,7 +2,7 @@
 #   make demo   set everything up, run the example workflows headless, print where the images are
 #   make test   set everything up and run the whole test suite
 PYTHON := .venv/bin/python
-DEMO_WORKFLOWS := workflows/api/apply_adapter.json workflows/api/qr_merge.json workflows/api/localized_residual.json
+DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
 .PHONY: setup demo test test-unit lint workflows bench clean
 

@@ -98,3 +98,12 @@ class Adapter:
         widths = {m.down.shape[1] for name, m in self.modules.items()
                   if name.replace(".", "_").endswith("attn2_to_k")}
         return widths.pop() if len(widths) == 1 else None
+
+
+def apply_lowrank(x: torch.Tensor, factors: LowRank, channels_last: bool) -> torch.Tensor:
+    """ΔW x without forming ΔW: x is (..., C) for a Linear, (B, C, H, W) for a 1x1 conv."""
+    up = factors.up.flatten(1).to(x.dtype)
+    down = factors.down.flatten(1).to(x.dtype)
+    if channels_last:
+        return (x @ down.T @ up.T) * factors.scale
+    return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale

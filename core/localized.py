@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .adapter import LowRank
+from .adapter import LowRank, apply_lowrank
 
 THRESHOLD_MODES = ("median", "fixed value", "top-k percent")
 DEFAULT_RANK_FRACTION = 0.05
@@ -82,15 +82,6 @@ def binarize(attention: torch.Tensor, mode: str, value: float) -> torch.Tensor:
     raise ValueError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")
 
 
-def lowrank_apply(x: torch.Tensor, factors: LowRank, channels_last: bool) -> torch.Tensor:
-    """ΔW x for a proj_out residual: x is (B, N, C) for a Linear, (B, C, H, W) for a 1x1 conv."""
-    up = factors.up.flatten(1).to(x.dtype)
-    down = factors.down.flatten(1).to(x.dtype)
-    if channels_last:
-        return (x @ down.T @ up.T) * factors.scale
-    return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale
-
-
 def mask_like_output(mask: torch.Tensor, output: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A (B, N) mask shaped to broadcast over a proj_out output (B, N, C) or (B, C, H, W)."""
     if channels_last:
@@ -101,7 +92,7 @@ def mask_like_output(mask: torch.Tensor, output: torch.Tensor, channels_last: bo
 def masked_residual(base_out: torch.Tensor, x: torch.Tensor, factors: LowRank, mask: torch.Tensor | None,
                     strength: float, channels_last: bool) -> torch.Tensor:
     """W x + M ⊙ (strength · ΔW x); M None means everywhere (LAG off)."""
-    residual = lowrank_apply(x, factors, channels_last) * strength
+    residual = apply_lowrank(x, factors, channels_last) * strength
     if mask is not None:
         residual = residual * mask_like_output(mask, base_out, channels_last)
     return base_out + residual

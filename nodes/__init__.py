@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import comfy_compat
 from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
+from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
@@ -21,6 +22,8 @@ NODES: list[type[io.ComfyNode]] = [
     NewResidualAdapter,
     ApplyLocalizedResidual,
     ShowAttentionMask,
+    ContentStyleGuider,
+    ComposeContentAndStyle,
 ]
 
 

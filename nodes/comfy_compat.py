@@ -153,3 +153,42 @@ def add_outer_sample_wrapper(model, key: str, wrapper) -> None:
 # the extra_options keys a patch reads inside attention
 EXTRA_HEADS, EXTRA_BLOCK, EXTRA_SIGMAS, EXTRA_COND_OR_UNCOND = "n_heads", "block", "sigmas", "cond_or_uncond"
 EXTRA_ACTIVATIONS_SHAPE = "activations_shape"
+
+
+def around_each_model_call(model, key: str, around) -> None:
+    """``around(transformer_options)`` (a context manager) is entered for every UNet call of this model."""
+    import comfy.patcher_extension
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        with around(transformer_options):
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, wrapper)
+
+
+def with_transformer_option(model_options: dict, key: str, value) -> dict:
+    """A copy of model_options whose transformer_options also carry key = value (for one batch of UNet calls)."""
+    options = dict(model_options)
+    options["transformer_options"] = {**model_options.get("transformer_options", {}), key: value}
+    return options
+
+
+def guider_base():
+    """ComfyUI's CFG guider class, to subclass."""
+    import comfy.samplers
+
+    return comfy.samplers.CFGGuider
+
+
+def cfg_prediction(inner_model, x, timestep, negative, positive, cfg: float, model_options: dict, seed):
+    """Stock CFG exactly as ComfyUI's CFGGuider computes it (pre/post-CFG hooks included)."""
+    import comfy.samplers
+
+    return comfy.samplers.sampling_function(inner_model, x, timestep, negative, positive, cfg,
+                                            model_options=model_options, seed=seed)
+
+
+def cond_prediction(inner_model, cond, x, timestep, model_options: dict):
+    """The model's prediction for one conditioning (one UNet pass over the batch)."""
+    import comfy.samplers
+
+    return comfy.samplers.calc_cond_batch(inner_model, [cond], x, timestep, model_options)[0]

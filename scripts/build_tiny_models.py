@@ -62,6 +62,7 @@ SDXL_UNET_CONFIG = {
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 DEMO_LORA_NAME = "csa_demo_style.safetensors"
 DEMO_CONTENT_NAME = "csa_demo_content.safetensors"
+DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_style_image.safetensors")
 DEMO_LORA_RANK = 4
 
 
@@ -178,6 +179,24 @@ def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Gen
     return lora
 
 
+def build_demo_b_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A B-LoRA-style kohya file (diffusers names) on both B-LoRA blocks of the tiny UNet: up_blocks.0.attentions.0
+    (content) and .1 (style), which ComfyUI calls output_blocks.0.1 and output_blocks.1.1."""
+    blocks = {"output_blocks.0.1": "up_blocks_0_attentions_0", "output_blocks.1.1": "up_blocks_0_attentions_1"}
+    lora: dict[str, torch.Tensor] = {}
+    for key in attention_projection_keys(unet_state):
+        native = key[len("diffusion_model."):-len(".weight")]
+        block = next((b for b in blocks if native.startswith(b + ".")), None)
+        if block is None:
+            continue
+        out_dim, in_dim = unet_state["model." + key].shape
+        prefix = "lora_unet_" + blocks[block] + native[len(block):].replace(".", "_")
+        lora[f"{prefix}.lora_down.weight"] = torch.randn(DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
+        lora[f"{prefix}.lora_up.weight"] = torch.randn(out_dim, DEMO_LORA_RANK, generator=generator) * 0.5
+        lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
+    return lora
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -199,6 +218,9 @@ def build(out_dir: Path) -> None:
     save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash(), "csa.role": "style"})
     save_atomic(build_demo_content(unet, generator), out_dir / DEMO_CONTENT_NAME,
                 {"csa.build_hash": script_hash(), "csa.role": "content"})
+    for name in DEMO_BLORA_NAMES:
+        save_atomic(build_demo_b_lora(unet, generator), out_dir / name, {"csa.build_hash": script_hash(),
+                                                                         "csa.method": "b-lora"})
     (out_dir / "stamp").write_text(json.dumps({"hash": script_hash()}))
 
 

@@ -84,8 +84,8 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     base = Path(base)
     link_or_copy(REPO_ROOT, base / "custom_nodes" / PACK_FOLDER_NAME)
     link_or_copy(models_dir / "tiny_sd15.safetensors", base / "models" / "checkpoints" / "tiny_sd15.safetensors")
-    for adapter in ("csa_demo_style.safetensors", "csa_demo_content.safetensors"):
-        link_or_copy(models_dir / adapter, base / "models" / "loras" / adapter)
+    for adapter in sorted(Path(models_dir).glob("csa_demo_*.safetensors")):
+        link_or_copy(adapter, base / "models" / "loras" / adapter.name)
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base

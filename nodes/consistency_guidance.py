@@ -1,0 +1,197 @@
+"""Content-Style Guider (ConsisLoRA guidance) and Compose Content and Style (B-LoRA composition).
+
+The four adapters are switched per UNet call: each target layer's forward adds the low-rank terms of
+the adapters active for that call, read from transformer_options, so no weight is re-patched per step.
+
+    ε = ε_cc,ss(c) + w [ε_cc,ss(c) − ε_cc,ss(∅)]            (ComfyUI's CFG, cfg = w + 1)
+        + λ_content [ε_cc(c_c+) − ε_sc(c_c−)] + λ_style [ε_ss(c_s+) − ε_cs(c_s−)]
+
+cc / cs: content- and style-block adapters learned from the content image; sc / ss: from the style image.
+The terms are linear, so they are applied to ComfyUI's denoised predictions exactly as to ε.
+"""
+from __future__ import annotations
+
+import contextlib
+
+from comfy_api.latest import io
+
+from ..core.adapter import Adapter, apply_lowrank
+from ..core.blocks import select_b_lora_part
+from . import comfy_compat as cc
+from .apply_adapters import ApplyAdapters
+from .binding import bind_to_model
+from .common import CATEGORY, node_id
+from .sockets import AdapterSocket
+
+ACTIVE_KEY = "csa.active_adapters"
+SLOTS = {"content_of_content": "cc", "style_of_content": "cs", "content_of_style": "sc", "style_of_style": "ss"}
+TERMS = {"content": ("cc", "sc"), "style": ("ss", "cs")}  # (positive prompt adapter, negative prompt adapter)
+DEFAULT_PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",
+                   "style_positive": "in the style of {v}", "style_negative": "in the style of {c}"}
+
+
+class RuntimeAdapters:
+    """Which adapters the current UNet call uses; the target layers read it. Deep copies return self."""
+
+    def __init__(self, default: frozenset[str]):
+        self.default = default
+        self.active = default
+
+    def __deepcopy__(self, memo):
+        return self
+
+    @contextlib.contextmanager
+    def for_call(self, transformer_options: dict):
+        previous, self.active = self.active, transformer_options.get(ACTIVE_KEY, self.default)
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+def layer_forward(state: RuntimeAdapters, forward, additions: dict[str, tuple], channels_last: bool):
+    """forward(x) + Σ over active adapters of strength · ΔW x."""
+    def patched_forward(x, *args, **kwargs):
+        out = forward(x, *args, **kwargs)
+        for name, (factors, strength) in additions.items():
+            if name in state.active:
+                out = out + apply_lowrank(x, factors, channels_last) * strength
+        return out
+    return patched_forward
+
+
+def install_runtime_adapters(model, adapters: dict[str, Adapter], default: frozenset[str]) -> RuntimeAdapters:
+    """Object-patch every targeted layer of a clone; returns the state the guider switches."""
+    state = RuntimeAdapters(default)
+    per_layer: dict[str, dict[str, tuple]] = {}
+    for name, adapter in adapters.items():
+        for key, (module, factors) in bind_to_model(adapter, model).targets.items():
+            if factors.down.ndim == 4 and factors.down.shape[2:] != (1, 1):
+                raise ValueError(f"{adapter.source}: module '{module}' is a {tuple(factors.down.shape[2:])} conv; "
+                                 f"runtime adapters support linear and 1x1 conv layers")
+            per_layer.setdefault(key, {})[name] = (factors, adapter.strength)
+    shapes = cc.weight_shapes(model)
+    for key, additions in per_layer.items():
+        module = key[: -len(".weight")]
+        cc.replace_module_forward(model, module, layer_forward(state, cc.module_forward(model, module), additions,
+                                                               channels_last=len(shapes[key]) == 2))
+    cc.around_each_model_call(model, "csa.runtime_adapters", state.for_call)
+    return state
+
+
+class ContentStyleGuiderCore(cc.guider_base()):
+    """ComfyUI's CFG guider plus the two ConsisLoRA guidance terms."""
+
+    def configure(self, cfg: float, lambdas: dict[str, float], base: frozenset[str]):
+        self.set_cfg(cfg)
+        self.lambdas, self.base = lambdas, base
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        options = cc.with_transformer_option(model_options, ACTIVE_KEY, self.base)
+        out = cc.cfg_prediction(self.inner_model, x, timestep, self.conds.get("negative"), self.conds.get("positive"),
+                                self.cfg, options, seed)
+        for term, weight in self.lambdas.items():
+            if weight == 0:
+                continue
+            plus, minus = TERMS[term]
+            pos = cc.cond_prediction(self.inner_model, self.conds[f"{term}_positive"], x, timestep,
+                                     cc.with_transformer_option(model_options, ACTIVE_KEY, frozenset({plus})))
+            neg = cc.cond_prediction(self.inner_model, self.conds[f"{term}_negative"], x, timestep,
+                                     cc.with_transformer_option(model_options, ACTIVE_KEY, frozenset({minus})))
+            out = out + weight * (pos - neg)
+        return out
+
+
+def guidance_prompts(clip, prompts: dict[str, str], content_token: str, style_token: str) -> dict:
+    """The four guidance prompts with {c} and {v} filled in, encoded."""
+    return {name: clip.encode_from_tokens_scheduled(clip.tokenize(text.replace("{c}", content_token)
+                                                                  .replace("{v}", style_token)))
+            for name, text in prompts.items()}
+
+
+def check_terms(adapters: dict[str, Adapter], lambdas: dict[str, float]) -> None:
+    for term, weight in lambdas.items():
+        missing = [slot for slot, short in SLOTS.items() if short in TERMS[term] and short not in adapters]
+        if weight != 0 and missing:
+            raise ValueError(f"lambda_{term} = {weight} needs the adapters {missing}; connect them or set lambda_{term} to 0")
+    if not {"cc", "ss"} & set(adapters):
+        raise ValueError("connect at least content_of_content or style_of_style (the adapters the image is made with)")
+
+
+class ContentStyleGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ContentStyleGuider"),
+            display_name="Content-Style Guider",
+            category=CATEGORY,
+            description="ConsisLoRA guidance for SamplerCustomAdvanced: CFG with the content image's content-block "
+                        "adapter and the style image's style-block adapter, plus λ_content and λ_style guidance terms "
+                        "(two extra conditional UNet passes each; none when λ is 0).",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (without the four adapters applied)."),
+                io.Clip.Input("clip", tooltip="Encodes the guidance prompts."),
+                io.Conditioning.Input("positive", tooltip="The prompt, e.g. 'a [c] in the style of [v]'."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt of the CFG part."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
+                               tooltip="ComfyUI CFG scale (the paper's w is cfg − 1)."),
+                io.Float.Input("lambda_content", default=0.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Content guidance strength λ_content; 0 disables the term (no extra passes)."),
+                io.Float.Input("lambda_style", default=0.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="Style guidance strength λ_style; 0 disables the term."),
+                io.String.Input("content_token", default="[c]", tooltip="The content identifier, for {c} in the prompts."),
+                io.String.Input("style_token", default="[v]", tooltip="The style identifier, for {v} in the prompts."),
+                *[io.String.Input(name, default=text, tooltip=f"Guidance prompt ({name.replace('_', ' ')}); "
+                                  "{c} and {v} are replaced by the tokens. Default as in ConsisLoRA's README.")
+                  for name, text in DEFAULT_PROMPTS.items()],
+                *[AdapterSocket.Input(slot, optional=True, tooltip=f"{slot.replace('_', ' ')} ({short}): the "
+                                      f"{'content' if short[0] == 'c' else 'style'} image's "
+                                      f"{'content' if short[1] == 'c' else 'style'}-block adapter.")
+                  for slot, short in SLOTS.items()],
+            ],
+            outputs=[io.Guider.Output(display_name="guider", tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, positive, negative, cfg: float, lambda_content: float, lambda_style: float,
+                content_token: str, style_token: str, **rest) -> io.NodeOutput:
+        adapters = {short: rest[slot] for slot, short in SLOTS.items() if rest.get(slot) is not None}
+        lambdas = {"content": lambda_content, "style": lambda_style}
+        check_terms(adapters, lambdas)
+        patched = model.clone()
+        base = frozenset({"cc", "ss"} & set(adapters))
+        install_runtime_adapters(patched, adapters, base)
+        guider = ContentStyleGuiderCore(patched)
+        prompts = guidance_prompts(clip, {k: rest[k] for k in DEFAULT_PROMPTS}, content_token, style_token)
+        guider.inner_set_conds({"positive": positive, "negative": negative, **prompts})
+        guider.configure(cfg, lambdas, base)
+        return io.NodeOutput(guider)
+
+
+class ComposeContentAndStyle(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ComposeContentAndStyle"),
+            display_name="Compose Content and Style (B-LoRA)",
+            category=CATEGORY,
+            description="Plain B-LoRA composition without guidance: the content block of the content image's adapter "
+                        "plus the style block of the style image's adapter, patched into the model (any sampler).",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model; a patched clone is returned."),
+                AdapterSocket.Input("content_image_adapter", tooltip="Adapter learned from the content image."),
+                AdapterSocket.Input("style_image_adapter", tooltip="Adapter learned from the style image."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with both blocks applied."),
+                io.String.Output(display_name="report", tooltip="Which modules were applied."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, content_image_adapter: Adapter, style_image_adapter: Adapter) -> io.NodeOutput:
+        content = select_b_lora_part(content_image_adapter, "content")
+        style = select_b_lora_part(style_image_adapter, "style")
+        patched, _, report = ApplyAdapters.execute(model, content, "", adapter_2=style).args
+        return io.NodeOutput(patched, report)
+
