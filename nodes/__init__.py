@@ -7,6 +7,7 @@ from .apply_adapters import ApplyAdapters
 from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
+from .prompt_vectors import ImageToPromptVectors
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
 
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     ShowAttentionMask,
     ContentStyleGuider,
     ComposeContentAndStyle,
+    ImageToPromptVectors,
 ]
 
 
@@ -33,5 +35,5 @@ class ContentStyleAdaptersExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> ContentStyleAdaptersExtension:
-    comfy_compat.register_pack_folder()
+    comfy_compat.register_pack_folders()
     return ContentStyleAdaptersExtension()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 import comfy.lora
 import comfy.model_management
 import comfy.utils
@@ -20,16 +22,17 @@ PACK_FOLDER = "content_style_adapters"
 ADAPTER_EXTENSIONS = {".safetensors"}
 
 
-def register_pack_folder() -> None:
-    """models/content_style_adapters, keeping any paths extra_model_paths.yaml already gave the folder."""
-    default = os.path.join(folder_paths.models_dir, PACK_FOLDER)
-    if PACK_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.folder_names_and_paths[PACK_FOLDER] = ([default], set(ADAPTER_EXTENSIONS))
-        return
-    paths, extensions = folder_paths.folder_names_and_paths[PACK_FOLDER]
-    if default not in paths:
-        paths.append(default)
-    extensions.update(ADAPTER_EXTENSIONS)
+def register_pack_folders() -> None:
+    """models/content_style_adapters and models/prompt_mappers, keeping paths extra_model_paths.yaml gave them."""
+    for name in (PACK_FOLDER, MAPPER_FOLDER):
+        default = os.path.join(folder_paths.models_dir, name)
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = ([default], set(ADAPTER_EXTENSIONS))
+            continue
+        paths, extensions = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.append(default)
+        extensions.update(ADAPTER_EXTENSIONS)
 
 
 def adapter_file_names() -> list[str]:
@@ -192,3 +195,101 @@ def cond_prediction(inner_model, cond, x, timestep, model_options: dict):
     import comfy.samplers
 
     return comfy.samplers.calc_cond_batch(inner_model, [cond], x, timestep, model_options)[0]
+
+
+# -- prompt vectors at the text encoders' input embeddings ----------------------------------------
+
+MAPPER_FOLDER = "prompt_mappers"
+
+
+def text_encoders(clip) -> dict:
+    """{'l': clip_l model, 'g': clip_g model, ...}: ComfyUI names each SD text encoder clip_<key>."""
+    model = clip.cond_stage_model
+    return {name[len("clip_"):]: module for name, module in model.named_children() if name.startswith("clip_")}
+
+
+def token_widths(clip) -> dict[str, int]:
+    return {key: enc.transformer.get_input_embeddings().weight.shape[1] for key, enc in text_encoders(clip).items()}
+
+
+def insert_prompt_vectors(clip, template: str, marker: str, vectors: dict) -> dict:
+    """Tokens of ``template`` with ``marker`` replaced by one entry per vector, for every text encoder.
+
+    ``vectors[key]`` is (n_ctx, width) for encoder ``key``. Each vector takes one token slot (ComfyUI's
+    textual-inversion path); trailing padding is dropped so every chunk keeps its length.
+    """
+    tokens = clip.tokenize(template.replace("{}", marker))
+    empty = clip.tokenize("")
+    marker_tokens = clip.tokenize(marker)
+    for key, chunks in tokens.items():
+        if key not in vectors:
+            raise ValueError(f"the mapper has vectors for text encoders {sorted(vectors)}, this CLIP has {sorted(tokens)}")
+        special = {entry[0] for entry in empty[key][0]}
+        pad = empty[key][0][-1][0]
+        ids = [e[0] for e in marker_tokens[key][0] if e[0] not in special]
+        tokens[key] = [_replace_marker(chunk, ids, vectors[key], pad, template) for chunk in chunks]
+    return tokens
+
+
+def _replace_marker(chunk: list, marker_ids: list[int], vectors, pad: int, template: str) -> list:
+    ids = [e[0] if isinstance(e[0], int) else None for e in chunk]
+    starts = [i for i in range(len(ids) - len(marker_ids) + 1) if ids[i:i + len(marker_ids)] == marker_ids]
+    if not starts:
+        return chunk
+    start, extra = starts[0], len(vectors) - len(marker_ids)
+    trailing = 0
+    while trailing < len(chunk) and chunk[len(chunk) - 1 - trailing][0] == pad:
+        trailing += 1
+    if trailing - 1 < extra:  # keep one end / pad token
+        raise ValueError(f"the prompt {template!r} is too long to take {len(vectors)} prompt vectors")
+    entry = chunk[start]
+    inserted = [(vector, *entry[1:]) for vector in vectors]
+    out = chunk[:start] + inserted + chunk[start + len(marker_ids):]
+    return out[: len(chunk)] if extra >= 0 else out + [(pad, *entry[1:])] * (-extra)
+
+
+def encode_tokens(clip, tokens) -> tuple:
+    """(cond (1, T, D), pooled) of ComfyUI's own encoding of these tokens."""
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    return out["cond"], out.get("pooled_output")
+
+
+def projected_text_features(clip, key: str, tokens_for_key: list, require_projection: bool = True):
+    """The text encoder's projected pooled features (1, P), differentiable in any inserted vectors."""
+    encoder = text_encoders(clip)[key]
+    projection = encoder.transformer.text_projection.weight
+    if require_projection and not bool(projection.abs().sum() > 0):
+        raise ValueError("this CLIP has no text projection (SD1.5 checkpoints do not carry one): load the text encoder "
+                         "with CLIPLoader from a file that includes text_projection, so text and image features share "
+                         "one CLIP space")
+    clip.load_model()
+    ids = [[entry[0] for entry in chunk] for chunk in tokens_for_key[:1]]
+    embeds, _, num_tokens, embeds_info = encoder.process_tokens(ids, projection.device)
+    outputs = encoder.transformer(None, None, embeds=embeds, num_tokens=num_tokens, dtype=torch.float32,
+                                  embeds_info=embeds_info)
+    return outputs[2].float()
+
+
+def projection_width(clip, key: str) -> int:
+    return text_encoders(clip)[key].transformer.text_projection.weight.shape[0]
+
+
+def clip_vision_embeds(clip_vision, images):
+    """(B, P) projected image embeddings of ComfyUI's CLIP vision encoder (no gradient)."""
+    return clip_vision.encode_image(images)["image_embeds"].float()
+
+
+def clip_vision_width(clip_vision) -> int:
+    return clip_vision.model.visual_projection.weight.shape[0]
+
+
+def mapper_file_names() -> list[str]:
+    return folder_paths.get_filename_list(MAPPER_FOLDER)
+
+
+def mapper_file_path(name: str) -> str:
+    return folder_paths.get_full_path_or_raise(MAPPER_FOLDER, name)
+
+
+def mapper_save_root() -> str:
+    return folder_paths.get_folder_paths(MAPPER_FOLDER)[0]

@@ -62,6 +62,9 @@ SDXL_UNET_CONFIG = {
 CHECKPOINT_NAME = "tiny_sd15.safetensors"
 DEMO_LORA_NAME = "csa_demo_style.safetensors"
 DEMO_CONTENT_NAME = "csa_demo_content.safetensors"
+CLIP_L_NAME = "tiny_clip_l_with_projection.safetensors"
+CLIP_VISION_NAME = "csa_clip_vision_vit_l_random.safetensors"
+DEMO_MAPPER_NAME = "csa_demo_mapper.safetensors"
 DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_style_image.safetensors")
 DEMO_LORA_RANK = 4
 
@@ -197,6 +200,39 @@ def build_demo_b_lora(unet_state: dict[str, torch.Tensor], generator: torch.Gene
     return lora
 
 
+def build_clip_l_with_projection(checkpoint: dict[str, torch.Tensor], generator: torch.Generator):
+    """The checkpoint's text encoder as a standalone CLIP-L file, plus a random text_projection.
+
+    SD1.5 checkpoints cannot carry text_projection, which IPL needs to put text and image features in one
+    CLIP space; ComfyUI's CLIPLoader reads it from a standalone text-encoder file like this one."""
+    prefix = "cond_stage_model.transformer."
+    state = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    state["text_projection.weight"] = (torch.randn(768, 768, generator=generator) / math.sqrt(768)).to(torch.float16)
+    return state
+
+
+def build_clip_vision_vit_l(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A ViT-L/14 CLIP vision encoder with random weights: the smallest layout ComfyUI's CLIPVisionLoader accepts."""
+    import os as _os
+
+    import comfy.clip_vision
+
+    config = _os.path.join(_os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")
+    model = comfy.clip_vision.ClipVisionModel(config).model
+    init_weights_(model, generator)
+    return {k: v.to(torch.float16) for k, v in model.state_dict().items()}
+
+
+def build_demo_mapper(generator: torch.Generator, out_path: Path) -> None:
+    """A random IPL latent mapper for ViT-L image embeddings (768) and CLIP-L token embeddings (768)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from core.ipl import LatentMapper, save_mapper
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+    mapper = LatentMapper(in_dim=768, n_ctx=4, token_dims={"l": 768})
+    save_mapper(mapper, out_path, {"csa.build_hash": script_hash()}, overwrite=True)
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -218,6 +254,10 @@ def build(out_dir: Path) -> None:
     save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash(), "csa.role": "style"})
     save_atomic(build_demo_content(unet, generator), out_dir / DEMO_CONTENT_NAME,
                 {"csa.build_hash": script_hash(), "csa.role": "content"})
+    save_atomic(build_clip_l_with_projection(checkpoint, generator), out_dir / CLIP_L_NAME,
+                {"csa.build_hash": script_hash()})
+    save_atomic(build_clip_vision_vit_l(generator), out_dir / CLIP_VISION_NAME, {"csa.build_hash": script_hash()})
+    build_demo_mapper(generator, out_dir / DEMO_MAPPER_NAME)
     for name in DEMO_BLORA_NAMES:
         save_atomic(build_demo_b_lora(unet, generator), out_dir / name, {"csa.build_hash": script_hash(),
                                                                          "csa.method": "b-lora"})

@@ -85,7 +85,13 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     link_or_copy(REPO_ROOT, base / "custom_nodes" / PACK_FOLDER_NAME)
     link_or_copy(models_dir / "tiny_sd15.safetensors", base / "models" / "checkpoints" / "tiny_sd15.safetensors")
     for adapter in sorted(Path(models_dir).glob("csa_demo_*.safetensors")):
-        link_or_copy(adapter, base / "models" / "loras" / adapter.name)
+        if adapter.name != "csa_demo_mapper.safetensors":
+            link_or_copy(adapter, base / "models" / "loras" / adapter.name)
+    link_or_copy(models_dir / "csa_demo_mapper.safetensors", base / "models" / "prompt_mappers" / "csa_demo_mapper.safetensors")
+    link_or_copy(models_dir / "tiny_clip_l_with_projection.safetensors",
+                 base / "models" / "text_encoders" / "tiny_clip_l_with_projection.safetensors")
+    link_or_copy(models_dir / "csa_clip_vision_vit_l_random.safetensors",
+                 base / "models" / "clip_vision" / "csa_clip_vision_vit_l_random.safetensors")
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base

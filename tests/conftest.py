@@ -60,6 +60,40 @@ def sdxl_meta(comfy):
 
 
 @pytest.fixture(scope="session")
+def clip_with_projection(comfy):
+    """The tiny checkpoint's text encoder loaded by ComfyUI's CLIPLoader path, with a text_projection."""
+    import comfy.sd
+
+    return comfy.sd.load_clip(ckpt_paths=[str(comfy_host.TINY_MODELS_DIR / "tiny_clip_l_with_projection.safetensors")],
+                              clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_vision(comfy, tmp_path_factory):
+    """ComfyUI's ClipVisionModel class at a tiny size (2 layers, 64 wide, 32 px), projecting to 768 like ViT-L.
+
+    ComfyUI's CLIPVisionLoader only accepts the published layouts (ViT-L/14 224 or 336, ViT-H, ViT-bigG, SigLIP
+    384/512, DINOv2 large/giant); in-process tests construct the same class from a small config instead.
+    """
+    import json
+
+    import torch
+
+    import comfy.clip_vision
+    from build_tiny_models import init_weights_
+
+    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64,
+              "image_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128,
+              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+              "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 768, "torch_dtype": "float32"}
+    path = tmp_path_factory.mktemp("clip-vision") / "tiny_vision.json"
+    path.write_text(json.dumps(config))
+    model = comfy.clip_vision.ClipVisionModel(str(path))
+    init_weights_(model.model, torch.Generator().manual_seed(5))
+    return model
+
+
+@pytest.fixture(scope="session")
 def comfy_server(comfy_base):
     """A real ComfyUI server on a free loopback port, stopped at the end of the session."""
     server = comfy_host.ComfyServer(comfy_base)
