@@ -107,3 +107,12 @@ def apply_lowrank(x: torch.Tensor, factors: LowRank, channels_last: bool) -> tor
     if channels_last:
         return (x @ down.T @ up.T) * factors.scale
     return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale
+
+
+def trainable_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator) -> LowRank:
+    """A LoRA ready to train: down ~ N(0, 1/in), up = 0 (so training starts at the base model), scale 1."""
+    out_dim, in_dim = weight_shape[0], weight_shape[1]
+    kernel = tuple(weight_shape[2:])
+    down = (torch.randn(rank, in_dim, *kernel, generator=generator) / in_dim ** 0.5).requires_grad_()
+    up = torch.zeros(out_dim, rank, *([1] * len(kernel))).requires_grad_()
+    return LowRank(up=up, down=down, alpha=None)

@@ -121,3 +121,54 @@ def directional_loss(source_images: torch.Tensor, target_images: torch.Tensor, s
 
 TEMPLATES = ("a photo of a {}.", "a rendering of a {}.", "a picture of a {}.", "a close-up photo of a {}.",
              "a bright photo of a {}.", "a painting of a {}.", "a good photo of a {}.", "a cropped photo of a {}.")
+
+
+def train_mapper(mapper: LatentMapper, image_embeds: torch.Tensor, encode_prompts, source_label: str,
+                 target_label: str, target_template_features: torch.Tensor, iterations: int, lr: float,
+                 batch_size: int, seed: int, regularizer_weight: float = 1.0, on_step=None) -> list[float]:
+    """IPL stage 1: train the mapper only.
+
+    encode_prompts(vectors (b, n_ctx, D), label) -> (b, P) text features, differentiable in the vectors:
+    the prompt [SOS][V1..Vn][label][EOS] through the frozen text encoder. Loss per step: symmetric contrastive
+    loss between the batch's image embeddings and their source prompts, plus regularizer_weight times the
+    domain regulariser of their target prompts against the target label's template features.
+    """
+    count = image_embeds.shape[0]
+    if count < 2:
+        raise ValueError(f"the contrastive loss needs at least 2 source images, got {count}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=lr)
+    losses = []
+    for step in range(iterations):
+        batch = torch.randperm(count, generator=generator)[:max(2, min(batch_size, count))]
+        vectors = mapper(image_embeds[batch])
+        loss = contrastive_loss(image_embeds[batch], encode_prompts(vectors, source_label))
+        if regularizer_weight:
+            target = encode_prompts(vectors, target_label)
+            loss = loss + regularizer_weight * domain_regularizer(target, target_template_features)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
+
+
+def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
+    """(height, width, 3) picture of a loss curve: white background, the curve in dark blue, min/max scaled."""
+    image = torch.ones(height, width, 3)
+    if not losses:
+        return image
+    values = torch.tensor(losses, dtype=torch.float32)
+    low, high = float(values.min()), float(values.max())
+    span = high - low if high > low else 1.0
+    xs = torch.linspace(0, len(losses) - 1, width)
+    ys = torch.stack([values[int(x)] for x in xs.round().long()])
+    rows = ((1 - (ys - low) / span) * (height - 9) + 4).round().long()
+    previous = rows[0]
+    for column, row in enumerate(rows.tolist()):
+        top, bottom = sorted((int(previous), row))
+        image[top:bottom + 2, column] = torch.tensor([0.1, 0.2, 0.6])
+        previous = row
+    return image

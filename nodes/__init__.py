@@ -5,6 +5,7 @@ from . import comfy_compat
 from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
 from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
+from .ipl_training import TrainPromptMapper, ZeroShotAdapt
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .prompt_vectors import ImageToPromptVectors
@@ -26,6 +27,8 @@ NODES: list[type[io.ComfyNode]] = [
     ContentStyleGuider,
     ComposeContentAndStyle,
     ImageToPromptVectors,
+    TrainPromptMapper,
+    ZeroShotAdapt,
 ]
 
 

@@ -254,8 +254,12 @@ def encode_tokens(clip, tokens) -> tuple:
     return out["cond"], out.get("pooled_output")
 
 
-def projected_text_features(clip, key: str, tokens_for_key: list, require_projection: bool = True):
-    """The text encoder's projected pooled features (1, P), differentiable in any inserted vectors."""
+def projected_text_features(clip, key: str, prompts: list, require_projection: bool = True):
+    """(len(prompts), P) projected pooled text features, differentiable in any inserted vectors.
+
+    ``prompts`` holds one token list per prompt, for encoder ``key`` (ComfyUI's tokenize(...)[key]); the
+    first 77-token chunk of each is encoded, all in one batch.
+    """
     encoder = text_encoders(clip)[key]
     projection = encoder.transformer.text_projection.weight
     if require_projection and not bool(projection.abs().sum() > 0):
@@ -263,11 +267,36 @@ def projected_text_features(clip, key: str, tokens_for_key: list, require_projec
                          "with CLIPLoader from a file that includes text_projection, so text and image features share "
                          "one CLIP space")
     clip.load_model()
-    ids = [[entry[0] for entry in chunk] for chunk in tokens_for_key[:1]]
-    embeds, _, num_tokens, embeds_info = encoder.process_tokens(ids, projection.device)
-    outputs = encoder.transformer(None, None, embeds=embeds, num_tokens=num_tokens, dtype=torch.float32,
-                                  embeds_info=embeds_info)
-    return outputs[2].float()
+    ids = [[entry[0] for entry in tokens[0]] for tokens in prompts]
+    embeds, _, num_tokens, _ = encoder.process_tokens(ids, projection.device)
+    return _text_features_out_of_place(encoder.transformer, embeds, num_tokens)
+
+
+def _encoder_out_of_place(encoder, x, mask=None):
+    """ComfyUI's CLIPEncoder layers with out-of-place residual adds: its CLIPLayer does ``x += ...``, which
+    autograd cannot differentiate through. Same modules, same order, same attention function."""
+    import comfy.ldm.modules.attention
+
+    attention = comfy.ldm.modules.attention.optimized_attention_for_device(x.device, mask=mask is not None,
+                                                                          small_input=True)
+    for layer in encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x
+
+
+def _text_features_out_of_place(transformer, embeds, num_tokens):
+    """ComfyUI's CLIP text forward (causal mask, final norm, EOS pooling, projection), differentiable."""
+    import comfy.ops
+
+    text_model = transformer.text_model
+    x = embeds + comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=embeds.dtype,
+                                   device=embeds.device)
+    length = x.shape[1]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+    x = text_model.final_layer_norm(_encoder_out_of_place(text_model.encoder, x, mask))
+    pooled = x[torch.arange(x.shape[0]), torch.tensor(num_tokens) - 1]
+    return transformer.text_projection(pooled).float()
 
 
 def projection_width(clip, key: str) -> int:
@@ -276,7 +305,8 @@ def projection_width(clip, key: str) -> int:
 
 def clip_vision_embeds(clip_vision, images):
     """(B, P) projected image embeddings of ComfyUI's CLIP vision encoder (no gradient)."""
-    return clip_vision.encode_image(images)["image_embeds"].float()
+    with torch.no_grad():
+        return clip_vision.encode_image(images)["image_embeds"].float().detach()
 
 
 def clip_vision_width(clip_vision) -> int:
@@ -293,3 +323,102 @@ def mapper_file_path(name: str) -> str:
 
 def mapper_save_root() -> str:
     return folder_paths.get_folder_paths(MAPPER_FOLDER)[0]
+
+
+# -- training inside a node -------------------------------------------------------------------------
+
+def grad_enabled():
+    """ComfyUI runs every node under torch.inference_mode(); training needs autograd back (nodes_train does too)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
+def make_autograd_safe(*modules) -> None:
+    """Freeze these modules and make their weights usable on a gradient path.
+
+    Inside ComfyUI, models are loaded under torch.inference_mode(), so their parameters are inference
+    tensors, which autograd refuses to save ("Inference tensors cannot be saved for backward"). The frozen
+    models that gradients flow through (UNet, VAE decoder, image and text encoders) get normal-tensor
+    copies of the same values; ComfyUI's own weight patching keeps working (it reads and writes by key).
+    """
+    with torch.inference_mode(False):
+        for root in modules:
+            for module in root.modules():
+                for name, param in list(module._parameters.items()):
+                    if param is None:
+                        continue
+                    if param.is_inference():
+                        module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                    else:
+                        param.requires_grad_(False)
+                for name, buffer in list(module._buffers.items()):
+                    if buffer is not None and buffer.is_inference():
+                        module._buffers[name] = buffer.clone()
+
+
+def training_modules(model=None, vae=None, clip_vision=None, clip=None) -> list:
+    """The torch modules behind ComfyUI's MODEL, VAE, CLIP_VISION and CLIP objects."""
+    found = []
+    if model is not None:
+        found.append(model.model)
+    if vae is not None:
+        found.append(vae.first_stage_model)
+    if clip_vision is not None:
+        found.append(clip_vision.model)
+    if clip is not None:
+        found.append(clip.cond_stage_model)
+    return found
+
+
+def input_directory() -> str:
+    return folder_paths.get_input_directory()
+
+
+def clip_vision_embeds_with_grad(clip_vision, images):
+    """Projected image embeddings, differentiable in the images.
+
+    Same resize, crop and normalisation as comfy.clip_vision.clip_preprocess, minus its rounding to 8-bit
+    levels, which would zero every gradient.
+    """
+    size = clip_vision.image_size
+    pixels = images[..., :3].movedim(-1, 1)
+    scale = size / min(pixels.shape[2], pixels.shape[3])
+    pixels = torch.nn.functional.interpolate(pixels, size=(round(scale * pixels.shape[2]), round(scale * pixels.shape[3])),
+                                             mode="bicubic", antialias=True)
+    top, left = (pixels.shape[2] - size) // 2, (pixels.shape[3] - size) // 2
+    pixels = pixels[:, :, top:top + size, left:left + size].clamp(0, 1)
+    mean = torch.tensor(clip_vision.image_mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(clip_vision.image_std, dtype=pixels.dtype).view(1, 3, 1, 1)
+    vision = clip_vision.model.vision_model
+    if vision.output_layernorm:
+        raise ValueError("training through the image encoder needs a CLIP ViT vision model (not SigLIP or DINOv2)")
+    x = _encoder_out_of_place(vision.encoder, vision.pre_layrnorm(vision.embeddings((pixels - mean) / std)))
+    return clip_vision.model.visual_projection(vision.post_layernorm(x[:, 0, :])).float()
+
+
+def vae_encode(vae, images):
+    with torch.no_grad():
+        return vae.encode(images[..., :3]).detach()
+
+
+def vae_decode_with_grad(vae, latent):
+    """(B, H, W, 3) images in [0, 1] from VAE-space latents, differentiable (ComfyUI's decode runs without grad)."""
+    return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
+
+
+def denoised(model, latent, sigma, cond, transformer_options: dict):
+    """The model's x0 prediction for model-space latents at noise level sigma (the raw BaseModel call)."""
+    return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=transformer_options)
+
+
+def load_for_training(model) -> None:
+    """Load the model (and apply its weight and object patches) before calling it directly."""
+    comfy.model_management.load_model_gpu(model)
+
+
+def has_pooled_conditioning(model) -> bool:
+    return model.model.model_config.unet_config.get("adm_in_channels") is not None

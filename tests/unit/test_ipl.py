@@ -70,3 +70,27 @@ def test_domain_regularizer_and_directional_loss_by_hand():
     assert torch.allclose(directional_loss(src_i, tgt_i, src_t, tgt_t), 1 - torch.stack(cosines).mean(), atol=1e-6)
     same = directional_loss(src_i, src_i + (tgt_t - src_t) * 3, src_t, tgt_t)
     assert same.abs() < 1e-6
+
+
+def test_stage_one_training_lowers_the_loss_on_a_synthetic_set():
+    """A frozen random 'text encoder' (mean of vectors + label embedding, projected): the mapper must learn to
+    make each image's source prompt match that image."""
+    from core.ipl import loss_curve_image, train_mapper
+
+    torch.manual_seed(0)
+    embeds = rand(8, 16, seed=20)
+    projection = rand(12, 16, seed=21)
+    labels = {"dog": rand(12, seed=22), "cat": rand(12, seed=23)}
+
+    def encode(vectors, label):
+        return (vectors.mean(1) + labels[label]) @ projection
+
+    mapper = LatentMapper(in_dim=16, n_ctx=2, token_dims={"l": 12}, hidden=32)
+    templates = torch.stack([(labels["cat"] + rand(12, seed=30 + i) * 0.1) @ projection for i in range(3)])
+    losses = train_mapper(mapper, embeds, encode, "dog", "cat", templates, iterations=150, lr=0.05, batch_size=8, seed=1)
+    assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
+    image = loss_curve_image(losses, 64, 32)
+    assert image.shape == (32, 64, 3) and image.min() < 0.5
+    with pytest.raises(ValueError, match="at least 2 source images"):
+        train_mapper(mapper, embeds[:1], encode, "dog", "cat", templates, 1, 0.1, 4, 0)

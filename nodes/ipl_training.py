@@ -1,0 +1,236 @@
+"""Train Prompt Mapper (IPL stage 1) and Zero-shot Adapt (IPL stage 2, diffusion form)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+from ..core.adapter import Adapter, LowRank, trainable_lowrank
+from ..core.adapter_file import path_inside
+from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, loss_curve_image, save_mapper,
+                        train_mapper)
+from ..core.resolve import generic_module_name
+from . import comfy_compat as cc
+from .common import CATEGORY, node_id
+from .consistency_guidance import ACTIVE_KEY, install_runtime_adapters
+from .prompt_vectors import MARKER, check_mapper_fits
+from .sockets import AdapterSocket
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+ADAPTED = "ipl"
+
+
+def paired_encoder(clip, clip_vision) -> str:
+    """The text encoder whose projected features live in the CLIP vision model's space (same width)."""
+    width = cc.clip_vision_width(clip_vision)
+    keys = [k for k in cc.text_encoders(clip) if cc.projection_width(clip, k) == width]
+    if not keys:
+        widths = {k: cc.projection_width(clip, k) for k in cc.text_encoders(clip)}
+        raise ValueError(f"no text encoder of this CLIP projects to the CLIP vision width {width} (they give {widths}); "
+                         f"use the text encoder that was trained with this vision model")
+    return keys[0]
+
+
+def folder_images(folder: str) -> list[torch.Tensor]:
+    root = Path(cc.input_directory()).resolve()
+    directory = (root / folder).resolve()
+    if root not in (directory, *directory.parents) or not directory.is_dir():
+        raise ValueError(f"image_folder {folder!r} is not a folder inside ComfyUI's input directory")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)[None] for p in files]
+
+
+def source_embeddings(clip_vision, images, image_folder: str) -> torch.Tensor:
+    batches = ([images] if images is not None else []) + (folder_images(image_folder) if image_folder else [])
+    if not batches:
+        raise ValueError("give source images, an image_folder, or both")
+    return torch.cat([cc.clip_vision_embeds(clip_vision, b) for b in batches])
+
+
+def vector_prompts(clip, mapper: LatentMapper, vectors: torch.Tensor, label: str) -> list[dict]:
+    """Tokens of [SOS][V1..Vn][label][EOS] for each row of vectors (every text encoder)."""
+    split = mapper.split(vectors)
+    return [cc.insert_prompt_vectors(clip, "{} " + label, MARKER, {k: v[row] for k, v in split.items()})
+            for row in range(vectors.shape[0])]
+
+
+def prompt_features(clip, key: str, mapper: LatentMapper, vectors: torch.Tensor, label: str) -> torch.Tensor:
+    """(b, P) projected features of each row's prompt through the frozen text encoder, in one batch."""
+    return cc.projected_text_features(clip, key, [p[key] for p in vector_prompts(clip, mapper, vectors, label)])
+
+
+def template_features(clip, key: str, label: str) -> torch.Tensor:
+    with torch.no_grad():
+        return cc.projected_text_features(clip, key, [clip.tokenize(t.format(label))[key] for t in TEMPLATES])
+
+
+def per_step_progress(total: int):
+    bar = cc.ProgressBar(total)
+
+    def step(*_):
+        cc.throw_if_interrupted()
+        bar.update(1)
+    return step
+
+
+class TrainPromptMapper(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("TrainPromptMapper"),
+            display_name="Train Prompt Mapper",
+            category=CATEGORY,
+            description="IPL stage 1: train a latent mapper from source images so each image's prompt vectors plus the "
+                        "source label match the image in CLIP space (symmetric contrastive loss), with a domain "
+                        "regulariser toward the target label. Saves to models/prompt_mappers.",
+            inputs=[
+                io.Image.Input("images", optional=True, tooltip="Source images (at least 2 with the folder)."),
+                io.String.Input("image_folder", default="", tooltip="Optional folder of source images inside ComfyUI's input directory."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP vision model; its embeddings feed the mapper."),
+                io.Clip.Input("clip", tooltip="Text encoder with a text projection in the same CLIP space."),
+                io.String.Input("source_label", default="photo", tooltip="Class label of the source domain."),
+                io.String.Input("target_label", default="sketch", tooltip="Class label of the target domain."),
+                io.Int.Input("iterations", default=300, min=1, max=100000, tooltip="Optimiser steps (paper: 300)."),
+                io.Float.Input("lr", default=0.05, min=1e-6, max=1.0, step=1e-4, tooltip="Adam learning rate (paper: 0.05)."),
+                io.Int.Input("batch_size", default=32, min=2, max=1024, tooltip="Images per step (paper: 32)."),
+                io.Int.Input("n_ctx", default=4, min=1, max=16, tooltip="Prompt vectors per image (paper: 4)."),
+                io.Float.Input("regularizer_weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the domain regulariser."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the mapper's init and batches."),
+                io.String.Input("filename", default="ipl_mapper", tooltip="File name in models/prompt_mappers."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing mapper file."),
+            ],
+            outputs=[
+                io.String.Output(display_name="mapper_name", tooltip="The saved mapper's name (for Image to Prompt Vectors)."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, clip, source_label: str, target_label: str, iterations: int, lr: float,
+                batch_size: int, n_ctx: int, regularizer_weight: float, seed: int, filename: str, overwrite: bool,
+                image_folder: str = "", images=None) -> io.NodeOutput:
+        target = path_inside(cc.mapper_save_root(), "", filename)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; choose another filename or allow overwriting")
+        key = paired_encoder(clip, clip_vision)
+        cc.make_autograd_safe(*cc.training_modules(clip=clip))
+        with cc.grad_enabled():
+            embeds = source_embeddings(clip_vision, images, image_folder).clone()
+            torch.manual_seed(seed)
+            mapper = LatentMapper(embeds.shape[1], n_ctx, cc.token_widths(clip))
+            losses = train_mapper(mapper, embeds, lambda v, label: prompt_features(clip, key, mapper, v, label),
+                                  source_label, target_label, template_features(clip, key, target_label), iterations,
+                                  lr, batch_size, seed, regularizer_weight, on_step=per_step_progress(iterations))
+        save_mapper(mapper, target, {"csa.source_label": source_label, "csa.target_label": target_label,
+                                     "csa.final_loss": f"{losses[-1]:.6f}"}, overwrite=overwrite)
+        return io.NodeOutput(target.name, loss_curve_image(losses)[None])
+
+
+def attention_targets(model) -> dict[str, tuple[int, ...]]:
+    """Every attention projection of the UNet: what Zero-shot Adapt trains."""
+    suffixes = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+    return {k: s for k, s in cc.weight_shapes(model).items() if ".attn" in k and k.endswith(suffixes)}
+
+
+class PromptPairs:
+    """Per source image: its source-prompt conditioning and the projected features of its source/target prompts."""
+
+    def __init__(self, clip, key: str, mapper: LatentMapper, embeds: torch.Tensor, source: str, target: str):
+        with torch.no_grad():
+            vectors = mapper(embeds)
+            source_prompts = vector_prompts(clip, mapper, vectors, source)
+            self.conds = [cc.encode_tokens(clip, tokens)[0] for tokens in source_prompts]
+            self.source_features = cc.projected_text_features(clip, key, [p[key] for p in source_prompts])[:, None]
+            target_prompts = vector_prompts(clip, mapper, vectors, target)
+            self.target_features = cc.projected_text_features(clip, key, [p[key] for p in target_prompts])[:, None]
+
+
+def adaptation_step(model, vae, clip_vision, latent, cond, pairs: PromptPairs, index: int, sigma: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Directional loss of one image: the adapted UNet's x0 against the frozen one's, from the same noisy latent."""
+    noisy = latent + sigma * torch.randn(latent.shape, generator=generator)
+    with torch.no_grad():
+        source = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset()})
+        source_embed = cc.clip_vision_embeds_with_grad(
+            clip_vision, cc.vae_decode_with_grad(vae, model.model.process_latent_out(source)))
+    adapted = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset({ADAPTED})})
+    adapted_embed = cc.clip_vision_embeds_with_grad(
+        clip_vision, cc.vae_decode_with_grad(vae, model.model.process_latent_out(adapted)))
+    return directional_loss(source_embed, adapted_embed, pairs.source_features[index], pairs.target_features[index])
+
+
+class ZeroShotAdapt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ZeroShotAdapt"),
+            display_name="Zero-shot Adapt",
+            category=CATEGORY,
+            description="IPL stage 2 (diffusion form): train a LoRA on the UNet's attention so that, image by image, the "
+                        "CLIP image change from the frozen to the adapted model's prediction follows the change from "
+                        "the image's source prompt to its target prompt (directional loss). SD1.x/SD2.x UNets.",
+            inputs=[
+                io.Model.Input("model", tooltip="The source model (frozen; the adapter is trained beside it)."),
+                io.Vae.Input("vae", tooltip="Decodes predictions to images for CLIP."),
+                io.Clip.Input("clip", tooltip="Text encoder with a text projection in the CLIP vision space."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model of the mapper."),
+                io.Combo.Input("mapper_name", options=cc.mapper_file_names(), tooltip="A mapper from Train Prompt Mapper."),
+                io.Image.Input("images", tooltip="Source images (one prompt pair each)."),
+                io.String.Input("source_label", default="photo", tooltip="Source class label."),
+                io.String.Input("target_label", default="sketch", tooltip="Target class label."),
+                io.Int.Input("iterations", default=200, min=1, max=100000, tooltip="Optimiser steps."),
+                io.Float.Input("lr", default=1e-3, min=1e-7, max=1.0, step=1e-5, tooltip="Adam learning rate."),
+                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank on every attention projection."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, noise and timesteps."),
+            ],
+            outputs=[
+                AdapterSocket.Output(display_name="adapter", tooltip="The target-domain adapter (method ipl-zero-shot)."),
+                io.Image.Output(display_name="loss_curve", tooltip="Directional loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip, clip_vision, mapper_name: str, images, source_label: str, target_label: str,
+                iterations: int, lr: float, rank: int, seed: int) -> io.NodeOutput:
+        if cc.has_pooled_conditioning(model):
+            raise ValueError("Zero-shot Adapt supports UNets conditioned on text tokens only (SD1.x / SD2.x); this "
+                             "model also needs pooled conditioning (SDXL-like)")
+        mapper, _ = load_mapper(cc.mapper_file_path(mapper_name))
+        check_mapper_fits(mapper, clip_vision, clip, mapper_name)
+        cc.make_autograd_safe(*cc.training_modules(model, vae, clip_vision))
+        with cc.grad_enabled():
+            pairs = PromptPairs(clip, paired_encoder(clip, clip_vision), mapper,
+                                cc.clip_vision_embeds(clip_vision, images).clone(), source_label, target_label)
+            adapter, losses = train_adapter(model, vae, clip_vision, images, pairs, iterations, lr, rank, seed)
+        return io.NodeOutput(adapter, loss_curve_image(losses)[None])
+
+
+def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iterations: int, lr: float, rank: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    modules = {generic_module_name(k): trainable_lowrank(s, rank, generator) for k, s in attention_targets(model).items()}
+    adapter = Adapter(modules=modules, role="style", method="ipl-zero-shot", source="Zero-shot Adapt")
+    patched = model.clone()
+    install_runtime_adapters(patched, {ADAPTED: adapter}, frozenset({ADAPTED}))
+    cc.load_for_training(patched)
+    latents = patched.model.process_latent_in(cc.vae_encode(vae, images).clone())
+    optimizer = torch.optim.Adam([t for f in modules.values() for t in (f.up, f.down)], lr=lr)
+    low, high = cc.percent_to_sigma(patched, 0.8), cc.percent_to_sigma(patched, 0.2)
+    progress, losses = per_step_progress(iterations), []
+    for step in range(iterations):
+        index = step % latents.shape[0]
+        sigma = low + (high - low) * torch.rand(1, generator=generator)
+        loss = adaptation_step(patched, vae, clip_vision, latents[index:index + 1], pairs.conds[index], pairs, index,
+                               sigma, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        progress()
+    frozen = {n: LowRank(up=f.up.detach().clone(), down=f.down.detach().clone()) for n, f in modules.items()}
+    return adapter.replace(modules=frozen), losses
