@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.blocks import parse_block_strengths
-from .binding import patches_by_strength
+from .binding import apply_patch_groups, patches_by_strength
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 
@@ -44,12 +44,5 @@ class ApplyAdapters(io.ComfyNode):
     def execute(cls, model, adapter, block_strengths: str = "", clip=None, **extra) -> io.NodeOutput:
         adapters = [adapter, *[extra[s] for s in EXTRA_SLOTS if extra.get(s) is not None]]
         groups, report = patches_by_strength(adapters, model, clip, parse_block_strengths(block_strengths))
-        if not groups:
-            return io.NodeOutput(model, clip, report)
-        model = model.clone()
-        clip = clip.clone() if clip is not None else None
-        for strength, patches in groups.items():
-            model.add_patches(patches, strength)
-            if clip is not None:
-                clip.add_patches(patches, strength)
+        model, clip = apply_patch_groups(model, clip, groups)
         return io.NodeOutput(model, clip, report)

@@ -46,3 +46,16 @@ def patches_by_strength(adapters: list[Adapter], model, clip, block_strengths: d
                 name = f"csa{index}.{module}"
                 groups[strength][key] = comfy_compat.lora_weight_adapter(name, factors.up, factors.down, factors.alpha)
     return groups, "\n".join(reports)
+
+
+def apply_patch_groups(model, clip, groups: dict):
+    """Clones of the model (and CLIP) with every {strength: patches} group added; the inputs when there is none."""
+    if not groups:
+        return model, clip
+    model = model.clone()
+    clip = clip.clone() if clip is not None else None
+    for strength, patches in groups.items():
+        model.add_patches(patches, strength)
+        if clip is not None:
+            clip.add_patches(patches, strength)
+    return model, clip

@@ -94,7 +94,14 @@ def throw_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-ProgressBar = comfy.utils.ProgressBar
+def progress_steps(total: int):
+    """A callback for each unit of long work: moves ComfyUI's progress bar and stops cleanly on cancel."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def step(*_):
+        throw_if_interrupted()
+        bar.update(1)
+    return step
 
 
 # -- text encoder tokens -------------------------------------------------------------------------

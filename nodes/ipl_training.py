@@ -69,15 +69,6 @@ def template_features(clip, key: str, label: str) -> torch.Tensor:
         return cc.projected_text_features(clip, key, [clip.tokenize(t.format(label))[key] for t in TEMPLATES])
 
 
-def per_step_progress(total: int):
-    bar = cc.ProgressBar(total)
-
-    def step(*_):
-        cc.throw_if_interrupted()
-        bar.update(1)
-    return step
-
-
 class TrainPromptMapper(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -126,7 +117,7 @@ class TrainPromptMapper(io.ComfyNode):
             mapper = LatentMapper(embeds.shape[1], n_ctx, cc.token_widths(clip))
             losses = train_mapper(mapper, embeds, lambda v, label: prompt_features(clip, key, mapper, v, label),
                                   source_label, target_label, template_features(clip, key, target_label), iterations,
-                                  lr, batch_size, seed, regularizer_weight, on_step=per_step_progress(iterations))
+                                  lr, batch_size, seed, regularizer_weight, on_step=cc.progress_steps(iterations))
         save_mapper(mapper, target, {"csa.source_label": source_label, "csa.target_label": target_label,
                                      "csa.final_loss": f"{losses[-1]:.6f}"}, overwrite=overwrite)
         return io.NodeOutput(target.name, loss_curve_image(losses)[None])
@@ -221,7 +212,7 @@ def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iteration
     latents = patched.model.process_latent_in(cc.vae_encode(vae, images).clone())
     optimizer = torch.optim.Adam([t for f in modules.values() for t in (f.up, f.down)], lr=lr)
     low, high = cc.percent_to_sigma(patched, 0.8), cc.percent_to_sigma(patched, 0.2)
-    progress, losses = per_step_progress(iterations), []
+    progress, losses = cc.progress_steps(iterations), []
     for step in range(iterations):
         index = step % latents.shape[0]
         sigma = low + (high - low) * torch.rand(1, generator=generator)

@@ -9,7 +9,7 @@ from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
 from ..core.resolve import generic_module_name
 from . import comfy_compat
-from .binding import bind_to_model, patches_by_strength
+from .binding import apply_patch_groups, bind_to_model, patches_by_strength
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 
@@ -24,24 +24,6 @@ def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict
             for key, (_, factors) in bind_to_model(adapter, model).targets.items():
                 terms.setdefault(key, []).append(Term(factors, lambdas[role] * adapter.strength, role))
     return terms
-
-
-def run_per_layer(total: int):
-    """A per-layer callback that moves ComfyUI's progress bar and stops cleanly on cancel."""
-    bar = comfy_compat.ProgressBar(total)
-
-    def step():
-        comfy_compat.throw_if_interrupted()
-        bar.update(1)
-    return step
-
-
-def patched_with(model, adapter: Adapter):
-    groups, _ = patches_by_strength([adapter], model, None, {})
-    model = model.clone()
-    for strength, patches in groups.items():
-        model.add_patches(patches, strength)
-    return model
 
 
 class QRMerge(io.ComfyNode):
@@ -84,13 +66,14 @@ class QRMerge(io.ComfyNode):
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
         terms = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
-        layers = merge_layers(terms, interference, on_layer=run_per_layer(len(terms)))
+        layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)))
         merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
                          role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
         report = "\n".join(overlap_summary(layers))
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
-        return io.NodeOutput(patched_with(model, merged), merged, report)
+        patched, _ = apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])
+        return io.NodeOutput(patched, merged, report)
 
 
 class ConvertToQRLoRA(io.ComfyNode):
@@ -120,7 +103,7 @@ class ConvertToQRLoRA(io.ComfyNode):
         weights = model.model.state_dict()
         deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in targets.items()}
         converted = convert_layers(deltas, {k: weights[k].to(torch.float32) for k in deltas}, rank,
-                                   on_layer=run_per_layer(len(deltas)))
+                                   on_layer=comfy_compat.progress_steps(len(deltas)))
         modules = {generic_module_name(key): c.factors for key, c in converted.items()}
         report = "\n".join(f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q)" for key, c in converted.items())
         qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model))

@@ -87,3 +87,16 @@ def test_stage_two_refuses_pooled_models(comfy, sdxl_meta, tiny_sd15, tiny_clip_
     with pytest.raises(ValueError, match="SD1.x / SD2.x"):
         comfy["CSA_ZeroShotAdapt"].execute(sdxl_meta, tiny_sd15[2], clip_with_projection, tiny_clip_vision,
                                            "x.safetensors", images(1), "photo", "sketch", 1, 1e-3, 2, 0)
+
+
+def test_cancel_stops_training_cleanly_without_writing_a_file(comfy, comfy_base, tiny_clip_vision,
+                                                               clip_with_projection):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            train(comfy, tiny_clip_vision, clip_with_projection, "host_cancelled_mapper", 5, images=images())
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not (comfy_base / "models" / "prompt_mappers" / "host_cancelled_mapper.safetensors").exists()
