@@ -1,0 +1,165 @@
+"""Train the miniature world's base model on the CPU: a TAESD-shaped VAE, then a tiny SD1.5-shaped UNet.
+
+    .venv/bin/python bench/world/train_world.py [--vae-steps 600] [--unet-steps 2000]
+
+Writes bench/world/weights/world_unet_vae.safetensors (UNet EMA + TAESD, fp16, ~57 MB) and the loss
+curves (bench/world/weights/losses.json). The text encoder is the pack's deterministic random CLIP-L (the
+tiny checkpoint's); its hash is stored so set-up can check it rebuilt the same one.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent.parent / "scripts")]
+import comfy_host  # noqa: E402
+from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
+
+WEIGHTS = HERE / "weights" / "world_unet_vae.safetensors"
+LOSSES = HERE / "weights" / "losses.json"
+SD15_SCALE = 0.18215  # ComfyUI's SD15 latent format: model space = VAE space x 0.18215
+
+
+def clip_hash(clip_state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(clip_state):
+        digest.update(key.encode())
+        digest.update(clip_state[key].to(torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def images_tensor(samples) -> torch.Tensor:
+    return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+
+
+def train_vae(pool: torch.Tensor, steps: int, batch: int, generator: torch.Generator):
+    from build_tiny_models import init_weights_
+    from comfy.taesd.taesd import TAESD
+
+    taesd = TAESD(latent_channels=4)
+    init_weights_(taesd, generator)
+    params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=max(0.05, 3 / steps))
+    losses = []
+    for step in range(steps):
+        x = pool[torch.randint(0, len(pool), (batch,), generator=generator)]
+        latent = taesd.taesd_encoder(x)
+        loss = torch.nn.functional.mse_loss(taesd.taesd_decoder(latent), x) + 1e-4 * latent.pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            print(f"vae step {step} loss {np.mean(losses[-50:]):.5f}", flush=True)
+    return taesd, losses
+
+
+def set_latent_scale(taesd, pool: torch.Tensor) -> None:
+    """vae_scale / vae_shift so that model-space latents (x 0.18215) have mean 0 and std 1, like SD1.5's."""
+    with torch.no_grad():
+        raw = torch.cat([taesd.taesd_encoder(pool[i:i + 256]) for i in range(0, len(pool), 256)])
+        scale = float(raw.std()) * SD15_SCALE
+        taesd.vae_scale.fill_(scale)
+        taesd.vae_shift.fill_(-float(raw.mean()) / scale)
+
+
+def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([taesd.encode(pool[i:i + 256] * 2 - 1) for i in range(0, len(pool), 256)]) * SD15_SCALE
+
+
+def train_unet(latents, conds, empty, steps: int, batch: int, generator: torch.Generator):
+    import comfy.ops
+    from build_tiny_models import TINY_SD15_UNET_CONFIG, init_weights_
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet = UNetModel(**TINY_SD15_UNET_CONFIG, dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    init_weights_(unet, generator)
+    with torch.no_grad():
+        unet.out[2].weight.zero_()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    alphas_bar = torch.cumprod(1 - betas, 0).float()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=3e-4, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-4, total_steps=steps, pct_start=max(0.03, 3 / steps))
+    losses = []
+    for step in range(steps):
+        index = torch.randint(0, len(latents), (batch,), generator=generator)
+        x0, context = latents[index], conds[index].clone()
+        drop = torch.rand(batch, generator=generator) < 0.1  # classifier-free guidance dropout
+        context[drop] = empty
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        ab = alphas_bar[t].view(-1, 1, 1, 1)
+        noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(noisy, t.float(), context=context), noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(p, 1 - decay)
+        losses.append(float(loss.detach()))
+        if step % 50 == 0:
+            print(f"unet step {step} loss {np.mean(losses[-50:]):.4f}", flush=True)
+    return ema, losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--per-pair", type=int, default=96)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    comfy_host.import_comfyui(base_directory=Path(tempfile.mkdtemp()))
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(8)
+    samples = dataset(BASE_SHAPES, BASE_STYLES, per_pair=args.per_pair, seed=1)
+    pool = images_tensor(samples)
+    started = time.time()
+    taesd, vae_losses = train_vae(pool, args.vae_steps, args.batch, generator)
+    set_latent_scale(taesd, pool)
+    latents = model_latents(taesd, pool)
+    print(f"vae done in {time.time() - started:.0f} s; latent std {latents.std():.3f} mean {latents.mean():.3f}")
+    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / "tiny_sd15.safetensors"),
+                                                          output_model=False, output_vae=False)
+    captions = {caption(s.shape, s.style) for s in samples}
+    encoded = {c: clip.encode_from_tokens(clip.tokenize(c))[0] for c in sorted(captions) + [""]}
+    conds = torch.stack([encoded[s.caption] for s in samples]).float()
+    unet, unet_losses = train_unet(latents, conds, encoded[""].float(), args.unet_steps, args.batch, generator)
+    print(f"all done in {time.time() - started:.0f} s")
+    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+    state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
+                  if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
+    clip_state = {k: v for k, v in clip.cond_stage_model.state_dict().items() if "text_projection" not in k}
+    meta = {"csa.world_clip_hash": clip_hash(clip_state), "csa.vae_steps": str(args.vae_steps),
+            "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
+            "csa.seconds": f"{time.time() - started:.0f}"}
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(WEIGHTS), metadata=meta)
+    LOSSES.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "seconds": time.time() - started}))
+    print(f"wrote {WEIGHTS} ({WEIGHTS.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

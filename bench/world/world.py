@@ -1,0 +1,112 @@
+"""A miniature world: 64x64 pictures of a shape (the content) filled with a texture (the style).
+
+Everything is a pure function of (shape, style, seed): same inputs, same pixels, mask and caption. Each
+style is a pattern with its own palette, so it survives a small latent; the background is plain.
+
+    render("triangle", "striped", seed=3) -> Sample(image uint8 (64, 64, 3), mask bool (64, 64), caption)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 64
+BACKGROUND = (236, 236, 230)
+BASE_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+HELD_OUT_SHAPES = ("star", "heart")
+BASE_STYLES = ("red", "striped", "dotted", "checkered", "gradient")
+HELD_OUT_STYLES = ("zigzag", "speckled")
+SHAPES = BASE_SHAPES + HELD_OUT_SHAPES
+STYLES = BASE_STYLES + HELD_OUT_STYLES
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # (64, 64, 3) uint8
+    mask: np.ndarray  # (64, 64) bool, the object
+    shape: str
+    style: str
+
+    @property
+    def caption(self) -> str:
+        return caption(self.shape, self.style)
+
+
+def caption(shape: str, style: str) -> str:
+    return f"a {style} {shape}"
+
+
+def shape_mask(shape: str, cx: float, cy: float, radius: float) -> np.ndarray:
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    dx, dy = (x - cx) / radius, (y - cy) / radius
+    r = np.hypot(dx, dy)
+    masks = {
+        "circle": r <= 1.0,
+        "ring": (r <= 1.0) & (r >= 0.55),
+        "square": (np.abs(dx) <= 0.85) & (np.abs(dy) <= 0.85),
+        "diamond": np.abs(dx) + np.abs(dy) <= 1.1,
+        "cross": ((np.abs(dx) <= 0.32) & (np.abs(dy) <= 1.0)) | ((np.abs(dy) <= 0.32) & (np.abs(dx) <= 1.0)),
+        "triangle": (dy <= 0.8) & (dy >= -1.0 + 1.8 * np.abs(dx) / 1.04 - 0.0) & (np.abs(dx) <= 1.04),
+    }
+    if shape == "star":
+        angle = np.arctan2(dy, dx)
+        masks["star"] = r <= 0.45 + 0.5 * (0.5 + 0.5 * np.cos(5 * angle + math.pi / 2)) ** 3
+    if shape == "heart":
+        hx, hy = dx * 1.1, -dy * 1.1 + 0.25
+        masks["heart"] = (hx ** 2 + hy ** 2 - 0.6) ** 3 - hx ** 2 * hy ** 3 <= 0
+    if shape not in masks:
+        raise ValueError(f"unknown shape {shape!r}; shapes are {SHAPES}")
+    return masks[shape]
+
+
+def style_fill(style: str, rng: np.random.Generator) -> np.ndarray:
+    """(64, 64, 3) float texture in [0, 255]; the phase varies with the seed, the palette does not."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    ox, oy = rng.integers(0, 8, size=2)
+
+    def two(colour_a, colour_b, select):
+        return np.where(select[..., None], np.array(colour_a, np.float32), np.array(colour_b, np.float32))
+    if style == "red":
+        return np.broadcast_to(np.array((214, 38, 40), np.float32), (SIZE, SIZE, 3)).copy()
+    if style == "striped":
+        return two((24, 44, 150), (250, 250, 250), ((y + oy) // 4) % 2 == 0)
+    if style == "dotted":
+        return two((250, 214, 30), (20, 110, 50), np.hypot((x + ox) % 8 - 3.5, (y + oy) % 8 - 3.5) <= 2.2)
+    if style == "checkered":
+        return two((15, 15, 15), (255, 140, 0), (((x + ox) // 8 + (y + oy) // 8) % 2) == 0)
+    if style == "gradient":
+        t = (y / (SIZE - 1))[..., None]
+        return (1 - t) * np.array((130, 30, 200), np.float32) + t * np.array((20, 210, 220), np.float32)
+    if style == "zigzag":
+        return two((200, 0, 120), (255, 230, 240), ((y + 2 * np.abs((x + ox) % 8 - 4) + oy) // 4) % 2 == 0)
+    if style == "speckled":
+        noise = rng.random((SIZE, SIZE)) < 0.5
+        return two((90, 60, 30), (200, 170, 120), noise)
+    raise ValueError(f"unknown style {style!r}; styles are {STYLES}")
+
+
+def render(shape: str, style: str, seed: int) -> Sample:
+    rng = np.random.default_rng([seed, SHAPES.index(shape) if shape in SHAPES else 99,
+                                 STYLES.index(style) if style in STYLES else 99])
+    radius = rng.uniform(17.0, 23.0)
+    cx, cy = rng.uniform(SIZE / 2 - 5, SIZE / 2 + 5, size=2)
+    mask = shape_mask(shape, cx, cy, radius)
+    image = np.broadcast_to(np.array(BACKGROUND, np.float32), (SIZE, SIZE, 3)).copy()
+    image[mask] = style_fill(style, rng)[mask]
+    return Sample(image.round().clip(0, 255).astype(np.uint8), mask, shape, style)
+
+
+def dataset(shapes=BASE_SHAPES, styles=BASE_STYLES, per_pair: int = 8, seed: int = 0) -> list[Sample]:
+    """Every (shape, style) pair, per_pair samples each, deterministic from seed."""
+    return [render(shape, style, seed * 100_003 + i) for shape in shapes for style in styles for i in range(per_pair)]
+
+
+def contact_sheet(samples: list[Sample], columns: int) -> np.ndarray:
+    rows = math.ceil(len(samples) / columns)
+    sheet = np.full((rows * (SIZE + 2), columns * (SIZE + 2), 3), 255, np.uint8)
+    for i, sample in enumerate(samples):
+        r, c = divmod(i, columns)
+        sheet[r * (SIZE + 2):r * (SIZE + 2) + SIZE, c * (SIZE + 2):c * (SIZE + 2) + SIZE] = sample.image
+    return sheet
