@@ -69,8 +69,16 @@ DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_
 DEMO_LORA_RANK = 4
 
 
+WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
+WORLD_CHECKPOINT_NAME = "world_sd15.safetensors"
+
+
 def script_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """Changes when this script or the committed world weights change (either means: rebuild)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    if WORLD_WEIGHTS.exists():
+        digest.update(hashlib.sha256(WORLD_WEIGHTS.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def init_weights_(module: torch.nn.Module, generator: torch.Generator) -> None:
@@ -233,6 +241,37 @@ def build_demo_mapper(generator: torch.Generator, out_path: Path) -> None:
     save_mapper(mapper, out_path, {"csa.build_hash": script_hash()}, overwrite=True)
 
 
+def clip_hash(clip) -> str:
+    """Hash of a ComfyUI CLIP's text-encoder weights in fp16 (text_projection left out: SD1.5 files lack it)."""
+    state = {k: v for k, v in clip.cond_stage_model.state_dict().items() if "text_projection" not in k}
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].to(torch.float16).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_world_checkpoint(checkpoint: dict[str, torch.Tensor], out_path: Path) -> None:
+    """The world base model: committed UNet + VAE weights, plus this script's deterministic CLIP-L.
+
+    The CLIP is rebuilt from a fixed seed, so its hash must equal the one the UNet was trained with."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import comfy.sd
+
+    world = load_file(str(WORLD_WEIGHTS))
+    with safe_open(str(WORLD_WEIGHTS), "pt") as handle:
+        expected = handle.metadata().get("csa.world_clip_hash")
+    clip = {k: v for k, v in checkpoint.items() if k.startswith("cond_stage_model.")}
+    loaded = comfy.sd.load_checkpoint_guess_config(str(out_path.parent / CHECKPOINT_NAME), output_model=False,
+                                                   output_vae=False)[1]
+    if expected != clip_hash(loaded):
+        raise RuntimeError(f"the rebuilt CLIP-L (hash {clip_hash(loaded)}) is not the one the world model was "
+                           f"trained with ({expected}); the world weights need retraining")
+    save_atomic({**world, **clip}, out_path, {"csa.build_hash": script_hash(), "modelspec.title": "CSA world SD1.5"})
+
+
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_suffix(path.suffix + ".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -258,6 +297,8 @@ def build(out_dir: Path) -> None:
                 {"csa.build_hash": script_hash()})
     save_atomic(build_clip_vision_vit_l(generator), out_dir / CLIP_VISION_NAME, {"csa.build_hash": script_hash()})
     build_demo_mapper(generator, out_dir / DEMO_MAPPER_NAME)
+    if WORLD_WEIGHTS.exists():
+        build_world_checkpoint(checkpoint, out_dir / WORLD_CHECKPOINT_NAME)
     for name in DEMO_BLORA_NAMES:
         save_atomic(build_demo_b_lora(unet, generator), out_dir / name, {"csa.build_hash": script_hash(),
                                                                          "csa.method": "b-lora"})

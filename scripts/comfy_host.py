@@ -83,7 +83,9 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     """Lay out a ComfyUI base directory: the pack in custom_nodes, tiny models in models/."""
     base = Path(base)
     link_or_copy(REPO_ROOT, base / "custom_nodes" / PACK_FOLDER_NAME)
-    link_or_copy(models_dir / "tiny_sd15.safetensors", base / "models" / "checkpoints" / "tiny_sd15.safetensors")
+    for checkpoint in ("tiny_sd15.safetensors", "world_sd15.safetensors"):
+        if (models_dir / checkpoint).exists():
+            link_or_copy(models_dir / checkpoint, base / "models" / "checkpoints" / checkpoint)
     for adapter in sorted(Path(models_dir).glob("csa_demo_*.safetensors")):
         if adapter.name != "csa_demo_mapper.safetensors":
             link_or_copy(adapter, base / "models" / "loras" / adapter.name)

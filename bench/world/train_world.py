@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
-import math
 import sys
 import tempfile
 import time
@@ -24,19 +22,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent.parent / "scripts")]
 import comfy_host  # noqa: E402
+from build_tiny_models import clip_hash  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
 
 WEIGHTS = HERE / "weights" / "world_unet_vae.safetensors"
 LOSSES = HERE / "weights" / "losses.json"
 SD15_SCALE = 0.18215  # ComfyUI's SD15 latent format: model space = VAE space x 0.18215
-
-
-def clip_hash(clip_state: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(clip_state):
-        digest.update(key.encode())
-        digest.update(clip_state[key].to(torch.float16).contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def images_tensor(samples) -> torch.Tensor:
@@ -151,8 +142,7 @@ def main() -> None:
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
                   if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
-    clip_state = {k: v for k, v in clip.cond_stage_model.state_dict().items() if "text_projection" not in k}
-    meta = {"csa.world_clip_hash": clip_hash(clip_state), "csa.vae_steps": str(args.vae_steps),
+    meta = {"csa.world_clip_hash": clip_hash(clip), "csa.vae_steps": str(args.vae_steps),
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.seconds": f"{time.time() - started:.0f}"}
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)

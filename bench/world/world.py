@@ -110,3 +110,14 @@ def contact_sheet(samples: list[Sample], columns: int) -> np.ndarray:
         r, c = divmod(i, columns)
         sheet[r * (SIZE + 2):r * (SIZE + 2) + SIZE, c * (SIZE + 2):c * (SIZE + 2) + SIZE] = sample.image
     return sheet
+
+
+if __name__ == "__main__":
+    import sys
+
+    from PIL import Image
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "contact_sheet.png"
+    samples = [render(shape, style, 1) for shape in SHAPES for style in STYLES]
+    Image.fromarray(contact_sheet(samples, len(STYLES))).save(target)
+    print(f"{len(SHAPES)} shapes (rows; last two held out) x {len(STYLES)} styles (columns; last two held out): {target}")

@@ -1,0 +1,159 @@
+"""Ground-truth evaluators for the miniature world: which shape, which style, and exact measures.
+
+Two small CNN classifiers (content: 8 shapes, style: 7 styles) trained on generator images with blur,
+noise and colour jitter, so they also read the softer pictures a small diffusion model draws.
+
+    .venv/bin/python bench/world/evaluators.py train     # trains both, writes weights/evaluators.safetensors
+    .venv/bin/python bench/world/evaluators.py check     # held-out accuracy on fresh generator images
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from world import SHAPES, STYLES, render  # noqa: E402
+
+WEIGHTS = HERE / "weights" / "evaluators.safetensors"
+TRAIN_SEEDS = range(0, 10_000_000, 7)  # training draws seeds 7k; held-out checks use seeds 7k + 3
+HELD_OUT_OFFSET = 3
+
+
+class Classifier(torch.nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        layers, width = [], 3
+        for channels in (16, 32, 64):
+            layers += [torch.nn.Conv2d(width, channels, 3, padding=1), torch.nn.GroupNorm(8, channels), torch.nn.SiLU(),
+                       torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.SiLU(), torch.nn.AvgPool2d(2)]
+            width = channels
+        self.features = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 128), torch.nn.SiLU(),
+                                        torch.nn.Linear(128, classes))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, 64, 64) in [0, 1] -> logits (read at 32x32: every pattern has a period of 8+ px)."""
+        return self.head(self.features(F.avg_pool2d(images, 2) * 2 - 1))
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur, noise and colour jitter of the strength a small VAE / UNet introduces."""
+    b = batch.shape[0]
+    sigma = 0.4 + float(torch.rand(1, generator=generator)) * 1.4  # one blur width per batch, on a random half
+    kernel_x = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-kernel_x ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).view(1, 1, 1, 7).repeat(3, 1, 1, 1)
+    blurred = F.conv2d(F.pad(batch, (3, 3, 0, 0), mode="replicate"), k, groups=3)
+    blurred = F.conv2d(F.pad(blurred, (0, 0, 3, 3), mode="replicate"), k.transpose(2, 3), groups=3)
+    chosen = (torch.rand(b, generator=generator) < 0.5).view(b, 1, 1, 1)
+    batch = torch.where(chosen, blurred, batch)
+    gain = 1 + (torch.rand(b, 3, 1, 1, generator=generator) - 0.5) * 0.2
+    noise = torch.randn(batch.shape, generator=generator) * torch.rand(b, 1, 1, 1, generator=generator) * 0.08
+    return (batch * gain + noise).clamp(0, 1)
+
+
+def random_batch(size: int, generator: torch.Generator, seed_offset: int = 0):
+    shapes = torch.randint(0, len(SHAPES), (size,), generator=generator)
+    styles = torch.randint(0, len(STYLES), (size,), generator=generator)
+    seeds = torch.randint(0, 1_000_000, (size,), generator=generator) * 7 + seed_offset
+    images = np.stack([render(SHAPES[a], STYLES[b], int(s)).image for a, b, s in zip(shapes, styles, seeds)])
+    return to_tensor(images), shapes, styles
+
+
+def train(steps: int = 800, batch: int = 32, seed: int = 0) -> dict[str, Classifier]:
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    models = {"content": Classifier(len(SHAPES)), "style": Classifier(len(STYLES))}
+    optimizer = torch.optim.Adam([p for m in models.values() for p in m.parameters()], lr=1e-3)
+    for step in range(steps):
+        images, shapes, styles = random_batch(batch, generator)
+        images = augment(images, generator)
+        loss = F.cross_entropy(models["content"](images), shapes) + F.cross_entropy(models["style"](images), styles)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            print(f"evaluators step {step} loss {float(loss.detach()):.4f}", flush=True)
+    return {k: m.eval() for k, m in models.items()}
+
+
+def save(models: dict[str, Classifier], accuracy: dict[str, float]) -> None:
+    from safetensors.torch import save_file
+
+    state = {f"{name}.{k}": v for name, m in models.items() for k, v in m.state_dict().items()}
+    save_file(state, str(WEIGHTS), metadata={f"accuracy.{k}": f"{v:.4f}" for k, v in accuracy.items()})
+
+
+def load() -> tuple[dict[str, Classifier], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(WEIGHTS))
+    with safe_open(str(WEIGHTS), "pt") as handle:
+        metadata = handle.metadata()
+    models = {"content": Classifier(len(SHAPES)), "style": Classifier(len(STYLES))}
+    for name, model in models.items():
+        model.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+        model.eval()
+    return models, metadata
+
+
+@torch.no_grad()
+def classify(models: dict[str, Classifier], images: torch.Tensor) -> tuple[list[str], list[str]]:
+    """images: (B, 3, 64, 64) in [0, 1] (other sizes are resized) -> (shape names, style names)."""
+    if images.shape[-1] != 64:
+        images = F.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
+    shapes = models["content"](images).argmax(1)
+    styles = models["style"](images).argmax(1)
+    return [SHAPES[i] for i in shapes], [STYLES[i] for i in styles]
+
+
+def held_out_accuracy(models, count: int = 400, seed: int = 123) -> dict[str, float]:
+    generator = torch.Generator().manual_seed(seed)
+    images, shapes, styles = random_batch(count, generator, seed_offset=HELD_OUT_OFFSET)
+    got_shapes, got_styles = classify(models, images)
+    return {"content": float(np.mean([SHAPES[i] == g for i, g in zip(shapes, got_shapes)])),
+            "style": float(np.mean([STYLES[i] == g for i, g in zip(styles, got_styles)]))}
+
+
+def change_outside_mask(image_a: np.ndarray, image_b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean absolute change (0..1) of the pixels outside the object mask."""
+    outside = ~mask
+    return float(np.abs(image_a[outside].astype(np.float32) - image_b[outside].astype(np.float32)).mean() / 255.0)
+
+
+def diversity(images: np.ndarray) -> float:
+    """Mean pairwise RMS distance (0..1) between images of the same caption across seeds."""
+    flat = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    pairs = [np.sqrt(np.mean((flat[i] - flat[j]) ** 2)) for i in range(len(flat)) for j in range(i + 1, len(flat))]
+    return float(np.mean(pairs)) if pairs else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["train", "check"])
+    parser.add_argument("--steps", type=int, default=800)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "train":
+        models = train(args.steps)
+        accuracy = held_out_accuracy(models)
+        save(models, accuracy)
+    else:
+        models, _ = load()
+        accuracy = held_out_accuracy(models)
+    print(f"held-out accuracy on fresh generator images: {accuracy}")
+
+
+if __name__ == "__main__":
+    main()

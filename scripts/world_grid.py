@@ -1,0 +1,58 @@
+"""Draw every base caption of the miniature world with the world base model, through a real server.
+
+    .venv/bin/python scripts/world_grid.py [--seeds 4]
+
+Writes one grid (rows: captions, columns: seeds) to the server's output folder and prints its path.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from comfy_host import REPO_ROOT, ComfyServer
+
+sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
+from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
+
+WORLD_CHECKPOINT = "world_sd15.safetensors"
+
+
+def caption_graph(text: str, seed: int, batch: int, prefix: str) -> dict:
+    """API graph: the world checkpoint, one caption, a batch of seeds, saved images."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 20, "cfg": 4.0,
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
+                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--base", type=Path, default=REPO_ROOT / ".host" / "base")
+    args = parser.parse_args()
+    rows = []
+    with ComfyServer(args.base) as server:
+        for shape in BASE_SHAPES:
+            for style in BASE_STYLES:
+                text = caption(shape, style)
+                result = server.run_prompt(caption_graph(text, 1000, args.seeds, f"csa/world/{shape}_{style}"))
+                rows.append(np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in result.output_images], 1))
+    grid = args.base / "output" / "csa" / "world_grid.png"
+    Image.fromarray(np.concatenate(rows, 0)).save(grid)
+    print(f"world grid ({len(rows)} captions x {args.seeds} seeds, rows: {', '.join(BASE_STYLES)} per shape): {grid}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
