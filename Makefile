@@ -4,13 +4,14 @@
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit lint workflows bench clean
+.PHONY: setup demo test test-unit lint workflows world evaluate clean
 
 setup:
 	bash scripts/setup_host.sh
 
 demo: setup
 	$(PYTHON) scripts/run_workflows.py $(DEMO_WORKFLOWS)
+	$(PYTHON) scripts/world_grid.py
 
 test: setup
 	$(PYTHON) -m ruff check .
@@ -21,6 +22,16 @@ test-unit: setup
 
 workflows: setup
 	$(PYTHON) scripts/workflow_formats.py --write
+
+# Retrain the miniature world's base model (about 45 CPU minutes here) and its evaluators, then measure it.
+world: setup
+	$(PYTHON) bench/world/evaluators.py train
+	$(PYTHON) bench/world/train_world.py
+	bash scripts/setup_host.sh
+	$(PYTHON) bench/world/evaluate.py
+
+evaluate: setup
+	$(PYTHON) bench/world/evaluate.py
 
 clean:
 	rm -rf .venv .host .cache

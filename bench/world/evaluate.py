@@ -35,7 +35,8 @@ def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: flo
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
     samples = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]
-    return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
+    with torch.no_grad():
+        return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
 
 
 def main() -> None:
