@@ -11,7 +11,6 @@ setup:
 
 demo: setup
 	$(PYTHON) scripts/run_workflows.py $(DEMO_WORKFLOWS)
-	$(PYTHON) scripts/world_grid.py
 
 test: setup
 	$(PYTHON) -m ruff check .
