@@ -137,16 +137,16 @@ def residual_targets(residual: Adapter, model) -> dict[str, object]:
 
 def install_residuals(patched, state: LocalizedResidualState, targets: dict) -> None:
     """attn2 capture on every transformer of each residual block (chained to prior patches), proj_out forwards."""
-    keys = patched.model.state_dict().keys()
+    shapes = cc.weight_shapes(patched)
     for key, factors in targets.items():
         path, block = transformer_of(key)
-        depth = sum(1 for k in keys if k.startswith(f"{path}.transformer_blocks.") and k.endswith(".attn2.to_q.weight"))
+        depth = sum(1 for k in shapes if k.startswith(f"{path}.transformer_blocks.") and k.endswith(".attn2.to_q.weight"))
         for index in range(depth):
             transformer = (*block, index)
             prior = cc.attn2_replace_patch(patched, transformer)
             cc.set_attn2_replace_patch(patched, attn2_capture(state, block, prior), transformer)
         module = f"{path}.proj_out"
-        channels_last = len(patched.model.state_dict()[key].shape) == 2
+        channels_last = len(shapes[key]) == 2
         cc.replace_module_forward(patched, module, proj_out_with_residual(
             state, block, factors, cc.module_forward(patched, module), channels_last))
 
