@@ -21,10 +21,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from evaluators import classify, diversity, load  # noqa: E402
-from harness import comfy_host, record  # noqa: E402
+from harness import comfy_host, record  # noqa: E402  (puts scripts/ on the path)
+from build_tiny_models import WORLD_CHECKPOINT_NAME  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
-WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / "world_sd15.safetensors"
+WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME
 
 
 def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: float, seed: int) -> torch.Tensor:
@@ -34,7 +35,8 @@ def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: flo
     positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
-    samples = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]
+    samples = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent,
+                                     disable_noise=False, disable_pbar=True)[0]
     with torch.no_grad():
         return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
 

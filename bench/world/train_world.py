@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent.parent / "scripts")]
+sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent / "scripts")]
 import comfy_host  # noqa: E402
 from build_tiny_models import clip_hash  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
@@ -185,6 +185,22 @@ def load_vae(path: Path):
     return taesd, losses
 
 
+def record_training(path: Path = LOSSES, window: int = 100) -> None:
+    """Write the loss curves down in bench/RESULTS.md: the mean loss of every `window` steps, with the set-up."""
+    from harness import record
+
+    run = json.loads(path.read_text())
+    rows = []
+    for part in ("vae", "unet"):
+        losses = run[part]
+        means = [np.mean(losses[i:i + window]) for i in range(0, len(losses), window)]
+        rows.append((f"{part} loss, mean per {window} steps ({len(losses)} steps)", ", ".join(f"{m:.4f}" for m in means)))
+    rows += [(key.replace("_", " "), str(value)) for key, value in run.get("setup", {}).items()]
+    record("World base model training (loss curves)", rows, notes=(
+        "VAE loss: pixel MSE of the TAESD round trip on [0, 1] images. UNet loss: Min-SNR-5 weighted epsilon MSE on "
+        "SD1.5-scaled 8x8 latents, 10% caption dropout; the saved UNet is the EMA (decay up to 0.999)."))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae-steps", type=int, default=900)
@@ -234,8 +250,12 @@ def main() -> None:
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
     WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(WEIGHTS), metadata=meta)
-    LOSSES.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "unet_seconds": time.time() - started}))
-    print(f"wrote {WEIGHTS} ({WEIGHTS.stat().st_size / 2**20:.1f} MiB)")
+    setup = {"batch": args.batch, "images": len(pool), "vae_steps": len(vae_losses), "unet_steps": args.unet_steps,
+             "seconds_this_run": round(time.time() - started), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
+             "weights_MiB": round(WEIGHTS.stat().st_size / 2**20, 1)}
+    LOSSES.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "setup": setup}))
+    print(f"wrote {WEIGHTS} ({setup['weights_MiB']} MiB)")
+    record_training()
 
 
 if __name__ == "__main__":
