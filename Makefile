@@ -1,5 +1,5 @@
 # Two commands for a fresh checkout (see README):
-#   make demo   set everything up, run the example workflows headless, print where the images are
+#   make demo   set everything up, run the example workflows headless and draw the world grid, print where the images are
 #   make test   set everything up and run the whole test suite
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
@@ -11,6 +11,7 @@ setup:
 
 demo: setup
 	$(PYTHON) scripts/run_workflows.py $(DEMO_WORKFLOWS)
+	$(PYTHON) scripts/world_grid.py
 
 test: setup
 	$(PYTHON) -m ruff check .
@@ -22,7 +23,7 @@ test-unit: setup
 workflows: setup
 	$(PYTHON) scripts/workflow_formats.py --write
 
-# Retrain the miniature world's base model (about 45 CPU minutes here) and its evaluators, then measure it.
+# Retrain the miniature world's base model (about 50 CPU minutes here) and its evaluators, then measure it.
 world: setup
 	$(PYTHON) bench/world/evaluators.py train
 	$(PYTHON) bench/world/train_world.py

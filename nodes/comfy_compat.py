@@ -62,6 +62,18 @@ def lora_key_map(model=None, clip=None) -> dict:
     return key_map
 
 
+def base_weights(model, keys) -> dict[str, torch.Tensor]:
+    """The model's own weights for these keys, without LoRA patches ComfyUI may have left in place.
+
+    After sampling, ComfyUI keeps the last loaded clone's patches written into the shared weights; clones
+    share the backup of the originals, so a patched key is read from the backup."""
+    state = model.model.state_dict()
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"{model_name(model)} has no weight {missing[0]!r}")
+    return {k: (model.backup[k].weight if k in model.backup else state[k]).detach() for k in keys}
+
+
 def weight_shapes(model=None, clip=None) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for module in (model.model if model is not None else None, clip.cond_stage_model if clip is not None else None):
@@ -225,6 +237,9 @@ def insert_prompt_vectors(clip, template: str, marker: str, vectors: dict) -> di
     ``vectors[key]`` is (n_ctx, width) for encoder ``key``. Each vector takes one token slot (ComfyUI's
     textual-inversion path); trailing padding is dropped so every chunk keeps its length.
     """
+    if template.count("{}") != 1:
+        raise ValueError(f"the template {template!r} must have exactly one {{}} placeholder for the prompt vectors; "
+                         f"it has {template.count('{}')}")
     tokens = clip.tokenize(template.replace("{}", marker))
     empty = clip.tokenize("")
     marker_tokens = clip.tokenize(marker)
@@ -234,7 +249,11 @@ def insert_prompt_vectors(clip, template: str, marker: str, vectors: dict) -> di
         special = {entry[0] for entry in empty[key][0]}
         pad = empty[key][0][-1][0]
         ids = [e[0] for e in marker_tokens[key][0] if e[0] not in special]
-        tokens[key] = [_replace_marker(chunk, ids, vectors[key], pad, template) for chunk in chunks]
+        replaced = [_replace_marker(chunk, ids, vectors[key], pad, template) for chunk in chunks]
+        if all(new is old for new, old in zip(replaced, chunks)):
+            raise ValueError(f"the tokenizer split the {{}} of the template {template!r} so the prompt vectors found "
+                             f"no place; put spaces around {{}}")
+        tokens[key] = replaced
     return tokens
 
 
@@ -418,8 +437,16 @@ def vae_decode_with_grad(vae, latent):
 
 
 def denoised(model, latent, sigma, cond, transformer_options: dict):
-    """The model's x0 prediction for model-space latents at noise level sigma (the raw BaseModel call)."""
-    return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=transformer_options)
+    """The model's x0 prediction for model-space latents at noise level sigma (the raw BaseModel call).
+
+    The patcher's own transformer options and wrappers come first, as a sampler merges them: its APPLY_MODEL
+    wrappers (runtime adapter switching) and attention patches only run when they are in the options."""
+    import comfy.patcher_extension
+
+    options = dict(model.model_options.get("transformer_options", {}))
+    options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}), model.wrappers)
+    options.update(transformer_options)
+    return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=options)
 
 
 def load_for_training(model) -> None:

@@ -113,8 +113,9 @@ class TrainPromptMapper(io.ComfyNode):
         cc.make_autograd_safe(*cc.training_modules(clip=clip))
         with cc.grad_enabled():
             embeds = source_embeddings(clip_vision, images, image_folder).clone()
-            torch.manual_seed(seed)
-            mapper = LatentMapper(embeds.shape[1], n_ctx, cc.token_widths(clip))
+            with torch.random.fork_rng(devices=[]):  # seed the mapper's init without touching the server's generator
+                torch.manual_seed(seed)
+                mapper = LatentMapper(embeds.shape[1], n_ctx, cc.token_widths(clip))
             losses = train_mapper(mapper, embeds, lambda v, label: prompt_features(clip, key, mapper, v, label),
                                   source_label, target_label, template_features(clip, key, target_label), iterations,
                                   lr, batch_size, seed, regularizer_weight, on_step=cc.progress_steps(iterations))

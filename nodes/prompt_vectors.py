@@ -21,8 +21,6 @@ def check_mapper_fits(mapper: LatentMapper, clip_vision, clip, name: str) -> Non
 
 def conditioning_with_vectors(clip, template: str, per_image: list[dict[str, torch.Tensor]]) -> list:
     """One conditioning entry holding a batch: row b is the template with image b's vectors."""
-    if "{}" not in template:
-        raise ValueError(f"the template {template!r} has no {{}} placeholder for the prompt vectors")
     conds, pooled = [], []
     for vectors in per_image:
         cond, pool = cc.encode_tokens(clip, cc.insert_prompt_vectors(clip, template, MARKER, vectors))

@@ -9,21 +9,25 @@ from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
 from ..core.resolve import generic_module_name
 from . import comfy_compat
-from .binding import apply_patch_groups, bind_to_model, patches_by_strength
+from .binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
 
 
-def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict[str, float]) -> dict[str, list[Term]]:
-    """{model key: terms}: every adapter bound to the model, weighted by λ of its slot's role and its strength."""
+def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict[str, float]):
+    """{model key: terms}: every adapter bound to the model, weighted by λ of its slot's role and its strength;
+    and one binding line per adapter (what mapped, what did not)."""
     terms: dict[str, list[Term]] = {}
+    bindings = []
     for role, adapters in adapters_by_role.items():
         for adapter in adapters:
-            for key, (_, factors) in bind_to_model(adapter, model).targets.items():
+            binding = bind_to_model(adapter, model)
+            bindings.append(describe_binding(adapter, binding, model))
+            for key, (_, factors) in binding.targets.items():
                 terms.setdefault(key, []).append(Term(factors, lambdas[role] * adapter.strength, role))
-    return terms
+    return terms, bindings
 
 
 class QRMerge(io.ComfyNode):
@@ -65,11 +69,11 @@ class QRMerge(io.ComfyNode):
                 **extra) -> io.NodeOutput:
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
-        terms = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
+        terms, bindings = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
         layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)))
         merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
                          role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
-        report = "\n".join(overlap_summary(layers))
+        report = "\n".join(overlap_summary(layers) + bindings)
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
         patched, _ = apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])
@@ -99,12 +103,13 @@ class ConvertToQRLoRA(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter: Adapter, rank: int) -> io.NodeOutput:
-        targets = bind_to_model(adapter, model).targets
-        weights = model.model.state_dict()
-        deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in targets.items()}
-        converted = convert_layers(deltas, {k: weights[k].to(torch.float32) for k in deltas}, rank,
+        binding = bind_to_model(adapter, model)
+        deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in binding.targets.items()}
+        weights = comfy_compat.base_weights(model, deltas)
+        converted = convert_layers(deltas, {k: w.to(torch.float32) for k, w in weights.items()}, rank,
                                    on_layer=comfy_compat.progress_steps(len(deltas)))
         modules = {generic_module_name(key): c.factors for key, c in converted.items()}
-        report = "\n".join(f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q)" for key, c in converted.items())
+        report = "\n".join([f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q)" for key, c in converted.items()] +
+                           [describe_binding(adapter, binding, model)])
         qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model))
         return io.NodeOutput(qr_adapter, report)

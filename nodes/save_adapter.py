@@ -28,11 +28,12 @@ def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict
 
 def names_without_model(adapter: Adapter, key_form: str) -> dict[str, str]:
     """Generic names convert to kohya's native spelling; anything else needs the model to be renamed."""
-    generic = all(n.startswith("diffusion_model.") for n in adapter.modules)
+    unet_only = all(n.startswith("diffusion_model.") for n in adapter.modules)
+    generic = all(n.startswith(("diffusion_model.", "text_encoders.")) for n in adapter.modules)
     kohya = all(n.startswith(("lora_unet_", "lora_te")) for n in adapter.modules)
     if key_form == "comfy" and generic or key_form == "kohya" and kohya:
         return {n: n for n in adapter.modules}
-    if key_form == "kohya" and generic:
+    if key_form == "kohya" and unet_only:
         return {n: "lora_unet_" + n[len("diffusion_model."):].replace(".", "_") for n in adapter.modules}
     raise ValueError(f"the adapter's module names are not in {key_form} form; connect the model it belongs to "
                      f"so they can be renamed through its key map")

@@ -1,7 +1,7 @@
 """Build the deterministic tiny models the demo and the tests run on.
 
 Nothing is downloaded: every weight comes from a seeded generator. The models are real ComfyUI
-architectures at the smallest size ComfyUI still detects as SD1.5 (see shared notes):
+architectures at the smallest size ComfyUI still detects as SD1.5:
 
 - ``tiny_sd15.safetensors``: an SD1.5-shaped checkpoint. UNet with one level (model_channels 320,
   context 768, one ResBlock + one transformer per block, 25.8M parameters), a TAESD VAE embedded under

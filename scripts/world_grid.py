@@ -13,18 +13,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from build_tiny_models import WORLD_CHECKPOINT_NAME
 from comfy_host import REPO_ROOT, ComfyServer
 
 sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
 from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
-WORLD_CHECKPOINT = "world_sd15.safetensors"
-
 
 def caption_graph(text: str, seed: int, batch: int, prefix: str) -> dict:
     """API graph: the world checkpoint, one caption, a batch of seeds, saved images."""
     return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT_NAME}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},

@@ -83,6 +83,34 @@ def test_stage_two_trains_a_lora_on_every_attention_projection(comfy, tiny_sd15,
     assert len(patched.patches) == 32
 
 
+def test_stage_two_frozen_prediction_is_the_base_model_and_adapted_one_is_not(training, tiny_sd15):
+    """The directional loss compares the frozen model with the adapted one: the switch must reach the UNet call."""
+    import comfy.model_management as mm
+
+    model, _, _ = tiny_sd15
+    generator = torch.Generator().manual_seed(1)
+    modules = {training.generic_module_name(k): training.LowRank(up=torch.randn(s[0], 2, generator=generator),
+                                                                 down=torch.randn(2, s[1], generator=generator))
+               for k, s in training.attention_targets(model).items()}
+    adapter = training.Adapter(modules=modules, role="style", method="test", source="test")
+    x, sigma = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([2.0])
+    cond = torch.randn(1, 77, 768, generator=generator)
+    try:
+        training.cc.load_for_training(model)
+        with torch.no_grad():
+            base = training.cc.denoised(model, x, sigma, cond, {})
+        patched = model.clone()
+        training.install_runtime_adapters(patched, {training.ADAPTED: adapter}, frozenset({training.ADAPTED}))
+        training.cc.load_for_training(patched)
+        with torch.no_grad():
+            frozen = training.cc.denoised(patched, x, sigma, cond, {training.ACTIVE_KEY: frozenset()})
+            adapted = training.cc.denoised(patched, x, sigma, cond, {training.ACTIVE_KEY: frozenset({training.ADAPTED})})
+    finally:
+        mm.unload_all_models()
+    assert torch.equal(frozen, base)
+    assert (adapted - base).abs().max() > 1e-3
+
+
 def test_stage_two_refuses_pooled_models(comfy, sdxl_meta, tiny_sd15, tiny_clip_vision, clip_with_projection):
     with pytest.raises(ValueError, match="SD1.x / SD2.x"):
         comfy["CSA_ZeroShotAdapt"].execute(sdxl_meta, tiny_sd15[2], clip_with_projection, tiny_clip_vision,

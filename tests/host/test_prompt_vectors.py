@@ -86,6 +86,6 @@ def test_mismatches_are_named(comfy, tiny_sd15, tiny_clip_vision, comfy_base, ma
     with pytest.raises(ValueError, match="takes 1024-wide image embeddings, this CLIP_VISION gives 768"):
         comfy["CSA_ImageToPromptVectors"].execute(images, tiny_clip_vision, "host_vit_h_mapper.safetensors",
                                                   tiny_sd15[1], "a {} photo")
-    with pytest.raises(ValueError, match="has no {} placeholder"):
-        comfy["CSA_ImageToPromptVectors"].execute(images, tiny_clip_vision, mapper_name, tiny_sd15[1],
-                                                  "a photo")
+    for template, count in (("a photo", 0), ("a {} photo of {}", 2)):
+        with pytest.raises(ValueError, match=f"must have exactly one {{}} placeholder for the prompt vectors; it has {count}"):
+            comfy["CSA_ImageToPromptVectors"].execute(images, tiny_clip_vision, mapper_name, tiny_sd15[1], template)

@@ -70,10 +70,12 @@ def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tin
     convert = comfy["CSA_ConvertToQRLoRA"]
     content, c_report = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 16).args
     style, _ = convert.execute(model, load(comfy, "qr_style.safetensors", 1.0), 16).args
-    assert content.method == "qr-lora" and len(c_report.splitlines()) == len(MODULES)
+    assert content.method == "qr-lora" and len(c_report.splitlines()) == len(MODULES) + 1
+    assert f"{len(MODULES)} of {len(MODULES)} modules mapped" in c_report.splitlines()[-1]
     patched, merged, report = qr_merge(comfy, model, content, style, 0.6, 1.1)
     assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} shared-q" and merged.ranks == [16]
-    base = model.model.state_dict()
+    assert report.count(f"{len(MODULES)} of {len(MODULES)} modules mapped") == 2
+    base = patched_weights(model, content_d)
     got = patched_weights(patched, content_d)
     for key in content_d:
         q = reference_q(base[key], 16)
@@ -101,3 +103,22 @@ def test_interference_option_changes_only_the_style_part(comfy, tiny_sd15, files
     assert not torch.allclose(plain[key], reduced[key])
     assert torch.allclose(content_only[key].double(),
                           model.model.state_dict()[key].double() + files[0][key], atol=2e-5)
+
+
+def test_conversion_reads_the_base_weights_even_while_a_patched_clone_is_loaded(comfy, tiny_sd15, files):
+    """ComfyUI writes a loaded clone's LoRA patches into the shared weights; Q must still come from the base."""
+    import comfy.model_management as mm
+
+    model, _, _ = tiny_sd15
+    convert = comfy["CSA_ConvertToQRLoRA"]
+    before = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 8).args[0]
+    patched = comfy["CSA_ApplyAdapters"].execute(model, load(comfy, "qr_style.safetensors", 3.0), "").args[0]
+    mm.load_model_gpu(patched)
+    try:
+        key = next(iter(files[0]))
+        assert not torch.equal(model.model.state_dict()[key], patched.backup[key].weight), "the patch is in place"
+        during = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 8).args[0]
+    finally:
+        mm.unload_all_models()
+    for name, factors in before.modules.items():
+        assert torch.equal(factors.up, during.modules[name].up) and torch.equal(factors.down, during.modules[name].down)

@@ -93,6 +93,25 @@ def test_renaming_without_a_model_is_refused_clearly(comfy, loras, shapes):
         save(comfy, load(comfy, "peft_nomodel.safetensors"), "peft_nomodel_out")
 
 
+def test_comfy_form_with_text_encoder_modules_saves_without_a_model(comfy, tiny_sd15, loras):
+    """Generic names (diffusion_model.* and text_encoders.*) are already the comfy form; kohya needs the model."""
+    model, clip, _ = tiny_sd15
+    unet_key = "diffusion_model." + MODULES[0]
+    text_key = next(k for k in clip.cond_stage_model.state_dict() if k.endswith("self_attn.q_proj.weight"))
+    generator = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name, width in ((unet_key, 320), ("text_encoders." + text_key[: -len(".weight")], 768)):
+        tensors[f"{name}.lora_up.weight"] = torch.randn(width, 2, generator=generator)
+        tensors[f"{name}.lora_down.weight"] = torch.randn(2, width, generator=generator)
+    save_file(tensors, str(loras / "generic_with_text.safetensors"))
+    adapter = load(comfy, "generic_with_text.safetensors")
+    path = save(comfy, adapter, "generic_with_text_resaved", overwrite=True)
+    assert sorted(load(comfy, "generic_with_text_resaved.safetensors").modules) == sorted(adapter.modules)
+    assert path.endswith("generic_with_text_resaved.safetensors")
+    with pytest.raises(ValueError, match="not in kohya form; connect the model"):
+        save(comfy, adapter, "generic_with_text_kohya", key_form="kohya")
+
+
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "truncated: the header describes"),
     ("nan", "tensor '.*' contains NaN"),

@@ -5,13 +5,17 @@ import torch
 
 
 def patched_weights(patcher, keys) -> dict[str, torch.Tensor]:
-    """The weights a ModelPatcher would compute for ``keys``, without touching the shared model."""
+    """The weights a ModelPatcher would compute for ``keys``, without touching the shared model.
+
+    The starting point is the unpatched weight: ComfyUI leaves the last loaded clone's patches written into the
+    shared weights and keeps the originals in the (shared) backup."""
+    import comfy.lora
+
     state = patcher.model.state_dict()
     out = {}
     for key in keys:
-        import comfy.lora
-
-        weight = state[key].detach().to(torch.float32).clone()
+        original = patcher.backup[key].weight if key in patcher.backup else state[key]
+        weight = original.detach().to(torch.float32).clone()
         out[key] = comfy.lora.calculate_weight(patcher.patches.get(key, []), weight, key)
     return out
 
