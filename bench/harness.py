@@ -18,6 +18,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO_ROOT / "scripts")]
 import comfy_host  # noqa: E402
+import model_names as names  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
 
@@ -42,7 +43,7 @@ def tiny_sd15():
     import comfy.sd
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        str(comfy_host.TINY_MODELS_DIR / "tiny_sd15.safetensors"))
+        str(comfy_host.TINY_MODELS_DIR / names.CHECKPOINT_NAME))
     return model, clip, vae
 
 

@@ -109,10 +109,19 @@ def apply_lowrank(x: torch.Tensor, factors: LowRank, channels_last: bool) -> tor
     return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale
 
 
-def trainable_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator) -> LowRank:
-    """A LoRA ready to train: down ~ N(0, 1/in), up = 0 (so training starts at the base model), scale 1."""
+def new_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator,
+                up_std: float | None = None) -> LowRank:
+    """Fresh LoRA factors for a layer, scale 1: down ~ N(0, 1/in); up = 0 (the layer starts unchanged) or,
+    given up_std, N(0, up_std²) (up is then drawn after down, even when up_std is 0)."""
     out_dim, in_dim = weight_shape[0], weight_shape[1]
     kernel = tuple(weight_shape[2:])
-    down = (torch.randn(rank, in_dim, *kernel, generator=generator) / in_dim ** 0.5).requires_grad_()
-    up = torch.zeros(out_dim, rank, *([1] * len(kernel))).requires_grad_()
+    down = torch.randn(rank, in_dim, *kernel, generator=generator) / in_dim ** 0.5
+    up_shape = (out_dim, rank, *([1] * len(kernel)))
+    up = torch.zeros(up_shape) if up_std is None else torch.randn(up_shape, generator=generator) * up_std
     return LowRank(up=up, down=down, alpha=None)
+
+
+def trainable_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator) -> LowRank:
+    """A LoRA ready to train: new_lowrank with up = 0 (training starts at the base model), gradients on."""
+    factors = new_lowrank(weight_shape, rank, generator)
+    return LowRank(up=factors.up.requires_grad_(), down=factors.down.requires_grad_(), alpha=None)

@@ -64,12 +64,18 @@ def _read_header_metadata(path: Path) -> dict[str, str]:
             raise AdapterFileError(f"{path.name}: not a safetensors file (header is not JSON: {error})") from error
     if not isinstance(header, dict):
         raise AdapterFileError(f"{path.name}: not a safetensors file (header is not a JSON object)")
-    data_end = max((entry["data_offsets"][1] for key, entry in header.items()
-                    if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                        if key != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry), default=0)
+    except (TypeError, ValueError, IndexError, KeyError) as error:
+        raise AdapterFileError(f"{path.name}: malformed safetensors header (a tensor's data_offsets is not a pair of "
+                               f"numbers: {error})") from error
     if 8 + header_len + data_end > size:
         raise AdapterFileError(f"{path.name}: truncated: the header describes {data_end} bytes of tensor data, "
                                f"the file holds {size - 8 - header_len}")
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise AdapterFileError(f"{path.name}: malformed safetensors header (__metadata__ is not a JSON object)")
     return {str(k): str(v) for k, v in metadata.items()}
 
 

@@ -51,6 +51,14 @@ def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
     return adapter.subset(kept)
 
 
+ATTENTION_PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+
+
+def is_attention_projection(model_key: str) -> bool:
+    """A UNet attention projection weight: to_q / to_k / to_v / to_out.0 of attn1 or attn2."""
+    return ".attn" in model_key and model_key.endswith(ATTENTION_PROJECTIONS)
+
+
 _BLOCK = re.compile(r"^diffusion_model\.((?:input_blocks|output_blocks)\.\d+|middle_block|[a-z_]+)")
 
 

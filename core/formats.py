@@ -75,9 +75,12 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     stored = {k[len(METADATA_PREFIX):]: v for k, v in metadata.items() if k.startswith(METADATA_PREFIX)}
     method = stored.get("method") or ("qr-lora" if is_qr else "b4m" if any(n.startswith("unet.unet.") for n in grouped)
                                       else "lora")
-    return Adapter(modules=modules, role=role or stored.get("role", "generic"), method=method,
-                   base=stored.get("base", "unknown"), source=source,
-                   metadata={**metadata, "csa.key_form": key_form(grouped), "csa.ignored_keys": json.dumps(unknown)})
+    try:
+        return Adapter(modules=modules, role=role or stored.get("role", "generic"), method=method,
+                       base=stored.get("base", "unknown"), source=source,
+                       metadata={**metadata, "csa.key_form": key_form(grouped), "csa.ignored_keys": json.dumps(unknown)})
+    except ValueError as error:  # e.g. a csa.role in the file's metadata that is not a role
+        raise ValueError(f"{source}: {error}") from error
 
 
 def lora_factors(name: str, parts: dict[str, torch.Tensor]) -> LowRank:

@@ -11,11 +11,10 @@ attention, from the same q and k.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from .adapter import LowRank, apply_lowrank
+from .adapter import LowRank, apply_lowrank, new_lowrank
 
 THRESHOLD_MODES = ("median", "fixed value", "top-k percent")
 DEFAULT_RANK_FRACTION = 0.05
@@ -27,12 +26,8 @@ def residual_rank(channels: int, fraction: float = DEFAULT_RANK_FRACTION) -> int
 
 
 def new_residual(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator, init_scale: float) -> LowRank:
-    """Factors for one proj_out residual: down ~ N(0, 1/channels); up = 0 (training start) or N(0, init_scale²)."""
-    out_dim, in_dim = weight_shape[0], weight_shape[1]
-    kernel = (1, 1) if len(weight_shape) == 4 else ()
-    down = torch.randn(rank, in_dim, *kernel, generator=generator) / math.sqrt(in_dim)
-    up = torch.randn(out_dim, rank, *kernel, generator=generator) * init_scale
-    return LowRank(up=up, down=down, alpha=None)
+    """Factors for one proj_out residual: down ~ N(0, 1/channels); up N(0, init_scale²) (0: training start)."""
+    return new_lowrank(weight_shape, rank, generator, up_std=init_scale)
 
 
 def find_token_positions(prompt_tokens: list[int], word_tokens: list[int]) -> list[int]:

@@ -22,7 +22,7 @@ import torch
 from .adapter import LowRank
 
 INTERFERENCE_MODES = ("off", "style without content directions", "content without style directions", "both")
-ROLES = ("content", "style")
+MERGE_ROLES = ("content", "style")
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def shared_q_signs(terms: list[Term], tolerance: float) -> list[torch.Tensor] | 
 
 def role_coefficients(terms, coefficients) -> dict[str, torch.Tensor | None]:
     sums = {}
-    for role in ROLES:
+    for role in MERGE_ROLES:
         parts = [c for t, c in zip(terms, coefficients) if t.role == role]
         sums[role] = torch.stack(parts).sum(0) if parts else None
     return sums
@@ -127,7 +127,7 @@ def apply_interference(sums: dict, mode: str) -> torch.Tensor:
 
 
 def layer_overlap(terms: list[Term], dtype) -> Overlap:
-    by_role = {role: [t.factors for t in terms if t.role == role] for role in ROLES}
+    by_role = {role: [t.factors for t in terms if t.role == role] for role in MERGE_ROLES}
     if not by_role["content"] or not by_role["style"]:
         return Overlap(None, None)
     ups = {r: torch.cat([f.up.flatten(1).to(dtype) for f in fs], 1) for r, fs in by_role.items()}
@@ -142,7 +142,7 @@ def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float
         raise ValueError("nothing to merge")
     shape = terms[0].factors.delta_shape
     for term in terms:
-        if term.role not in ROLES:
+        if term.role not in MERGE_ROLES:
             raise ValueError(f"merge terms must be content or style, got {term.role!r}")
         if term.factors.delta_shape != shape:
             raise ValueError(f"adapters disagree on this layer's shape: {shape} vs {term.factors.delta_shape}")

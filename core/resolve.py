@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass, field
 
 from .adapter import Adapter, LowRank
+from .formats import DIFFUSERS_UNET_ROOTS
 
 CROSS_ATTENTION_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 
@@ -62,8 +63,7 @@ def bind(adapter: Adapter, key_map: dict, weight_shapes: dict[str, tuple[int, ..
     return binding
 
 
-DIFFUSERS_ROOTS = ("down_blocks_", "mid_block_", "up_blocks_", "conv_in", "conv_out", "conv_norm_out",
-                   "time_embedding_", "add_embedding_")
+DIFFUSERS_ROOTS = tuple(root.replace(".", "_") for root in DIFFUSERS_UNET_ROOTS)  # as kohya spells them
 KEY_FORMS = ("comfy", "kohya")
 
 

@@ -370,6 +370,8 @@ def make_autograd_safe(*modules) -> None:
     tensors, which autograd refuses to save ("Inference tensors cannot be saved for backward"). The frozen
     models that gradients flow through (UNet, VAE decoder, image and text encoders) get normal-tensor
     copies of the same values; ComfyUI's own weight patching keeps working (it reads and writes by key).
+    This touches the modules every clone shares, deliberately: it changes the tensor kind, never a value, so
+    other graphs see the same weights; private copies would double the memory of every model trained against.
     """
     with torch.inference_mode(False):
         for root in modules:
@@ -447,6 +449,16 @@ def denoised(model, latent, sigma, cond, transformer_options: dict):
     options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}), model.wrappers)
     options.update(transformer_options)
     return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=options)
+
+
+def to_model_space(model, latent):
+    """VAE latents -> the scaled latents the UNet works on (SD1.5: x 0.18215)."""
+    return model.model.process_latent_in(latent)
+
+
+def from_model_space(model, latent):
+    """The UNet's latents -> VAE latents."""
+    return model.model.process_latent_out(latent)
 
 
 def load_for_training(model) -> None:

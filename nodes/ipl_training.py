@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..core.adapter import Adapter, LowRank, trainable_lowrank
 from ..core.adapter_file import path_inside
+from ..core.blocks import is_attention_projection
 from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, loss_curve_image, save_mapper,
                         train_mapper)
 from ..core.resolve import generic_module_name
@@ -126,8 +127,7 @@ class TrainPromptMapper(io.ComfyNode):
 
 def attention_targets(model) -> dict[str, tuple[int, ...]]:
     """Every attention projection of the UNet: what Zero-shot Adapt trains."""
-    suffixes = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
-    return {k: s for k, s in cc.weight_shapes(model).items() if ".attn" in k and k.endswith(suffixes)}
+    return {k: s for k, s in cc.weight_shapes(model).items() if is_attention_projection(k)}
 
 
 class PromptPairs:
@@ -150,10 +150,10 @@ def adaptation_step(model, vae, clip_vision, latent, cond, pairs: PromptPairs, i
     with torch.no_grad():
         source = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset()})
         source_embed = cc.clip_vision_embeds_with_grad(
-            clip_vision, cc.vae_decode_with_grad(vae, model.model.process_latent_out(source)))
+            clip_vision, cc.vae_decode_with_grad(vae, cc.from_model_space(model, source)))
     adapted = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset({ADAPTED})})
     adapted_embed = cc.clip_vision_embeds_with_grad(
-        clip_vision, cc.vae_decode_with_grad(vae, model.model.process_latent_out(adapted)))
+        clip_vision, cc.vae_decode_with_grad(vae, cc.from_model_space(model, adapted)))
     return directional_loss(source_embed, adapted_embed, pairs.source_features[index], pairs.target_features[index])
 
 
@@ -210,7 +210,7 @@ def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iteration
     patched = model.clone()
     install_runtime_adapters(patched, {ADAPTED: adapter}, frozenset({ADAPTED}))
     cc.load_for_training(patched)
-    latents = patched.model.process_latent_in(cc.vae_encode(vae, images).clone())
+    latents = cc.to_model_space(patched, cc.vae_encode(vae, images).clone())
     optimizer = torch.optim.Adam([t for f in modules.values() for t in (f.up, f.down)], lr=lr)
     low, high = cc.percent_to_sigma(patched, 0.8), cc.percent_to_sigma(patched, 0.2)
     progress, losses = cc.progress_steps(iterations), []

@@ -265,7 +265,7 @@ class NewResidualAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, rank_fraction: float, init_scale: float, seed: int) -> io.NodeOutput:
-        shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()
+        shapes = {k: s for k, s in cc.weight_shapes(model).items()
                   if k.startswith("diffusion_model.") and k.endswith(".proj_out.weight")}
         generator = torch.Generator().manual_seed(seed)
         modules = {generic_module_name(k): new_residual(s, residual_rank(s[0], rank_fraction), generator, init_scale)

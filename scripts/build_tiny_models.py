@@ -18,12 +18,16 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the pack's core/ (no ComfyUI imports)
+from core.adapter_file import write_safetensors  # noqa: E402
+from core.blocks import is_attention_projection  # noqa: E402
+from model_names import (CHECKPOINT_NAME, CLIP_L_NAME, CLIP_VISION_NAME, DEMO_BLORA_NAMES,  # noqa: E402
+                         DEMO_CONTENT_NAME, DEMO_LORA_NAME, DEMO_MAPPER_NAME, WORLD_CHECKPOINT_NAME)
 
 SEED = 20261122
 
@@ -59,18 +63,10 @@ SDXL_UNET_CONFIG = {
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
 
-CHECKPOINT_NAME = "tiny_sd15.safetensors"
-DEMO_LORA_NAME = "csa_demo_style.safetensors"
-DEMO_CONTENT_NAME = "csa_demo_content.safetensors"
-CLIP_L_NAME = "tiny_clip_l_with_projection.safetensors"
-CLIP_VISION_NAME = "csa_clip_vision_vit_l_random.safetensors"
-DEMO_MAPPER_NAME = "csa_demo_mapper.safetensors"
-DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_style_image.safetensors")
 DEMO_LORA_RANK = 4
 
 
 WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
-WORLD_CHECKPOINT_NAME = "world_sd15.safetensors"
 
 
 def script_hash() -> str:
@@ -147,8 +143,7 @@ def build_clip_l(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 def attention_projection_keys(unet_state: dict[str, torch.Tensor]) -> list[str]:
     """Every attention projection weight of the UNet, as checkpoint keys without 'model.'."""
-    suffixes = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
-    return sorted(k[len("model."):] for k in unet_state if ".attn" in k and k.endswith(suffixes))
+    return sorted(k[len("model."):] for k in unet_state if is_attention_projection(k))
 
 
 def build_demo_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -273,9 +268,8 @@ def build_world_checkpoint(checkpoint: dict[str, torch.Tensor], out_path: Path) 
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_suffix(path.suffix + ".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    """Rebuilt files replace the old ones (the stamp said they are stale); written atomically by the pack's writer."""
+    write_safetensors(path, tensors, metadata, overwrite=True)
 
 
 def build(out_dir: Path) -> None:

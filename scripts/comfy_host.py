@@ -22,6 +22,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import model_names as names
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMFYUI_DIR = REPO_ROOT / ".host" / "ComfyUI"
 TINY_MODELS_DIR = REPO_ROOT / ".cache" / "tiny-models"
@@ -83,17 +85,14 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     """Lay out a ComfyUI base directory: the pack in custom_nodes, tiny models in models/."""
     base = Path(base)
     link_or_copy(REPO_ROOT, base / "custom_nodes" / PACK_FOLDER_NAME)
-    for checkpoint in ("tiny_sd15.safetensors", "world_sd15.safetensors"):
+    for checkpoint in (names.CHECKPOINT_NAME, names.WORLD_CHECKPOINT_NAME):
         if (models_dir / checkpoint).exists():
             link_or_copy(models_dir / checkpoint, base / "models" / "checkpoints" / checkpoint)
-    for adapter in sorted(Path(models_dir).glob("csa_demo_*.safetensors")):
-        if adapter.name != "csa_demo_mapper.safetensors":
-            link_or_copy(adapter, base / "models" / "loras" / adapter.name)
-    link_or_copy(models_dir / "csa_demo_mapper.safetensors", base / "models" / "prompt_mappers" / "csa_demo_mapper.safetensors")
-    link_or_copy(models_dir / "tiny_clip_l_with_projection.safetensors",
-                 base / "models" / "text_encoders" / "tiny_clip_l_with_projection.safetensors")
-    link_or_copy(models_dir / "csa_clip_vision_vit_l_random.safetensors",
-                 base / "models" / "clip_vision" / "csa_clip_vision_vit_l_random.safetensors")
+    for adapter in (names.DEMO_LORA_NAME, names.DEMO_CONTENT_NAME, *names.DEMO_BLORA_NAMES):
+        link_or_copy(models_dir / adapter, base / "models" / "loras" / adapter)
+    for folder, name in (("prompt_mappers", names.DEMO_MAPPER_NAME), ("text_encoders", names.CLIP_L_NAME),
+                         ("clip_vision", names.CLIP_VISION_NAME)):
+        link_or_copy(models_dir / name, base / "models" / folder / name)
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     return base

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from build_tiny_models import WORLD_CHECKPOINT_NAME
+from model_names import WORLD_CHECKPOINT_NAME
 from comfy_host import REPO_ROOT, ComfyServer
 
 sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))

@@ -15,6 +15,7 @@ for path in (REPO_ROOT, REPO_ROOT / "scripts", REPO_ROOT / "tests"):
         sys.path.append(str(path))
 
 import comfy_host  # noqa: E402  (scripts/comfy_host.py)
+import model_names as names  # noqa: E402  (scripts/model_names.py)
 
 
 def require_host() -> None:
@@ -47,7 +48,7 @@ def tiny_sd15(comfy):
     import comfy.sd
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        str(comfy_host.TINY_MODELS_DIR / "tiny_sd15.safetensors"))
+        str(comfy_host.TINY_MODELS_DIR / names.CHECKPOINT_NAME))
     return model, clip, vae
 
 
@@ -64,7 +65,7 @@ def clip_with_projection(comfy):
     """The tiny checkpoint's text encoder loaded by ComfyUI's CLIPLoader path, with a text_projection."""
     import comfy.sd
 
-    return comfy.sd.load_clip(ckpt_paths=[str(comfy_host.TINY_MODELS_DIR / "tiny_clip_l_with_projection.safetensors")],
+    return comfy.sd.load_clip(ckpt_paths=[str(comfy_host.TINY_MODELS_DIR / names.CLIP_L_NAME)],
                               clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION)
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from evaluators import classify, diversity, load  # noqa: E402
 from harness import comfy_host, record  # noqa: E402  (puts scripts/ on the path)
-from build_tiny_models import WORLD_CHECKPOINT_NAME  # noqa: E402
+from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
 WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME

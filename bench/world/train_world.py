@@ -23,6 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent / "scripts")]
 import comfy_host  # noqa: E402
+import model_names as names  # noqa: E402
 from build_tiny_models import clip_hash  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
 
@@ -235,7 +236,7 @@ def main() -> None:
         return
     latents = model_latents(taesd, pool)
     print(f"latent std {latents.std():.3f} mean {latents.mean():.3f}")
-    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / "tiny_sd15.safetensors"),
+    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)
     captions = {caption(s.shape, s.style) for s in samples}
     encoded = {c: clip.encode_from_tokens(clip.tokenize(c))[0] for c in sorted(captions) + [""]}

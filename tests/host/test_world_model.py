@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import comfy_host
-from build_tiny_models import WORLD_CHECKPOINT_NAME
+from model_names import WORLD_CHECKPOINT_NAME
 
 pytestmark = pytest.mark.host
 

@@ -74,3 +74,25 @@ def test_non_finite_values_name_the_key(tmp_path, bad):
     save_file(tensors, str(path))
     with pytest.raises(AdapterFileError, match=r"nan.safetensors: tensor 'a.lora_up.weight' contains NaN"):
         read_safetensors(path)
+
+
+def header_file(path, header: bytes):
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("header, message", [
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": 5}}', "data_offsets is not a pair of numbers"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": ["x", "y"]}}', "data_offsets is not a pair of numbers"),
+    (b'{"__metadata__": [1, 2]}', "__metadata__ is not a JSON object"),
+])
+def test_malformed_headers_name_the_file_and_the_problem(tmp_path, header, message):
+    with pytest.raises(AdapterFileError, match=f"odd.safetensors: malformed safetensors header.*{message}"):
+        read_safetensors(header_file(tmp_path / "odd.safetensors", header))
+
+
+def test_a_bad_role_in_the_metadata_names_the_file():
+    from core.formats import adapter_from_tensors
+
+    with pytest.raises(ValueError, match="mine.safetensors: role must be one of"):
+        adapter_from_tensors(sample_tensors(), {"csa.role": "texture"}, source="mine.safetensors")
