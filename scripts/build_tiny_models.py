@@ -169,36 +169,37 @@ def sdxl_meta_model():
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
-def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A diffusers/PEFT-format LoRA (unet.<diffusers path>.lora_A/B) on the tiny UNet's input-block attention."""
-    diffusers_block = {"input_blocks.1.1": "down_blocks.0.attentions.0"}
-    lora: dict[str, torch.Tensor] = {}
-    for key in attention_projection_keys(unet_state):
-        native = key[len("diffusion_model."):-len(".weight")]
-        block = next((b for b in diffusers_block if native.startswith(b + ".")), None)
-        if block is None:
-            continue
-        out_dim, in_dim = unet_state["model." + key].shape
-        module = "unet." + diffusers_block[block] + native[len(block):]
-        lora[f"{module}.lora_A.weight"] = torch.randn(2 * DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
-        lora[f"{module}.lora_B.weight"] = torch.randn(out_dim, 2 * DEMO_LORA_RANK, generator=generator) * 0.5
-    return lora
-
-
-def build_demo_b_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """A B-LoRA-style kohya file (diffusers names) on both B-LoRA blocks of the tiny UNet: up_blocks.0.attentions.0
-    (content) and .1 (style), which ComfyUI calls output_blocks.0.1 and output_blocks.1.1."""
-    blocks = {"output_blocks.0.1": "up_blocks_0_attentions_0", "output_blocks.1.1": "up_blocks_0_attentions_1"}
-    lora: dict[str, torch.Tensor] = {}
+def demo_factors_in_blocks(unet_state: dict[str, torch.Tensor], generator: torch.Generator, blocks: dict[str, str],
+                           rank: int):
+    """(module renamed by ``blocks``, down, up) for every attention projection inside the given native blocks:
+    down ~ N(0, 1/in), up ~ N(0, 0.25) (drawn in that order)."""
     for key in attention_projection_keys(unet_state):
         native = key[len("diffusion_model."):-len(".weight")]
         block = next((b for b in blocks if native.startswith(b + ".")), None)
         if block is None:
             continue
         out_dim, in_dim = unet_state["model." + key].shape
-        prefix = "lora_unet_" + blocks[block] + native[len(block):].replace(".", "_")
-        lora[f"{prefix}.lora_down.weight"] = torch.randn(DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
-        lora[f"{prefix}.lora_up.weight"] = torch.randn(out_dim, DEMO_LORA_RANK, generator=generator) * 0.5
+        down = torch.randn(rank, in_dim, generator=generator) / math.sqrt(in_dim)
+        yield blocks[block] + native[len(block):], down, torch.randn(out_dim, rank, generator=generator) * 0.5
+
+
+def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-format LoRA (unet.<diffusers path>.lora_A/B) on the tiny UNet's input-block attention."""
+    lora: dict[str, torch.Tensor] = {}
+    blocks = {"input_blocks.1.1": "unet.down_blocks.0.attentions.0"}
+    for module, down, up in demo_factors_in_blocks(unet_state, generator, blocks, 2 * DEMO_LORA_RANK):
+        lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"] = down, up
+    return lora
+
+
+def build_demo_b_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A B-LoRA-style kohya file (diffusers names) on both B-LoRA blocks of the tiny UNet: up_blocks.0.attentions.0
+    (content) and .1 (style), which ComfyUI calls output_blocks.0.1 and output_blocks.1.1."""
+    lora: dict[str, torch.Tensor] = {}
+    blocks = {"output_blocks.0.1": "up_blocks.0.attentions.0", "output_blocks.1.1": "up_blocks.0.attentions.1"}
+    for module, down, up in demo_factors_in_blocks(unet_state, generator, blocks, DEMO_LORA_RANK):
+        prefix = "lora_unet_" + module.replace(".", "_")
+        lora[f"{prefix}.lora_down.weight"], lora[f"{prefix}.lora_up.weight"] = down, up
         lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
     return lora
 
