@@ -14,6 +14,8 @@ import torch
 
 from harness import median_seconds, record, start_comfy, tiny_sd15
 
+import model_names as names  # scripts/ (on the path through harness)
+
 PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",
            "style_positive": "in the style of {v}", "style_negative": "in the style of {c}"}
 
@@ -31,8 +33,7 @@ def main():
     model, clip, _ = tiny_sd15()
     load = nodes["CSA_LoadAdapter"].execute
     adapters = {}
-    for image, name in (("content", "csa_demo_blora_content_image.safetensors"),
-                        ("style", "csa_demo_blora_style_image.safetensors")):
+    for image, name in zip(("content", "style"), names.DEMO_BLORA_NAMES):
         for block in ("content", "style"):
             adapters[f"{block}_of_{image}"] = load(adapter_name=name, strength=1.0, part=f"B-LoRA {block} block",
                                                    role=block).args[0]

@@ -94,6 +94,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, temporary,
                   metadata={str(k): str(v) for k, v in metadata.items()})
+        os.chmod(temporary, 0o644)  # mkstemp makes it private (0600); saved models are ordinary readable files
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

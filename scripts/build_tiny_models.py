@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the pack's core/ (no ComfyUI imports)
 from core.adapter_file import write_safetensors  # noqa: E402
 from core.blocks import is_attention_projection  # noqa: E402
-from model_names import (CHECKPOINT_NAME, CLIP_L_NAME, CLIP_VISION_NAME, DEMO_BLORA_NAMES,  # noqa: E402
-                         DEMO_CONTENT_NAME, DEMO_LORA_NAME, DEMO_MAPPER_NAME, WORLD_CHECKPOINT_NAME)
+from model_names import (TINY_CHECKPOINT_NAME, CLIP_L_NAME, CLIP_VISION_NAME, DEMO_BLORA_NAMES,  # noqa: E402
+                         DEMO_CONTENT_NAME, DEMO_LORA_NAME, DEMO_MAPPER_NAME, WORLD_CHECKPOINT_NAME, WORLD_WEIGHTS)
 
 SEED = 20261122
 
@@ -66,12 +66,16 @@ SDXL_UNET_CONFIG = {
 DEMO_LORA_RANK = 4
 
 
-WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_INPUTS = (Path(__file__), REPO_ROOT / "scripts" / "model_names.py", REPO_ROOT / "core" / "blocks.py",
+                REPO_ROOT / "core" / "adapter_file.py")
 
 
 def script_hash() -> str:
-    """Changes when this script or the committed world weights change (either means: rebuild)."""
-    digest = hashlib.sha256(Path(__file__).read_bytes())
+    """Changes when this script, a file it builds with, or the committed world weights change (each means: rebuild)."""
+    digest = hashlib.sha256()
+    for path in BUILD_INPUTS:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
     if WORLD_WEIGHTS.exists():
         digest.update(hashlib.sha256(WORLD_WEIGHTS.read_bytes()).digest())
     return digest.hexdigest()[:16]
@@ -149,12 +153,9 @@ def attention_projection_keys(unet_state: dict[str, torch.Tensor]) -> list[str]:
 def build_demo_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A kohya-format LoRA (lora_unet_*) on every attention projection of the tiny UNet."""
     lora: dict[str, torch.Tensor] = {}
-    for key in attention_projection_keys(unet_state):
-        out_dim, in_dim = unet_state["model." + key].shape
-        module = key[len("diffusion_model."):-len(".weight")].replace(".", "_")
-        prefix = f"lora_unet_{module}"
-        lora[f"{prefix}.lora_down.weight"] = torch.randn(DEMO_LORA_RANK, in_dim, generator=generator) / math.sqrt(in_dim)
-        lora[f"{prefix}.lora_up.weight"] = torch.randn(out_dim, DEMO_LORA_RANK, generator=generator) * 0.5
+    for module, down, up in demo_factors_in_blocks(unet_state, generator, None, DEMO_LORA_RANK):
+        prefix = "lora_unet_" + module.replace(".", "_")
+        lora[f"{prefix}.lora_down.weight"], lora[f"{prefix}.lora_up.weight"] = down, up
         lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
     return lora
 
@@ -169,18 +170,22 @@ def sdxl_meta_model():
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
-def demo_factors_in_blocks(unet_state: dict[str, torch.Tensor], generator: torch.Generator, blocks: dict[str, str],
-                           rank: int):
-    """(module renamed by ``blocks``, down, up) for every attention projection inside the given native blocks:
-    down ~ N(0, 1/in), up ~ N(0, 0.25) (drawn in that order)."""
+def demo_factors_in_blocks(unet_state: dict[str, torch.Tensor], generator: torch.Generator,
+                           blocks: dict[str, str] | None, rank: int):
+    """(module renamed by ``blocks``, down, up) for every attention projection inside the given native blocks
+    (``None``: every projection, native name): down ~ N(0, 1/in), up ~ N(0, 0.25) (drawn in that order)."""
     for key in attention_projection_keys(unet_state):
         native = key[len("diffusion_model."):-len(".weight")]
-        block = next((b for b in blocks if native.startswith(b + ".")), None)
-        if block is None:
-            continue
+        if blocks is None:
+            renamed = native
+        else:
+            block = next((b for b in blocks if native.startswith(b + ".")), None)
+            if block is None:
+                continue
+            renamed = blocks[block] + native[len(block):]
         out_dim, in_dim = unet_state["model." + key].shape
         down = torch.randn(rank, in_dim, generator=generator) / math.sqrt(in_dim)
-        yield blocks[block] + native[len(block):], down, torch.randn(out_dim, rank, generator=generator) * 0.5
+        yield renamed, down, torch.randn(out_dim, rank, generator=generator) * 0.5
 
 
 def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -260,7 +265,7 @@ def build_world_checkpoint(checkpoint: dict[str, torch.Tensor], out_path: Path) 
     with safe_open(str(WORLD_WEIGHTS), "pt") as handle:
         expected = handle.metadata().get("csa.world_clip_hash")
     clip = {k: v for k, v in checkpoint.items() if k.startswith("cond_stage_model.")}
-    loaded = comfy.sd.load_checkpoint_guess_config(str(out_path.parent / CHECKPOINT_NAME), output_model=False,
+    loaded = comfy.sd.load_checkpoint_guess_config(str(out_path.parent / TINY_CHECKPOINT_NAME), output_model=False,
                                                    output_vae=False)[1]
     if expected != clip_hash(loaded):
         raise RuntimeError(f"the rebuilt CLIP-L (hash {clip_hash(loaded)}) is not the one the world model was "
@@ -283,7 +288,7 @@ def build(out_dir: Path) -> None:
         if not torch.isfinite(value).all():
             raise RuntimeError(f"tiny model weight {key} is not finite after fp16 cast")
     meta = {"modelspec.title": "Content-Style Adapters tiny SD1.5", "csa.build_hash": script_hash()}
-    save_atomic(checkpoint, out_dir / CHECKPOINT_NAME, meta)
+    save_atomic(checkpoint, out_dir / TINY_CHECKPOINT_NAME, meta)
     lora = build_demo_lora(unet, generator)
     save_atomic(lora, out_dir / DEMO_LORA_NAME, {"csa.build_hash": script_hash(), "csa.role": "style"})
     save_atomic(build_demo_content(unet, generator), out_dir / DEMO_CONTENT_NAME,
@@ -302,7 +307,9 @@ def build(out_dir: Path) -> None:
 
 def is_current(out_dir: Path) -> bool:
     stamp = out_dir / "stamp"
-    if not stamp.exists() or not (out_dir / CHECKPOINT_NAME).exists():
+    expected = [TINY_CHECKPOINT_NAME, DEMO_LORA_NAME, DEMO_CONTENT_NAME, *DEMO_BLORA_NAMES, CLIP_L_NAME,
+                CLIP_VISION_NAME, DEMO_MAPPER_NAME] + ([WORLD_CHECKPOINT_NAME] if WORLD_WEIGHTS.exists() else [])
+    if not stamp.exists() or not all((out_dir / name).exists() for name in expected):
         return False
     return json.loads(stamp.read_text()).get("hash") == script_hash()
 

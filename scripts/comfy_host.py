@@ -85,7 +85,7 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     """Lay out a ComfyUI base directory: the pack in custom_nodes, tiny models in models/."""
     base = Path(base)
     link_or_copy(REPO_ROOT, base / "custom_nodes" / PACK_FOLDER_NAME)
-    for checkpoint in (names.CHECKPOINT_NAME, names.WORLD_CHECKPOINT_NAME):
+    for checkpoint in (names.TINY_CHECKPOINT_NAME, names.WORLD_CHECKPOINT_NAME):
         if (models_dir / checkpoint).exists():
             link_or_copy(models_dir / checkpoint, base / "models" / "checkpoints" / checkpoint)
     for adapter in (names.DEMO_LORA_NAME, names.DEMO_CONTENT_NAME, *names.DEMO_BLORA_NAMES):

@@ -1,9 +1,14 @@
 """File names of the models set-up builds (scripts/build_tiny_models.py) and the base directory links them under."""
-CHECKPOINT_NAME = "tiny_sd15.safetensors"
-WORLD_CHECKPOINT_NAME = "world_sd15.safetensors"
+from pathlib import Path
+
+TINY_CHECKPOINT_NAME = "tiny_sd15.safetensors"  # random weights: exact tests
+WORLD_CHECKPOINT_NAME = "world_sd15.safetensors"  # the trained world model: the demo's default
 DEMO_LORA_NAME = "csa_demo_style.safetensors"
 DEMO_CONTENT_NAME = "csa_demo_content.safetensors"
 DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_style_image.safetensors")
 CLIP_L_NAME = "tiny_clip_l_with_projection.safetensors"
 CLIP_VISION_NAME = "csa_clip_vision_vit_l_random.safetensors"
 DEMO_MAPPER_NAME = "csa_demo_mapper.safetensors"
+
+# The committed world UNet + VAE (bench/world/train_world.py writes it, set-up assembles the checkpoint from it).
+WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"

@@ -48,7 +48,7 @@ def tiny_sd15(comfy):
     import comfy.sd
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-        str(comfy_host.TINY_MODELS_DIR / names.CHECKPOINT_NAME))
+        str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME))
     return model, clip, vae
 
 

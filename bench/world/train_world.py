@@ -1,9 +1,11 @@
 """Train the miniature world's base model on the CPU: a TAESD-shaped VAE, then a tiny SD1.5-shaped UNet.
 
-    .venv/bin/python bench/world/train_world.py [--vae-steps 600] [--unet-steps 2000]
+    .venv/bin/python bench/world/train_world.py [--vae-steps 900] [--unet-steps 2000] [--vae-only | --reuse-vae]
 
-Writes bench/world/weights/world_unet_vae.safetensors (UNet EMA + TAESD, fp16, ~57 MB) and the loss
-curves (bench/world/weights/losses.json). The text encoder is the pack's deterministic random CLIP-L (the
+Writes bench/world/weights/world_unet_vae.safetensors (UNet EMA + TAESD, fp16, 53.9 MiB) and the loss
+curves (bench/world/weights/losses.json, and a table in bench/RESULTS.md). The VAE stage is kept in
+.cache/world/ with a picture of its round trips, so the UNet can be retrained on it (--reuse-vae); one run
+and the two-run path give the same weights (each stage starts from its own seed). The text encoder is the pack's deterministic random CLIP-L (the
 tiny checkpoint's); its hash is stored so set-up can check it rebuilt the same one.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -24,12 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent / "scripts")]
 import comfy_host  # noqa: E402
 import model_names as names  # noqa: E402
-from build_tiny_models import clip_hash  # noqa: E402
+from build_tiny_models import clip_hash  # noqa: E402  (also puts the repository root on the path)
+from core.adapter_file import write_safetensors  # noqa: E402
 from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
 
-WEIGHTS = HERE / "weights" / "world_unet_vae.safetensors"
+WEIGHTS = names.WORLD_WEIGHTS
 LOSSES = HERE / "weights" / "losses.json"
 VAE_STAGE = HERE.parent.parent / ".cache" / "world" / "vae_stage.safetensors"
+VAE_SEED, UNET_SEED = 8, 8  # the committed weights: VAE from a generator seeded 8, UNet from a fresh one seeded 8
 SD15_SCALE = 0.18215  # ComfyUI's SD15 latent format: model space = VAE space x 0.18215
 
 
@@ -167,12 +172,9 @@ def round_trip_report(taesd, seed: int = 7) -> tuple[float, float, np.ndarray]:
     return content, style, picture
 
 
-def save_vae(taesd, path: Path, losses: list[float]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in taesd.state_dict().items()}, str(path),
-              metadata={"losses": json.dumps(losses)})
+def save_vae(taesd, path: Path, losses: list[float], seconds: float) -> None:
+    write_safetensors(path, taesd.state_dict(), {"losses": json.dumps(losses), "seconds": f"{seconds:.0f}"},
+                      overwrite=True)
 
 
 def load_vae(path: Path):
@@ -182,8 +184,8 @@ def load_vae(path: Path):
     taesd = TAESD(latent_channels=4)
     with safe_open(str(path), "pt") as f:
         taesd.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-        losses = json.loads(f.metadata()["losses"])
-    return taesd, losses
+        losses, seconds = json.loads(f.metadata()["losses"]), float(f.metadata()["seconds"])
+    return taesd, losses, seconds
 
 
 def record_training(path: Path = LOSSES, window: int = 100) -> None:
@@ -216,18 +218,17 @@ def main() -> None:
     comfy_host.import_comfyui(base_directory=Path(tempfile.mkdtemp()))
     import comfy.sd
     from PIL import Image
-    from safetensors.torch import save_file
-
-    generator = torch.Generator().manual_seed(8)
+    generator = torch.Generator().manual_seed(VAE_SEED)
     samples = dataset(BASE_SHAPES, BASE_STYLES, per_pair=args.per_pair, seed=1)
     pool = images_tensor(samples)
     started = time.time()
     if args.reuse_vae:
-        taesd, vae_losses = load_vae(VAE_STAGE)
+        taesd, vae_losses, vae_seconds = load_vae(VAE_STAGE)
     else:
         taesd, vae_losses = train_vae(pool, args.vae_steps, args.batch, generator)
         set_latent_scale(taesd, pool)
-        save_vae(taesd, VAE_STAGE, vae_losses)
+        vae_seconds = time.time() - started
+        save_vae(taesd, VAE_STAGE, vae_losses, vae_seconds)
     content, style, picture = round_trip_report(taesd)
     Image.fromarray(picture).save(VAE_STAGE.with_suffix(".png"))
     print(f"vae: final loss {np.mean(vae_losses[-50:]):.5f}; evaluators on round trips: content {content:.1%}, "
@@ -236,12 +237,15 @@ def main() -> None:
         return
     latents = model_latents(taesd, pool)
     print(f"latent std {latents.std():.3f} mean {latents.mean():.3f}")
-    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.CHECKPOINT_NAME),
+    _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)
     captions = {caption(s.shape, s.style) for s in samples}
     encoded = {c: clip.encode_from_tokens(clip.tokenize(c))[0] for c in sorted(captions) + [""]}
     conds = torch.stack([encoded[s.caption] for s in samples]).float()
-    unet, unet_losses = train_unet(latents, conds, encoded[""].float(), args.unet_steps, args.batch, generator)
+    unet_started = time.time()
+    unet, unet_losses = train_unet(latents, conds, encoded[""].float(), args.unet_steps, args.batch,
+                                   torch.Generator().manual_seed(UNET_SEED))
+    unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
@@ -249,12 +253,14 @@ def main() -> None:
     meta = {"csa.world_clip_hash": clip_hash(clip), "csa.vae_steps": str(len(vae_losses)),
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
-    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in state.items()}, str(WEIGHTS), metadata=meta)
-    setup = {"batch": args.batch, "images": len(pool), "vae_steps": len(vae_losses), "unet_steps": args.unet_steps,
-             "seconds_this_run": round(time.time() - started), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
+    write_safetensors(WEIGHTS, {k: v.to(torch.float16) for k, v in state.items()}, meta, overwrite=True)
+    setup = {"batch": args.batch, "images": len(pool), "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
+             "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5), "unet_steps": args.unet_steps,
+             "unet_seconds": round(unet_seconds), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
              "weights_MiB": round(WEIGHTS.stat().st_size / 2**20, 1)}
-    LOSSES.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "setup": setup}))
+    partial = LOSSES.with_suffix(".partial")
+    partial.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "setup": setup}))
+    os.replace(partial, LOSSES)
     print(f"wrote {WEIGHTS} ({setup['weights_MiB']} MiB)")
     record_training()
 

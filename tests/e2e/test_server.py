@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 import comfy_host
+import model_names as names
 from support.images import assert_real_images, expected_image_size
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +69,7 @@ def test_saved_adapter_loads_in_stock_lora_loader_through_the_server(comfy_serve
     saved = comfy_server.base_directory / "models" / "loras" / "csa_demo_resaved.safetensors"
     assert saved.is_file()
     graph = {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": names.TINY_CHECKPOINT_NAME}},
         "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": saved.name,
                                                               "strength_model": 1.0}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a dotted ring"}},

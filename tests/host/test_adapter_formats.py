@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from support.lora_files import build_file
-from support.weights import patched_weights
+from support.weights import checkpoint_weights, patched_weights
 
 pytestmark = pytest.mark.host
 
@@ -60,7 +60,7 @@ def test_layout_applies_exactly_and_matches_stock_loader(comfy, tiny_sd15, comfy
     ours, _, report = apply(comfy, model, adapter)
     assert f"{len(deltas)} of {len(deltas)} modules mapped onto SD15" in report
     assert set(ours.patches) == set(deltas)
-    assert_weights(ours, model.model.state_dict(), {k: 0.6 * d for k, d in deltas.items()})
+    assert_weights(ours, checkpoint_weights(deltas), {k: 0.6 * d for k, d in deltas.items()})
     stock, _ = comfy["LoraLoader"]().load_lora(model, clip, name, 0.6, 0.0)
     assert set(stock.patches) <= set(ours.patches)
     if layout in STOCK_READS_ALL:
@@ -81,7 +81,7 @@ def test_two_adapters_with_block_strengths(comfy, tiny_sd15, comfy_base, shapes)
     factor = {"output_blocks.1": 0.25, "input_blocks.1": 2.0}
     expected = {k: (0.5 * content_d[k] + 1.5 * style_d[k]) * factor[k.split(".")[1] + "." + k.split(".")[2]]
                 for k in content_d}
-    assert_weights(patched, model.model.state_dict(), expected)
+    assert_weights(patched, checkpoint_weights(expected), expected)
 
 
 def test_zero_block_strength_and_zero_strength_leave_weights_alone(comfy, tiny_sd15, comfy_base, shapes):

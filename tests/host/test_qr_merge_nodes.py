@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from support.lora_files import build_file
-from support.weights import patched_weights
+from support.weights import checkpoint_weights, patched_weights
 
 pytestmark = pytest.mark.host
 
@@ -41,7 +41,7 @@ def test_merge_of_ordinary_loras_equals_weighted_sum(comfy, tiny_sd15, files):
     patched, merged, report = qr_merge(comfy, model, content, style, 0.7, 1.3)
     assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} joint-basis"
     assert merged.ranks == [12] and merged.method == "qr-merge"
-    base = model.model.state_dict()
+    base = checkpoint_weights(content_d)
     got = patched_weights(patched, content_d)
     for key in content_d:
         reference = base[key].double() + 0.7 * content_d[key] + 1.3 * 0.5 * style_d[key]
@@ -102,7 +102,7 @@ def test_interference_option_changes_only_the_style_part(comfy, tiny_sd15, files
     key = next(iter(files[0]))
     assert not torch.allclose(plain[key], reduced[key])
     assert torch.allclose(content_only[key].double(),
-                          model.model.state_dict()[key].double() + files[0][key], atol=2e-5)
+                          checkpoint_weights([key])[key].double() + files[0][key], atol=2e-5)
 
 
 def test_conversion_reads_the_base_weights_even_while_a_patched_clone_is_loaded(comfy, tiny_sd15, files):

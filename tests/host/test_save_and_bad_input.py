@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from support.lora_files import build_file
-from support.weights import patched_weights
+from support.weights import checkpoint_weights, patched_weights
 
 pytestmark = pytest.mark.host
 
@@ -62,7 +62,7 @@ def test_saved_file_reloads_identically_and_loads_in_stock_loader(comfy, tiny_sd
     ours = patched_weights(applied(comfy, model, original), deltas)
     again = patched_weights(applied(comfy, model, reloaded), deltas)
     stock = patched_weights(comfy["LoraLoader"]().load_lora(model, clip, name, 1.0, 0.0)[0], deltas)
-    base = model.model.state_dict()
+    base = checkpoint_weights(deltas)
     for key, delta in deltas.items():
         assert torch.allclose(ours[key].double(), base[key].double() + delta, atol=1e-5), key
         assert torch.equal(ours[key], again[key]), key

@@ -23,3 +23,15 @@ def patched_weights(patcher, keys) -> dict[str, torch.Tensor]:
 def kohya_module(model_key: str) -> str:
     """'diffusion_model.a.b.weight' -> 'lora_unet_a_b' (ComfyUI's native-name kohya key)."""
     return "lora_unet_" + model_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+
+def checkpoint_weights(keys) -> dict[str, torch.Tensor]:
+    """The tiny SD1.5 checkpoint's own UNet weights, read from its file: the independent base for exact checks.
+
+    (A loaded model's state_dict is not: ComfyUI leaves the last loaded clone's patches in the weights.)"""
+    import comfy_host
+    import model_names
+    from safetensors import safe_open
+
+    with safe_open(str(comfy_host.TINY_MODELS_DIR / model_names.TINY_CHECKPOINT_NAME), "pt") as handle:
+        return {key: handle.get_tensor("model." + key) for key in keys}

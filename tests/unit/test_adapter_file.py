@@ -96,3 +96,8 @@ def test_a_bad_role_in_the_metadata_names_the_file():
 
     with pytest.raises(ValueError, match="mine.safetensors: role must be one of"):
         adapter_from_tensors(sample_tensors(), {"csa.role": "texture"}, source="mine.safetensors")
+
+
+def test_written_files_are_readable_by_others_like_any_saved_model(tmp_path):
+    path = write_safetensors(tmp_path / "shared.safetensors", sample_tensors(), {})
+    assert path.stat().st_mode & 0o777 == 0o644
