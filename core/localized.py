@@ -11,7 +11,6 @@ attention, from the same q and k.
 """
 from __future__ import annotations
 
-
 import torch
 
 from .adapter import LowRank, apply_lowrank, new_lowrank

@@ -15,6 +15,7 @@ Run with the host venv's python and ComfyUI on ``sys.path`` (scripts/setup_host.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -71,6 +72,7 @@ BUILD_INPUTS = (Path(__file__), REPO_ROOT / "scripts" / "model_names.py", REPO_R
                 REPO_ROOT / "core" / "adapter_file.py")
 
 
+@functools.cache  # read once per run: every built file's metadata and the stamp carry it
 def script_hash() -> str:
     """Changes when this script, a file it builds with, or the committed world weights change (each means: rebuild)."""
     digest = hashlib.sha256()
@@ -234,7 +236,6 @@ def build_clip_vision_vit_l(generator: torch.Generator) -> dict[str, torch.Tenso
 
 def build_demo_mapper(generator: torch.Generator, out_path: Path) -> None:
     """A random IPL latent mapper for ViT-L image embeddings (768) and CLIP-L token embeddings (768)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from core.ipl import LatentMapper, save_mapper
 
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))

@@ -36,7 +36,7 @@ def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: flo
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
     samples = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent,
-                                     disable_noise=False, disable_pbar=True)[0]
+                                     disable_pbar=True)[0]
     with torch.no_grad():
         return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
 

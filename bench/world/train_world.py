@@ -5,8 +5,9 @@
 Writes bench/world/weights/world_unet_vae.safetensors (UNet EMA + TAESD, fp16, 53.9 MiB) and the loss
 curves (bench/world/weights/losses.json, and a table in bench/RESULTS.md). The VAE stage is kept in
 .cache/world/ with a picture of its round trips, so the UNet can be retrained on it (--reuse-vae); one run
-and the two-run path give the same weights (each stage starts from its own seed). The text encoder is the pack's deterministic random CLIP-L (the
-tiny checkpoint's); its hash is stored so set-up can check it rebuilt the same one.
+and the two-run path give the same weights (each stage starts from its own seed). The text encoder is the
+pack's deterministic random CLIP-L (the tiny checkpoint's); its hash is stored so set-up can check it
+rebuilt the same one.
 """
 from __future__ import annotations
 

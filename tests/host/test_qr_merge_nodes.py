@@ -75,7 +75,7 @@ def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tin
     patched, merged, report = qr_merge(comfy, model, content, style, 0.6, 1.1)
     assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} shared-q" and merged.ranks == [16]
     assert report.count(f"{len(MODULES)} of {len(MODULES)} modules mapped") == 2
-    base = patched_weights(model, content_d)
+    base = checkpoint_weights(content_d)
     got = patched_weights(patched, content_d)
     for key in content_d:
         q = reference_q(base[key], 16)

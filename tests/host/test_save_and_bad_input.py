@@ -95,7 +95,7 @@ def test_renaming_without_a_model_is_refused_clearly(comfy, loras, shapes):
 
 def test_comfy_form_with_text_encoder_modules_saves_without_a_model(comfy, tiny_sd15, loras):
     """Generic names (diffusion_model.* and text_encoders.*) are already the comfy form; kohya needs the model."""
-    model, clip, _ = tiny_sd15
+    _, clip, _ = tiny_sd15
     unet_key = "diffusion_model." + MODULES[0]
     text_key = next(k for k in clip.cond_stage_model.state_dict() if k.endswith("self_attn.q_proj.weight"))
     generator = torch.Generator().manual_seed(4)
