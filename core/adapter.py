@@ -109,6 +109,23 @@ def apply_lowrank(x: torch.Tensor, factors: LowRank, channels_last: bool) -> tor
     return torch.einsum("or,ri,bihw->bohw", up, down, x) * factors.scale
 
 
+def mask_like_output(mask: torch.Tensor, output: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A (B, N) mask shaped to broadcast over a layer output (B, N, C) or (B, C, H, W)."""
+    if channels_last:
+        return mask[:, :, None].to(output.dtype)
+    return mask.reshape(output.shape[0], 1, output.shape[2], output.shape[3]).to(output.dtype)
+
+
+def add_lowrank_output(out: torch.Tensor, x: torch.Tensor, factors: LowRank, strength: float, channels_last: bool,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """out + M ⊙ (strength · ΔW x): a layer's output with a low-rank term added, only where the (B, N) mask
+    is 1 (everywhere when mask is None)."""
+    term = apply_lowrank(x, factors, channels_last) * strength
+    if mask is not None:
+        term = term * mask_like_output(mask, out, channels_last)
+    return out + term
+
+
 def new_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator,
                 up_std: float | None = None) -> LowRank:
     """Fresh LoRA factors for a layer, scale 1: down ~ N(0, 1/in); up = 0 (the layer starts unchanged) or,

@@ -21,6 +21,10 @@ B_LORA_BLOCKS = {
     "style": ("up_blocks.0.attentions.1", "output_blocks.1.1"),
 }
 _PATH_PREFIXES = ("lora_unet_", "diffusion_model.", "unet.", "lycoris_")
+# first components of UNet module paths: diffusers' names, and ComfyUI's without the diffusion_model. prefix
+DIFFUSERS_UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out",
+                        "time_embedding.", "add_embedding.")
+COMFY_UNET_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "out.", "time_embed.", "label_emb.")
 
 
 def underscored_path(module: str) -> str:
@@ -57,6 +61,20 @@ ATTENTION_PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_ou
 def is_attention_projection(model_key: str) -> bool:
     """A UNet attention projection weight: to_q / to_k / to_v / to_out.0 of attn1 or attn2."""
     return ".attn" in model_key and model_key.endswith(ATTENTION_PROJECTIONS)
+
+
+_TRANSFORMER_PROJ_OUT = re.compile(
+    r"(diffusion_model\.(input_blocks|middle_block|output_blocks)\.?(\d*)\.\d+)\.proj_out\.weight")
+_BLOCK_SHORT_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+def transformer_of_proj_out(model_key: str) -> tuple[str, tuple[str, int]] | None:
+    """'diffusion_model.input_blocks.1.1.proj_out.weight' -> ('diffusion_model.input_blocks.1.1', ('input', 1)):
+    the transformer's module path and ComfyUI's attention-patch block id; None for any other weight."""
+    match = _TRANSFORMER_PROJ_OUT.fullmatch(model_key)
+    if match is None:
+        return None
+    return match.group(1), (_BLOCK_SHORT_NAMES[match.group(2)], int(match.group(3) or 0))
 
 
 _BLOCK = re.compile(r"^diffusion_model\.((?:input_blocks|output_blocks)\.\d+|middle_block|[a-z_]+)")

@@ -119,6 +119,28 @@ def directional_loss(source_images: torch.Tensor, target_images: torch.Tensor, s
     return (1 - F.cosine_similarity(delta_image, delta_text, dim=-1)).mean()
 
 
+def replace_marker(chunk: list, marker_ids: list[int], vectors, pad: int, template: str) -> list:
+    """One 77-token chunk of (token, weight, ...) entries with the marker's token ids replaced by one entry per
+    prompt vector; the chunk keeps its length (trailing padding gives way, one end / pad token stays).
+
+    Returns the chunk itself when the marker is not in it.
+    """
+    ids = [e[0] if isinstance(e[0], int) else None for e in chunk]
+    starts = [i for i in range(len(ids) - len(marker_ids) + 1) if ids[i:i + len(marker_ids)] == marker_ids]
+    if not starts:
+        return chunk
+    start, extra = starts[0], len(vectors) - len(marker_ids)
+    trailing = 0
+    while trailing < len(chunk) and chunk[len(chunk) - 1 - trailing][0] == pad:
+        trailing += 1
+    if trailing - 1 < extra:  # keep one end / pad token
+        raise ValueError(f"the prompt {template!r} is too long to take {len(vectors)} prompt vectors")
+    entry = chunk[start]
+    inserted = [(vector, *entry[1:]) for vector in vectors]
+    out = chunk[:start] + inserted + chunk[start + len(marker_ids):]
+    return out[: len(chunk)] if extra >= 0 else out + [(pad, *entry[1:])] * (-extra)
+
+
 TEMPLATES = ("a photo of a {}.", "a rendering of a {}.", "a picture of a {}.", "a close-up photo of a {}.",
              "a bright photo of a {}.", "a painting of a {}.", "a good photo of a {}.", "a cropped photo of a {}.")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .adapter import LowRank, apply_lowrank, new_lowrank
+from .adapter import LowRank, new_lowrank
 
 THRESHOLD_MODES = ("median", "fixed value", "top-k percent")
 DEFAULT_RANK_FRACTION = 0.05
@@ -74,22 +74,6 @@ def binarize(attention: torch.Tensor, mode: str, value: float) -> torch.Tensor:
             mask.scatter_(1, attention.topk(count, dim=1).indices, 1.0)
         return mask
     raise ValueError(f"threshold mode must be one of {THRESHOLD_MODES}, got {mode!r}")
-
-
-def mask_like_output(mask: torch.Tensor, output: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """A (B, N) mask shaped to broadcast over a proj_out output (B, N, C) or (B, C, H, W)."""
-    if channels_last:
-        return mask[:, :, None].to(output.dtype)
-    return mask.reshape(output.shape[0], 1, output.shape[2], output.shape[3]).to(output.dtype)
-
-
-def masked_residual(base_out: torch.Tensor, x: torch.Tensor, factors: LowRank, mask: torch.Tensor | None,
-                    strength: float, channels_last: bool) -> torch.Tensor:
-    """W x + M ⊙ (strength · ΔW x); M None means everywhere (LAG off)."""
-    residual = apply_lowrank(x, factors, channels_last) * strength
-    if mask is not None:
-        residual = residual * mask_like_output(mask, base_out, channels_last)
-    return base_out + residual
 
 
 def share_conditional_mask(attention: torch.Tensor, cond_or_uncond: list[int]) -> torch.Tensor:

@@ -5,10 +5,9 @@ from . import comfy_compat
 from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
 from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
-from .ipl_training import TrainPromptMapper, ZeroShotAdapt
+from .ipl import ImageToPromptVectors, TrainPromptMapper, ZeroShotAdapt
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
-from .prompt_vectors import ImageToPromptVectors
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
 

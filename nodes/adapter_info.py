@@ -5,7 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..core.adapter import Adapter
 from ..core.blocks import touched_blocks
-from .binding import bind_to_model, describe_binding
+from .model_binding import bind_to_model, describe_binding
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 

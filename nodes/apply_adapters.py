@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.blocks import parse_block_strengths
-from .binding import apply_patch_groups, patches_by_strength
+from .model_binding import apply_patch_groups, patches_by_strength
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 

@@ -11,75 +11,25 @@ The terms are linear, so they are applied to ComfyUI's denoised predictions exac
 """
 from __future__ import annotations
 
-import contextlib
-
 from comfy_api.latest import io
 
-from ..core.adapter import Adapter, apply_lowrank
+import comfy.samplers
+
+from ..core.adapter import Adapter
 from ..core.blocks import select_b_lora_part
 from . import comfy_compat as cc
-from .apply_adapters import ApplyAdapters
-from .binding import bind_to_model
 from .common import CATEGORY, node_id
+from .model_binding import apply_patch_groups, patches_by_strength
+from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 
-ACTIVE_KEY = "csa.active_adapters"
 SLOTS = {"content_of_content": "cc", "style_of_content": "cs", "content_of_style": "sc", "style_of_style": "ss"}
 TERMS = {"content": ("cc", "sc"), "style": ("ss", "cs")}  # (positive prompt adapter, negative prompt adapter)
 DEFAULT_PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",
                    "style_positive": "in the style of {v}", "style_negative": "in the style of {c}"}
 
 
-class RuntimeAdapters:
-    """Which adapters the current UNet call uses; the target layers read it. Deep copies return self."""
-
-    def __init__(self, default: frozenset[str]):
-        self.default = default
-        self.active = default
-
-    def __deepcopy__(self, memo):
-        return self
-
-    @contextlib.contextmanager
-    def for_call(self, transformer_options: dict):
-        previous, self.active = self.active, transformer_options.get(ACTIVE_KEY, self.default)
-        try:
-            yield
-        finally:
-            self.active = previous
-
-
-def layer_forward(state: RuntimeAdapters, forward, additions: dict[str, tuple], channels_last: bool):
-    """forward(x) + Σ over active adapters of strength · ΔW x."""
-    def patched_forward(x, *args, **kwargs):
-        out = forward(x, *args, **kwargs)
-        for name, (factors, strength) in additions.items():
-            if name in state.active:
-                out = out + apply_lowrank(x, factors, channels_last) * strength
-        return out
-    return patched_forward
-
-
-def install_runtime_adapters(model, adapters: dict[str, Adapter], default: frozenset[str]) -> RuntimeAdapters:
-    """Object-patch every targeted layer of a clone; returns the state the guider switches."""
-    state = RuntimeAdapters(default)
-    per_layer: dict[str, dict[str, tuple]] = {}
-    for name, adapter in adapters.items():
-        for key, (module, factors) in bind_to_model(adapter, model).targets.items():
-            if factors.down.ndim == 4 and factors.down.shape[2:] != (1, 1):
-                raise ValueError(f"{adapter.source}: module '{module}' is a {tuple(factors.down.shape[2:])} conv; "
-                                 f"runtime adapters support linear and 1x1 conv layers")
-            per_layer.setdefault(key, {})[name] = (factors, adapter.strength)
-    shapes = cc.weight_shapes(model)
-    for key, additions in per_layer.items():
-        module = key[: -len(".weight")]
-        cc.replace_module_forward(model, module, layer_forward(state, cc.module_forward(model, module), additions,
-                                                               channels_last=len(shapes[key]) == 2))
-    cc.around_each_model_call(model, "csa.runtime_adapters", state.for_call)
-    return state
-
-
-class ContentStyleGuiderCore(cc.guider_base()):
+class ContentStyleCFGGuider(comfy.samplers.CFGGuider):
     """ComfyUI's CFG guider plus the two ConsisLoRA guidance terms."""
 
     def configure(self, cfg: float, lambdas: dict[str, float], base: frozenset[str]):
@@ -160,8 +110,8 @@ class ContentStyleGuider(io.ComfyNode):
         check_terms(adapters, lambdas)
         patched = model.clone()
         base = frozenset({"cc", "ss"} & set(adapters))
-        install_runtime_adapters(patched, adapters, base)
-        guider = ContentStyleGuiderCore(patched)
+        install_switched_adapters(patched, adapters, base)
+        guider = ContentStyleCFGGuider(patched)
         prompts = guidance_prompts(clip, {k: rest[k] for k in DEFAULT_PROMPTS}, content_token, style_token)
         guider.inner_set_conds({"positive": positive, "negative": negative, **prompts})
         guider.configure(cfg, lambdas, base)
@@ -192,6 +142,7 @@ class ComposeContentAndStyle(io.ComfyNode):
     def execute(cls, model, content_image_adapter: Adapter, style_image_adapter: Adapter) -> io.NodeOutput:
         content = select_b_lora_part(content_image_adapter, "content")
         style = select_b_lora_part(style_image_adapter, "style")
-        patched, _, report = ApplyAdapters.execute(model, content, "", adapter_2=style).args
+        groups, report = patches_by_strength([content, style], model, None, {})
+        patched, _ = apply_patch_groups(model, None, groups)
         return io.NodeOutput(patched, report)
 

@@ -1,32 +1,24 @@
 """Apply Localized Residual, Show Attention Mask and New Residual Adapter (Personalized Residuals + LAG)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
+from ..core.blocks import transformer_of_proj_out
+from ..core.layouts import generic_module_name
 from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, final_mask, find_token_positions,
-                              mask_grid, masked_residual, new_residual, residual_rank, share_conditional_mask)
-from ..core.resolve import generic_module_name
+                              mask_grid, new_residual, residual_rank, share_conditional_mask)
 from . import comfy_compat as cc
-from .binding import bind_to_model
+from .model_binding import bind_to_model
+from .runtime_adapters import add_to_forward, check_runtime_factors, publish_call_options
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 
-STATE_KEY = "csa.localized_residual"
-BLOCK_NAMES = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
-
-
-def transformer_of(model_key: str) -> tuple[str, tuple[str, int]]:
-    """'diffusion_model.input_blocks.1.1.proj_out.weight' -> ('diffusion_model.input_blocks.1.1', ('input', 1))."""
-    match = re.fullmatch(r"(diffusion_model\.(input_blocks|middle_block|output_blocks)\.?(\d*)\.\d+)\.proj_out\.weight",
-                         model_key)
-    if match is None:
-        raise ValueError(f"a localized residual patches transformer proj_out weights only; got {model_key}")
-    return match.group(1), (BLOCK_NAMES[match.group(2)], int(match.group(3) or 0))
+STATE_KEY = "csa.localized_residual"  # transformer option: this model's LocalizedResidualState
+RESIDUAL = "residual"
 
 
 @dataclass
@@ -45,19 +37,25 @@ class BlockCall:
         self.count += 1
 
 
-class LocalizedResidualState:
-    """Runtime state shared by one patched model's attn2 patches and proj_out forwards.
+@dataclass(frozen=True)
+class LocalizedResidualSettings:
+    positions: tuple[int, ...]
+    mode: str
+    value: float
+    sigma_range: tuple[float, float]  # (end, start): the residual acts for end <= sigma <= start
+    lag: bool
 
-    attn2 patches note the step and (with LAG) add the concept attention of each transformer block; the
-    block's proj_out then takes the mean, turns it into a mask and records it for Show Attention Mask.
-    Deep copies return self: ComfyUI deep-copies model_options when it clones a model, and the patches
-    must keep talking to this one object.
+
+class LocalizedResidualState:
+    """One patched model's state: its settings, the current UNet call's attention, the last run's masks.
+
+    It lives in the model's transformer_options. A clone of the model gets its own state (same settings,
+    nothing recorded), so a model sampled downstream never writes into the masks of the model it was
+    cloned from; every sampling run starts from an empty record.
     """
 
-    def __init__(self, positions: list[int], mode: str, value: float, sigma_range: tuple[float, float], lag: bool,
-                 strength: float):
-        self.positions, self.mode, self.value, self.lag, self.strength = positions, mode, value, lag, strength
-        self.sigma_end, self.sigma_start = sigma_range
+    def __init__(self, settings: LocalizedResidualSettings):
+        self.settings = settings
         self.reset()
 
     def reset(self) -> None:
@@ -65,7 +63,7 @@ class LocalizedResidualState:
         self.recorded: dict[float, dict[tuple, torch.Tensor]] = {}  # sigma -> block -> (B, h, w) cond masks
 
     def __deepcopy__(self, memo):
-        return self
+        return LocalizedResidualState(self.settings)
 
     def observe(self, block: tuple, q: torch.Tensor, k: torch.Tensor, extra_options: dict) -> None:
         if block not in self.pending:
@@ -73,43 +71,47 @@ class LocalizedResidualState:
             self.pending[block] = BlockCall(float(extra_options[cc.EXTRA_SIGMAS].max()),
                                             list(extra_options.get(cc.EXTRA_COND_OR_UNCOND) or []), height, width)
         call = self.pending[block]
-        if self.lag:
-            attention = concept_attention(q, k, extra_options[cc.EXTRA_HEADS], self.positions)
+        if self.settings.lag:
+            attention = concept_attention(q, k, extra_options[cc.EXTRA_HEADS], list(self.settings.positions))
             call.add(share_conditional_mask(attention, call.cond_or_uncond))
 
     def finish(self, block: tuple) -> tuple[bool, torch.Tensor | None]:
         """(apply the residual?, mask or None for everywhere) for this block's proj_out in this UNet call."""
         call = self.pending.pop(block, None)
-        if call is None or not self.sigma_end <= call.sigma <= self.sigma_start:
+        sigma_end, sigma_start = self.settings.sigma_range
+        if call is None or not sigma_end <= call.sigma <= sigma_start:
             return False, None
-        if not self.lag:
+        if not self.settings.lag:
             return True, None
-        mask = binarize(call.attention_sum / call.count, self.mode, self.value)
+        mask = binarize(call.attention_sum / call.count, self.settings.mode, self.settings.value)
         chunks = call.cond_or_uncond or [0]
         cond = mask.chunk(len(chunks))[chunks.index(0) if 0 in chunks else 0]
         self.recorded.setdefault(call.sigma, {})[block] = cond.reshape(-1, call.height, call.width).bool().cpu()
         return True, mask
 
 
-def attn2_capture(state: LocalizedResidualState, block: tuple, prior):
-    """An attn2 replacement that notes concept attention, then runs the prior replacement or plain attention."""
+def attn2_capture(block: tuple, prior):
+    """An attn2 replacement that notes concept attention in the sampled model's state, then runs the prior
+    replacement or plain attention."""
     def patch(q, k, v, extra_options):
-        state.observe(block, q, k, extra_options)
+        state = extra_options.get(STATE_KEY)
+        if state is not None:
+            state.observe(block, q, k, extra_options)
         if prior is not None:
             return prior(q, k, v, extra_options)
         return cc.default_attention(q, k, v, extra_options[cc.EXTRA_HEADS])
     return patch
 
 
-def proj_out_with_residual(state: LocalizedResidualState, block: tuple, factors, forward, channels_last: bool):
-    """proj_out's forward plus M ⊙ ΔW x (everywhere with LAG off; nothing outside start/end)."""
-    def patched_forward(x, *args, **kwargs):
-        out = forward(x, *args, **kwargs)
+def residual_where_attended(block: tuple):
+    """select() for the proj_out residual: off outside start/end, masked by the block's attention with LAG."""
+    def select(options: dict):
+        state = options.get(STATE_KEY)
+        if state is None:
+            return (), None
         apply, mask = state.finish(block)
-        if not apply:
-            return out
-        return masked_residual(out, x, factors, mask, state.strength, channels_last)
-    return patched_forward
+        return ((RESIDUAL,) if apply else ()), mask
+    return select
 
 
 def concept_positions(clip, prompt: str, words: str) -> list[int]:
@@ -129,32 +131,37 @@ def concept_positions(clip, prompt: str, words: str) -> list[int]:
 
 def residual_targets(residual: Adapter, model) -> dict[str, object]:
     """{proj_out weight key: factors}; every module must be a transformer's proj_out."""
-    targets = {key: factors for key, (_, factors) in bind_to_model(residual, model).targets.items()}
-    for key in targets:
-        transformer_of(key)
+    targets = {}
+    for key, (module, factors) in bind_to_model(residual, model).targets.items():
+        if transformer_of_proj_out(key) is None:
+            raise ValueError(f"{residual.source}: a localized residual patches transformer proj_out weights only; "
+                             f"module '{module}' targets {key}")
+        check_runtime_factors(residual.source, module, factors)
+        targets[key] = factors
     return targets
 
 
-def install_residuals(patched, state: LocalizedResidualState, targets: dict) -> None:
-    """attn2 capture on every transformer of each residual block (chained to prior patches), proj_out forwards."""
+def install_residuals(patched, settings: LocalizedResidualSettings, targets: dict, strength: float) -> None:
+    """attn2 capture on every transformer of each residual block (chained to prior patches), proj_out forwards
+    plus the residual, a fresh record every sampling run, and the model's own state."""
     shapes = cc.weight_shapes(patched)
     for key, factors in targets.items():
-        path, block = transformer_of(key)
+        path, block = transformer_of_proj_out(key)
         depth = sum(1 for k in shapes if k.startswith(f"{path}.transformer_blocks.") and k.endswith(".attn2.to_q.weight"))
         for index in range(depth):
             transformer = (*block, index)
-            prior = cc.attn2_replace_patch(patched, transformer)
-            cc.set_attn2_replace_patch(patched, attn2_capture(state, block, prior), transformer)
-        module = f"{path}.proj_out"
-        channels_last = len(shapes[key]) == 2
-        cc.replace_module_forward(patched, module, proj_out_with_residual(
-            state, block, factors, cc.module_forward(patched, module), channels_last))
+            cc.set_attn2_replace_patch(patched, attn2_capture(block, cc.attn2_replace_patch(patched, transformer)),
+                                       transformer)
+        add_to_forward(patched, key, shapes[key], {RESIDUAL: (factors, strength)}, residual_where_attended(block))
 
     def reset_each_run(executor, *args, **kwargs):
-        state.reset()
+        state = cc.sampling_options(executor).get("transformer_options", {}).get(STATE_KEY)
+        if state is not None:
+            state.reset()
         return executor(*args, **kwargs)
     cc.add_outer_sample_wrapper(patched, STATE_KEY, reset_each_run)
-    patched.model_options.setdefault("transformer_options", {})[STATE_KEY] = state
+    cc.set_transformer_option(patched, STATE_KEY, LocalizedResidualState(settings))
+    publish_call_options(patched)
 
 
 class ApplyLocalizedResidual(io.ComfyNode):
@@ -203,10 +210,9 @@ class ApplyLocalizedResidual(io.ComfyNode):
             return io.NodeOutput(model, conditioning)
         targets = residual_targets(residual, model)
         sigma_range = (cc.percent_to_sigma(model, end_percent), cc.percent_to_sigma(model, start_percent))
-        state = LocalizedResidualState(positions, threshold_mode, threshold, sigma_range, lag,
-                                       strength * residual.strength)
+        settings = LocalizedResidualSettings(tuple(positions), threshold_mode, threshold, sigma_range, lag)
         patched = model.clone()
-        install_residuals(patched, state, targets)
+        install_residuals(patched, settings, targets, strength * residual.strength)
         return io.NodeOutput(patched, conditioning)
 
 
@@ -231,7 +237,7 @@ class ShowAttentionMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, steps_shown: int) -> io.NodeOutput:
-        state = model.model_options.get("transformer_options", {}).get(STATE_KEY)
+        state = cc.transformer_option(model, STATE_KEY)
         if state is None:
             raise ValueError("this model has no localized residual; connect the MODEL output of Apply Localized Residual")
         if not state.recorded:

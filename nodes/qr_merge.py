@@ -7,9 +7,9 @@ from comfy_api.latest import io
 from ..core.adapter import Adapter
 from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
-from ..core.resolve import generic_module_name
+from ..core.layouts import generic_module_name
 from . import comfy_compat
-from .binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
+from .model_binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 

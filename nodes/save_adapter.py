@@ -6,9 +6,9 @@ from comfy_api.latest import io, ui
 from ..core.adapter import Adapter
 from ..core.adapter_file import path_inside, write_safetensors
 from ..core.formats import adapter_metadata, tensors_from_modules
-from ..core.resolve import KEY_FORMS, file_names_for
+from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
-from .binding import bind_to_model
+from .model_binding import bind_to_model
 from .common import CATEGORY, node_id
 from .sockets import AdapterSocket
 
@@ -16,27 +16,14 @@ from .sockets import AdapterSocket
 def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict:
     """Tensors named in the chosen form; names come from the model's key map, or from the adapter itself."""
     if model is None:
-        return tensors_from_modules(adapter.modules, names_without_model(adapter, key_form))
+        return tensors_from_modules(adapter.modules, save_names_without_model(adapter.modules, key_form))
     binding = bind_to_model(adapter, model, clip)
     if binding.unmatched:
         raise ValueError(f"{len(binding.unmatched)} modules do not map onto this model and would be lost: "
                          f"{binding.unmatched[:5]}")
-    names = file_names_for(binding.targets, comfy_compat.lora_key_map(model, clip), key_form)
+    names = save_names_for(binding.targets, comfy_compat.lora_key_map(model, clip), key_form)
     modules = {names[key]: factors for key, (_, factors) in binding.targets.items()}
     return tensors_from_modules(modules, {n: n for n in modules})
-
-
-def names_without_model(adapter: Adapter, key_form: str) -> dict[str, str]:
-    """Generic names convert to kohya's native spelling; anything else needs the model to be renamed."""
-    unet_only = all(n.startswith("diffusion_model.") for n in adapter.modules)
-    generic = all(n.startswith(("diffusion_model.", "text_encoders.")) for n in adapter.modules)
-    kohya = all(n.startswith(("lora_unet_", "lora_te")) for n in adapter.modules)
-    if key_form == "comfy" and generic or key_form == "kohya" and kohya:
-        return {n: n for n in adapter.modules}
-    if key_form == "kohya" and unet_only:
-        return {n: "lora_unet_" + n[len("diffusion_model."):].replace(".", "_") for n in adapter.modules}
-    raise ValueError(f"the adapter's module names are not in {key_form} form; connect the model it belongs to "
-                     f"so they can be renamed through its key map")
 
 
 class SaveAdapter(io.ComfyNode):
@@ -55,7 +42,7 @@ class SaveAdapter(io.ComfyNode):
                                 tooltip="File name inside the loras folder ('.safetensors' is added)."),
                 io.String.Input("subfolder", default="",
                                 tooltip="Optional subfolder of the loras folder; must stay inside it."),
-                io.Combo.Input("key_form", options=list(KEY_FORMS), default="comfy",
+                io.Combo.Input("key_form", options=list(SAVE_FORMS), default="comfy",
                                tooltip="comfy: diffusion_model.<module> (ComfyUI generic); kohya: lora_unet_<module>."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of the same name."),
                 io.Model.Input("model", optional=True,

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.host
 def training(comfy, comfy_base):
     from comfy_host import pack_module
 
-    return pack_module(comfy_base, "nodes.ipl_training")
+    return pack_module(comfy_base, "nodes.ipl")
 
 
 def images(count=4, seed=0, size=32):
@@ -96,12 +96,12 @@ def test_stage_two_frozen_prediction_is_the_base_model_and_adapted_one_is_not(tr
     x, sigma = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([2.0])
     cond = torch.randn(1, 77, 768, generator=generator)
     try:
-        training.cc.load_for_training(model)
+        training.cc.load_for_direct_calls(model)
         with torch.no_grad():
             base = training.cc.denoised(model, x, sigma, cond, {})
         patched = model.clone()
-        training.install_runtime_adapters(patched, {training.ADAPTED: adapter}, frozenset({training.ADAPTED}))
-        training.cc.load_for_training(patched)
+        training.install_switched_adapters(patched, {training.ADAPTED: adapter}, frozenset({training.ADAPTED}))
+        training.cc.load_for_direct_calls(patched)
         with torch.no_grad():
             frozen = training.cc.denoised(patched, x, sigma, cond, {training.ACTIVE_KEY: frozenset()})
             adapted = training.cc.denoised(patched, x, sigma, cond, {training.ACTIVE_KEY: frozenset({training.ADAPTED})})

@@ -129,8 +129,27 @@ def test_sdxl_layout_installs_on_every_transformer(comfy, node_module, sdxl_meta
     assert residual.ranks == [32, 64]  # 5% of 640 and 1280
     patched = sdxl_meta.clone()
     targets = node_module.residual_targets(residual, patched)
-    state = node_module.LocalizedResidualState([5], "median", 0.5, (0.0, 100.0), True, 1.0)
-    node_module.install_residuals(patched, state, targets)
+    settings = node_module.LocalizedResidualSettings((5,), "median", 0.5, (0.0, 100.0), True)
+    node_module.install_residuals(patched, settings, targets, 1.0)
     replaced = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert ("output", 0, 9) in replaced and ("input", 7, 1) in replaced and len(replaced) == 70
     assert "diffusion_model.output_blocks.0.1.proj_out.forward" in patched.object_patches
+
+
+def test_a_clone_made_downstream_keeps_its_own_masks(comfy, tiny_sd15, residual, negative):
+    """A LoRA loader after Apply Localized Residual clones the model: each model shows the masks of its own runs."""
+    first, positive = localized(comfy, tiny_sd15, residual)
+    downstream = comfy["CSA_ApplyAdapters"].execute(model=first, adapter=residual.replace(strength=0.5),
+                                                    block_strengths="").args[0]
+    first_samples = {"samples": sample(comfy, first, positive, negative, steps=3)}
+    first_grid, first_mask = comfy["CSA_ShowAttentionMask"].execute(model=first, samples=first_samples,
+                                                                    steps_shown=8).args
+    with pytest.raises(ValueError, match="no attention masks were recorded"):
+        comfy["CSA_ShowAttentionMask"].execute(model=downstream, samples=first_samples, steps_shown=8)
+    downstream_samples = {"samples": sample(comfy, downstream, positive, negative, batch=1, steps=2)}
+    again_grid, again_mask = comfy["CSA_ShowAttentionMask"].execute(model=first, samples=first_samples,
+                                                                    steps_shown=8).args
+    assert torch.equal(again_grid, first_grid) and torch.equal(again_mask, first_mask)
+    own_grid, own_mask = comfy["CSA_ShowAttentionMask"].execute(model=downstream, samples=downstream_samples,
+                                                                steps_shown=8).args
+    assert own_grid.shape == (1, 4 * 64, 2 * 64, 3) and own_mask.shape[0] == 1

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.host
 def node_module(comfy, comfy_base):
     from comfy_host import pack_module
 
-    return pack_module(comfy_base, "nodes.prompt_vectors")
+    return pack_module(comfy_base, "nodes.ipl")
 
 
 @pytest.fixture(scope="module")
@@ -23,37 +23,37 @@ def compat(comfy, comfy_base):
     return pack_module(comfy_base, "nodes.comfy_compat")
 
 
-def word_embeddings(clip, compat, words: str) -> torch.Tensor:
+def word_embeddings(clip, compat, ipl, words: str) -> torch.Tensor:
     """The token embeddings of ``words`` (their real input vectors), (n, 768)."""
     special = compat.special_token_ids(clip)
     ids = [t for t in compat.token_ids(clip, words) if t not in special]
-    encoder = compat.text_encoders(clip)["l"]
+    encoder = ipl.text_encoders(clip)["l"]
     return encoder.transformer.get_input_embeddings()(torch.tensor([ids]), out_dtype=torch.float32)[0]
 
 
 def test_inserted_vectors_encode_exactly_like_the_words_they_are(comfy, tiny_sd15, compat, node_module):
     clip = tiny_sd15[1]
-    vectors = word_embeddings(clip, compat, "red car")
+    vectors = word_embeddings(clip, compat, node_module, "red car")
     assert vectors.shape[0] == 2
-    tokens = compat.insert_prompt_vectors(clip, "a {} photo of a dog", node_module.MARKER, {"l": vectors})
+    tokens = node_module.insert_prompt_vectors(clip, "a {} photo of a dog", node_module.MARKER, {"l": vectors})
     chunk = tokens["l"][0]
     assert len(chunk) == 77 and torch.is_tensor(chunk[2][0]) and torch.is_tensor(chunk[3][0])
     reference = clip.tokenize("a red car photo of a dog")["l"][0]
     assert [e[0] for i, e in enumerate(chunk) if i not in (2, 3)] == [e[0] for i, e in enumerate(reference) if i not in (2, 3)]
-    ours = compat.encode_tokens(clip, tokens)[0]
+    ours = node_module.encode_tokens(clip, tokens)[0]
     expected = clip.encode_from_tokens(clip.tokenize("a red car photo of a dog"))
     assert torch.allclose(ours, expected, atol=1e-4)
 
 
 def test_more_vectors_than_marker_tokens_keep_77_tokens_and_the_rest_unchanged(comfy, tiny_sd15, compat, node_module):
     clip = tiny_sd15[1]
-    vectors = word_embeddings(clip, compat, "a very red fast car")
-    tokens = compat.insert_prompt_vectors(clip, "{} photo", node_module.MARKER, {"l": vectors})["l"][0]
+    vectors = word_embeddings(clip, compat, node_module, "a very red fast car")
+    tokens = node_module.insert_prompt_vectors(clip, "{} photo", node_module.MARKER, {"l": vectors})["l"][0]
     assert len(tokens) == 77 and all(torch.is_tensor(tokens[i][0]) for i in range(1, 6))
-    ours = compat.encode_tokens(clip, {"l": [tokens]})[0]
+    ours = node_module.encode_tokens(clip, {"l": [tokens]})[0]
     assert torch.allclose(ours, clip.encode_from_tokens(clip.tokenize("a very red fast car photo")), atol=1e-4)
     with pytest.raises(ValueError, match="too long to take 80 prompt vectors"):
-        compat.insert_prompt_vectors(clip, "{} photo", node_module.MARKER, {"l": torch.zeros(80, 768)})
+        node_module.insert_prompt_vectors(clip, "{} photo", node_module.MARKER, {"l": torch.zeros(80, 768)})
 
 
 @pytest.fixture(scope="module")

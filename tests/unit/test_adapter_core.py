@@ -1,11 +1,12 @@
-"""core.adapter, core.formats, core.blocks and core.resolve on synthetic data (no ComfyUI)."""
+"""core.adapter, core.formats, core.layouts, core.blocks and core.binding on synthetic data (no ComfyUI)."""
 import pytest
 import torch
 
 from core.adapter import Adapter, LowRank
 from core.blocks import (block_of, parse_block_strengths, select_b_lora_part, strength_of_block, touched_blocks)
-from core.formats import adapter_from_tensors, key_form, normalise_module_name, tensors_from_modules
-from core.resolve import bind, check_architecture, file_names_for, shapes_fit
+from core.binding import bind, check_architecture, shapes_fit
+from core.formats import adapter_from_tensors, tensors_from_modules
+from core.layouts import normalise_module_name, save_names_for
 
 
 def factors(out_dim, in_dim, rank, kernel=(), alpha=None, seed=0):
@@ -36,16 +37,11 @@ def test_delta_equals_dense_reference(kernel, alpha):
     ("base_model.model.mid_block.attentions.0.proj_in", "lora_unet_mid_block_attentions_0_proj_in"),
     ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
      "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"),
+    ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"),
+    ("middle_block.1.proj_out", "diffusion_model.middle_block.1.proj_out"),
 ])
 def test_module_names_are_normalised_for_the_key_map(name, expected):
     assert normalise_module_name(name) == expected
-
-
-def test_key_form():
-    assert key_form(["lora_unet_a", "lora_te_b"]) == "kohya"
-    assert key_form(["diffusion_model.a"]) == "comfy"
-    assert key_form(["unet.a"]) == "diffusers"
-    assert key_form(["unet.a", "lora_unet_b"]) == "mixed"
 
 
 def test_adapter_from_tensors_reads_alpha_metadata_and_qr():
@@ -123,9 +119,9 @@ def test_file_names_invert_the_key_map():
                "lora_te1_text_model_encoder_layers_0_mlp_fc1": "clip_l.t.fc1.weight",
                "text_encoders.clip_l.t.fc1": "clip_l.t.fc1.weight"}
     keys = set(key_map.values())
-    assert file_names_for(keys, key_map, "kohya") == {
+    assert save_names_for(keys, key_map, "kohya") == {
         "diffusion_model.input_blocks.1.1.proj_in.weight": "lora_unet_down_blocks_0_attentions_0_proj_in",
         "diffusion_model.out.2.weight": "lora_unet_out_2", "clip_l.t.fc1.weight": "lora_te_text_model_encoder_layers_0_mlp_fc1"}
-    assert file_names_for(keys, key_map, "comfy")["clip_l.t.fc1.weight"] == "text_encoders.clip_l.t.fc1"
+    assert save_names_for(keys, key_map, "comfy")["clip_l.t.fc1.weight"] == "text_encoders.clip_l.t.fc1"
     with pytest.raises(ValueError, match="key form must be one of"):
-        file_names_for(keys, key_map, "a1111")
+        save_names_for(keys, key_map, "a1111")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from core.adapter import LowRank
-from core.localized import (binarize, concept_attention, find_token_positions, final_mask, mask_grid, masked_residual,
+from core.adapter import LowRank, add_lowrank_output
+from core.localized import (binarize, concept_attention, find_token_positions, final_mask, mask_grid,
                             residual_rank, share_conditional_mask)
 
 
@@ -41,7 +41,7 @@ def test_binarize_modes():
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_masked_residual_equals_dense_reference_inside_and_base_outside(channels_last):
+def test_lowrank_output_with_mask_equals_dense_reference_inside_and_base_outside(channels_last):
     c, r, b, h, w = 8, 2, 2, 3, 4
     factors = LowRank(up=rand(c, r, seed=3) if channels_last else rand(c, r, 1, 1, seed=3),
                       down=rand(r, c, seed=4) if channels_last else rand(r, c, 1, 1, seed=4), alpha=1.0)
@@ -53,13 +53,13 @@ def test_masked_residual_equals_dense_reference_inside_and_base_outside(channels
     else:
         x, base = rand(b, c, h, w, seed=6), rand(b, c, h, w, seed=7)
         expected = base + mask.reshape(b, 1, h, w) * 0.7 * torch.einsum("oi,bihw->bohw", delta, x)
-    got = masked_residual(base, x, factors, mask, 0.7, channels_last)
+    got = add_lowrank_output(base, x, factors, 0.7, channels_last, mask)
     assert torch.allclose(got, expected, atol=1e-5)
     outside = (mask == 0)[..., None].expand_as(base) if channels_last else (mask == 0).reshape(b, 1, h, w).expand_as(base)
     assert torch.equal(got[outside], base[outside])
-    assert torch.equal(masked_residual(base, x, factors, torch.zeros(b, h * w), 1.0, channels_last), base)
-    everywhere = masked_residual(base, x, factors, None, 0.7, channels_last)
-    assert torch.allclose(everywhere, masked_residual(base, x, factors, torch.ones(b, h * w), 0.7, channels_last))
+    assert torch.equal(add_lowrank_output(base, x, factors, 1.0, channels_last, torch.zeros(b, h * w)), base)
+    everywhere = add_lowrank_output(base, x, factors, 0.7, channels_last, None)
+    assert torch.allclose(everywhere, add_lowrank_output(base, x, factors, 0.7, channels_last, torch.ones(b, h * w)))
 
 
 def test_cfg_chunks_share_the_conditional_map():

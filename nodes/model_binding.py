@@ -1,11 +1,11 @@
-"""Binding adapters to a ComfyUI model and turning them into ComfyUI weight patches."""
+"""Binding adapters to a ComfyUI model, the ComfyUI half (key map and shapes read from the model; the pure\nhalf is core/binding.py), and turning them into ComfyUI weight patches."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 from ..core.adapter import Adapter
 from ..core.blocks import block_of, block_of_module, check_block_names, strength_of_block
-from ..core.resolve import Binding, bind, check_architecture
+from ..core.binding import Binding, bind, check_architecture
 from . import comfy_compat
 
 

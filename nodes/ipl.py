@@ -1,0 +1,422 @@
+"""IPL (image-specific prompt learning), the whole method: Image to Prompt Vectors (inference), Train Prompt
+Mapper (stage 1) and Zero-shot Adapt (stage 2, diffusion form), with the CLIP paths they need.
+
+Prompt vectors enter at the text encoders' input embeddings, one token slot each, through ComfyUI's
+textual-inversion path. Training differentiates through the text and image encoders, which ComfyUI runs
+without gradients and with in-place residual adds; the out-of-place forwards below run the same modules in
+the same order (they read ComfyUI's CLIP layer internals, listed in comfy_compat's docstring).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io
+from PIL import Image
+
+import comfy.ldm.modules.attention
+import comfy.ops
+
+from ..core.adapter import Adapter, LowRank, trainable_lowrank
+from ..core.adapter_file import path_inside
+from ..core.blocks import is_attention_projection
+from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, loss_curve_image, replace_marker,
+                        save_mapper, train_mapper)
+from ..core.layouts import generic_module_name
+from . import comfy_compat as cc
+from .common import CATEGORY, node_id
+from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
+from .sockets import AdapterSocket
+from .training import grad_enabled, make_autograd_safe, torch_modules, vae_encode
+
+MARKER = "iplplaceholdervectors"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+ADAPTED = "ipl"
+
+
+# -- text encoders: prompt vectors in the token stream ------------------------------------------------
+
+def text_encoders(clip) -> dict:
+    """{'l': clip_l model, 'g': clip_g model, ...}: ComfyUI names each SD text encoder clip_<key>."""
+    model = clip.cond_stage_model
+    return {name[len("clip_"):]: module for name, module in model.named_children() if name.startswith("clip_")}
+
+
+def token_widths(clip) -> dict[str, int]:
+    return {key: enc.transformer.get_input_embeddings().weight.shape[1] for key, enc in text_encoders(clip).items()}
+
+
+def projection_width(clip, key: str) -> int:
+    return text_encoders(clip)[key].transformer.text_projection.weight.shape[0]
+
+
+def insert_prompt_vectors(clip, template: str, marker: str, vectors: dict) -> dict:
+    """Tokens of ``template`` with ``marker`` replaced by one entry per vector, for every text encoder.
+
+    ``vectors[key]`` is (n_ctx, width) for encoder ``key``. Each vector takes one token slot (ComfyUI's
+    textual-inversion path); trailing padding is dropped so every chunk keeps its length.
+    """
+    if template.count("{}") != 1:
+        raise ValueError(f"the template {template!r} must have exactly one {{}} placeholder for the prompt vectors; "
+                         f"it has {template.count('{}')}")
+    tokens = clip.tokenize(template.replace("{}", marker))
+    empty = clip.tokenize("")
+    marker_tokens = clip.tokenize(marker)
+    for key, chunks in tokens.items():
+        if key not in vectors:
+            raise ValueError(f"the mapper has vectors for text encoders {sorted(vectors)}, this CLIP has {sorted(tokens)}")
+        special = {entry[0] for entry in empty[key][0]}
+        pad = empty[key][0][-1][0]
+        ids = [e[0] for e in marker_tokens[key][0] if e[0] not in special]
+        replaced = [replace_marker(chunk, ids, vectors[key], pad, template) for chunk in chunks]
+        if all(new is old for new, old in zip(replaced, chunks)):
+            raise ValueError(f"the tokenizer split the {{}} of the template {template!r} so the prompt vectors found "
+                             f"no place; put spaces around {{}}")
+        tokens[key] = replaced
+    return tokens
+
+
+def encode_tokens(clip, tokens) -> tuple:
+    """(cond (1, T, D), pooled) of ComfyUI's own encoding of these tokens."""
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    return out["cond"], out.get("pooled_output")
+
+
+# -- differentiable CLIP forwards ------------------------------------------------------------------------
+
+def _encoder_out_of_place(encoder, x, mask=None):
+    """ComfyUI's CLIPEncoder layers with out-of-place residual adds: its CLIPLayer does ``x += ...``, which
+    autograd cannot differentiate through. Same modules, same order, same attention function."""
+    attention = comfy.ldm.modules.attention.optimized_attention_for_device(x.device, mask=mask is not None,
+                                                                          small_input=True)
+    for layer in encoder.layers:
+        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x
+
+
+def _text_features_out_of_place(transformer, embeds, num_tokens):
+    """ComfyUI's CLIP text forward (causal mask, final norm, EOS pooling, projection), differentiable."""
+    text_model = transformer.text_model
+    x = embeds + comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=embeds.dtype,
+                                   device=embeds.device)
+    length = x.shape[1]
+    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
+    x = text_model.final_layer_norm(_encoder_out_of_place(text_model.encoder, x, mask))
+    pooled = x[torch.arange(x.shape[0]), torch.tensor(num_tokens) - 1]
+    return transformer.text_projection(pooled).float()
+
+
+def projected_text_features(clip, key: str, prompts: list, require_projection: bool = True):
+    """(len(prompts), P) projected pooled text features, differentiable in any inserted vectors.
+
+    ``prompts`` holds one token list per prompt, for encoder ``key`` (ComfyUI's tokenize(...)[key]); the
+    first 77-token chunk of each is encoded, all in one batch.
+    """
+    encoder = text_encoders(clip)[key]
+    projection = encoder.transformer.text_projection.weight
+    if require_projection and not bool(projection.abs().sum() > 0):
+        raise ValueError("this CLIP has no text projection (SD1.5 checkpoints do not carry one): load the text encoder "
+                         "with CLIPLoader from a file that includes text_projection, so text and image features share "
+                         "one CLIP space")
+    clip.load_model()
+    ids = [[entry[0] for entry in tokens[0]] for tokens in prompts]
+    embeds, _, num_tokens, _ = encoder.process_tokens(ids, projection.device)
+    return _text_features_out_of_place(encoder.transformer, embeds, num_tokens)
+
+
+def clip_vision_embeds(clip_vision, images):
+    """(B, P) projected image embeddings of ComfyUI's CLIP vision encoder (no gradient)."""
+    with torch.no_grad():
+        return clip_vision.encode_image(images)["image_embeds"].float().detach()
+
+
+def clip_vision_width(clip_vision) -> int:
+    return clip_vision.model.visual_projection.weight.shape[0]
+
+
+def clip_vision_embeds_with_grad(clip_vision, images):
+    """Projected image embeddings, differentiable in the images.
+
+    Same resize, crop and normalisation as comfy.clip_vision.clip_preprocess, minus its rounding to 8-bit
+    levels, which would zero every gradient.
+    """
+    size = clip_vision.image_size
+    pixels = images[..., :3].movedim(-1, 1)
+    scale = size / min(pixels.shape[2], pixels.shape[3])
+    pixels = torch.nn.functional.interpolate(pixels, size=(round(scale * pixels.shape[2]), round(scale * pixels.shape[3])),
+                                             mode="bicubic", antialias=True)
+    top, left = (pixels.shape[2] - size) // 2, (pixels.shape[3] - size) // 2
+    pixels = pixels[:, :, top:top + size, left:left + size].clamp(0, 1)
+    mean = torch.tensor(clip_vision.image_mean, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(clip_vision.image_std, dtype=pixels.dtype).view(1, 3, 1, 1)
+    vision = clip_vision.model.vision_model
+    if vision.output_layernorm:
+        raise ValueError("training through the image encoder needs a CLIP ViT vision model (not SigLIP or DINOv2)")
+    x = _encoder_out_of_place(vision.encoder, vision.pre_layrnorm(vision.embeddings((pixels - mean) / std)))
+    return clip_vision.model.visual_projection(vision.post_layernorm(x[:, 0, :])).float()
+
+
+def vae_decode_with_grad(vae, latent):
+    """(B, H, W, 3) images in [0, 1] from VAE-space latents, differentiable (ComfyUI's decode runs without grad)."""
+    return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
+
+
+# -- mappers and prompts ---------------------------------------------------------------------------------
+
+def check_mapper_fits(mapper: LatentMapper, clip_vision, clip, name: str) -> None:
+    vision, widths = clip_vision_width(clip_vision), token_widths(clip)
+    if mapper.in_dim != vision:
+        raise ValueError(f"{name}: the mapper takes {mapper.in_dim}-wide image embeddings, this CLIP_VISION gives {vision}")
+    if mapper.token_dims != widths:
+        raise ValueError(f"{name}: the mapper makes vectors for text encoders {mapper.token_dims}, this CLIP has {widths}")
+
+
+def conditioning_with_vectors(clip, template: str, per_image: list[dict[str, torch.Tensor]]) -> list:
+    """One conditioning entry holding a batch: row b is the template with image b's vectors."""
+    conds, pooled = [], []
+    for vectors in per_image:
+        cond, pool = encode_tokens(clip, insert_prompt_vectors(clip, template, MARKER, vectors))
+        conds.append(cond)
+        pooled.append(pool)
+    extras = {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}
+    return [[torch.cat(conds), extras]]
+
+
+def paired_encoder(clip, clip_vision) -> str:
+    """The text encoder whose projected features live in the CLIP vision model's space (same width)."""
+    width = clip_vision_width(clip_vision)
+    keys = [k for k in text_encoders(clip) if projection_width(clip, k) == width]
+    if not keys:
+        widths = {k: projection_width(clip, k) for k in text_encoders(clip)}
+        raise ValueError(f"no text encoder of this CLIP projects to the CLIP vision width {width} (they give {widths}); "
+                         f"use the text encoder that was trained with this vision model")
+    return keys[0]
+
+
+def folder_images(folder: str) -> list[torch.Tensor]:
+    root = Path(cc.input_directory()).resolve()
+    directory = (root / folder).resolve()
+    if root not in (directory, *directory.parents) or not directory.is_dir():
+        raise ValueError(f"image_folder {folder!r} is not a folder inside ComfyUI's input directory")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)[None] for p in files]
+
+
+def source_embeddings(clip_vision, images, image_folder: str) -> torch.Tensor:
+    batches = ([images] if images is not None else []) + (folder_images(image_folder) if image_folder else [])
+    if not batches:
+        raise ValueError("give source images, an image_folder, or both")
+    return torch.cat([clip_vision_embeds(clip_vision, b) for b in batches])
+
+
+def vector_prompts(clip, mapper: LatentMapper, vectors: torch.Tensor, label: str) -> list[dict]:
+    """Tokens of [SOS][V1..Vn][label][EOS] for each row of vectors (every text encoder)."""
+    split = mapper.split(vectors)
+    return [insert_prompt_vectors(clip, "{} " + label, MARKER, {k: v[row] for k, v in split.items()})
+            for row in range(vectors.shape[0])]
+
+
+def prompt_features(clip, key: str, mapper: LatentMapper, vectors: torch.Tensor, label: str) -> torch.Tensor:
+    """(b, P) projected features of each row's prompt through the frozen text encoder, in one batch."""
+    return projected_text_features(clip, key, [p[key] for p in vector_prompts(clip, mapper, vectors, label)])
+
+
+def template_features(clip, key: str, label: str) -> torch.Tensor:
+    with torch.no_grad():
+        return projected_text_features(clip, key, [clip.tokenize(t.format(label))[key] for t in TEMPLATES])
+
+
+# -- nodes -----------------------------------------------------------------------------------------------
+
+class ImageToPromptVectors(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ImageToPromptVectors"),
+            display_name="Image to Prompt Vectors",
+            category=CATEGORY,
+            description="IPL: a latent mapper turns each image's CLIP vision embedding into n_ctx prompt vectors that "
+                        "replace {} in the template at the text encoders' input embeddings (like textual inversion). "
+                        "A batch of images gives a batch of conditionings.",
+            inputs=[
+                io.Image.Input("image", tooltip="One image or a batch; each gets its own prompt vectors."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the mapper was trained with."),
+                io.Combo.Input("mapper_name", options=cc.mapper_file_names(),
+                               tooltip=f"A mapper file from models/{cc.MAPPER_FOLDER} (made by Train Prompt Mapper)."),
+                io.Clip.Input("clip", tooltip="The text encoder(s) that encode the prompt."),
+                io.String.Input("template", default="a {} photo of a dog",
+                                tooltip="The prompt; {} is replaced by the image's prompt vectors."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="conditioning",
+                                            tooltip="Batch of conditionings, one row per image.")],
+        )
+
+    @classmethod
+    def execute(cls, image, clip_vision, mapper_name: str, clip, template: str) -> io.NodeOutput:
+        mapper, _ = load_mapper(cc.mapper_file_path(mapper_name))
+        check_mapper_fits(mapper, clip_vision, clip, mapper_name)
+        with torch.no_grad():
+            vectors = mapper.split(mapper(clip_vision_embeds(clip_vision, image)))
+        per_image = [{key: v[b] for key, v in vectors.items()} for b in range(image.shape[0])]
+        return io.NodeOutput(conditioning_with_vectors(clip, template, per_image))
+
+
+class TrainPromptMapper(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("TrainPromptMapper"),
+            display_name="Train Prompt Mapper",
+            category=CATEGORY,
+            description="IPL stage 1: train a latent mapper from source images so each image's prompt vectors plus the "
+                        "source label match the image in CLIP space (symmetric contrastive loss), with a domain "
+                        "regulariser toward the target label. Saves to models/prompt_mappers.",
+            inputs=[
+                io.Image.Input("images", optional=True, tooltip="Source images (at least 2 with the folder)."),
+                io.String.Input("image_folder", default="", tooltip="Optional folder of source images inside ComfyUI's input directory."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP vision model; its embeddings feed the mapper."),
+                io.Clip.Input("clip", tooltip="Text encoder with a text projection in the same CLIP space."),
+                io.String.Input("source_label", default="photo", tooltip="Class label of the source domain."),
+                io.String.Input("target_label", default="sketch", tooltip="Class label of the target domain."),
+                io.Int.Input("iterations", default=300, min=1, max=100000, tooltip="Optimiser steps (paper: 300)."),
+                io.Float.Input("lr", default=0.05, min=1e-6, max=1.0, step=1e-4, tooltip="Adam learning rate (paper: 0.05)."),
+                io.Int.Input("batch_size", default=32, min=2, max=1024, tooltip="Images per step (paper: 32)."),
+                io.Int.Input("n_ctx", default=4, min=1, max=16, tooltip="Prompt vectors per image (paper: 4)."),
+                io.Float.Input("regularizer_weight", default=1.0, min=0.0, max=100.0, step=0.1,
+                               tooltip="Weight of the domain regulariser."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the mapper's init and batches."),
+                io.String.Input("filename", default="ipl_mapper", tooltip="File name in models/prompt_mappers."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing mapper file."),
+            ],
+            outputs=[
+                io.String.Output(display_name="mapper_name", tooltip="The saved mapper's name (for Image to Prompt Vectors)."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, clip, source_label: str, target_label: str, iterations: int, lr: float,
+                batch_size: int, n_ctx: int, regularizer_weight: float, seed: int, filename: str, overwrite: bool,
+                image_folder: str = "", images=None) -> io.NodeOutput:
+        target = path_inside(cc.mapper_save_root(), "", filename)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; choose another filename or allow overwriting")
+        key = paired_encoder(clip, clip_vision)
+        make_autograd_safe(*torch_modules(clip=clip))
+        with grad_enabled():
+            embeds = source_embeddings(clip_vision, images, image_folder).clone()
+            with torch.random.fork_rng(devices=[]):  # seed the mapper's init without touching the server's generator
+                torch.manual_seed(seed)
+                mapper = LatentMapper(embeds.shape[1], n_ctx, token_widths(clip))
+            losses = train_mapper(mapper, embeds, lambda v, label: prompt_features(clip, key, mapper, v, label),
+                                  source_label, target_label, template_features(clip, key, target_label), iterations,
+                                  lr, batch_size, seed, regularizer_weight, on_step=cc.progress_steps(iterations))
+        save_mapper(mapper, target, {"csa.source_label": source_label, "csa.target_label": target_label,
+                                     "csa.final_loss": f"{losses[-1]:.6f}"}, overwrite=overwrite)
+        return io.NodeOutput(target.name, loss_curve_image(losses)[None])
+
+
+def attention_targets(model) -> dict[str, tuple[int, ...]]:
+    """Every attention projection of the UNet: what Zero-shot Adapt trains."""
+    return {k: s for k, s in cc.weight_shapes(model).items() if is_attention_projection(k)}
+
+
+class PromptPairs:
+    """Per source image: its source-prompt conditioning and the projected features of its source/target prompts."""
+
+    def __init__(self, clip, key: str, mapper: LatentMapper, embeds: torch.Tensor, source: str, target: str):
+        with torch.no_grad():
+            vectors = mapper(embeds)
+            source_prompts = vector_prompts(clip, mapper, vectors, source)
+            self.conds = [encode_tokens(clip, tokens)[0] for tokens in source_prompts]
+            self.source_features = projected_text_features(clip, key, [p[key] for p in source_prompts])[:, None]
+            target_prompts = vector_prompts(clip, mapper, vectors, target)
+            self.target_features = projected_text_features(clip, key, [p[key] for p in target_prompts])[:, None]
+
+
+def adaptation_step(model, vae, clip_vision, latent, cond, pairs: PromptPairs, index: int, sigma: torch.Tensor,
+                    generator: torch.Generator) -> torch.Tensor:
+    """Directional loss of one image: the adapted UNet's x0 against the frozen one's, from the same noisy latent."""
+    noisy = latent + sigma * torch.randn(latent.shape, generator=generator)
+    with torch.no_grad():
+        source = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset()})
+        source_embed = clip_vision_embeds_with_grad(
+            clip_vision, vae_decode_with_grad(vae, cc.from_model_space(model, source)))
+    adapted = cc.denoised(model, noisy, sigma, cond, {ACTIVE_KEY: frozenset({ADAPTED})})
+    adapted_embed = clip_vision_embeds_with_grad(clip_vision, vae_decode_with_grad(vae, cc.from_model_space(model, adapted)))
+    return directional_loss(source_embed, adapted_embed, pairs.source_features[index], pairs.target_features[index])
+
+
+class ZeroShotAdapt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=node_id("ZeroShotAdapt"),
+            display_name="Zero-shot Adapt",
+            category=CATEGORY,
+            description="IPL stage 2 (diffusion form): train a LoRA on the UNet's attention so that, image by image, the "
+                        "CLIP image change from the frozen to the adapted model's prediction follows the change from "
+                        "the image's source prompt to its target prompt (directional loss). SD1.x/SD2.x UNets.",
+            inputs=[
+                io.Model.Input("model", tooltip="The source model (frozen; the adapter is trained beside it)."),
+                io.Vae.Input("vae", tooltip="Decodes predictions to images for CLIP."),
+                io.Clip.Input("clip", tooltip="Text encoder with a text projection in the CLIP vision space."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model of the mapper."),
+                io.Combo.Input("mapper_name", options=cc.mapper_file_names(), tooltip="A mapper from Train Prompt Mapper."),
+                io.Image.Input("images", tooltip="Source images (one prompt pair each)."),
+                io.String.Input("source_label", default="photo", tooltip="Source class label."),
+                io.String.Input("target_label", default="sketch", tooltip="Target class label."),
+                io.Int.Input("iterations", default=200, min=1, max=100000, tooltip="Optimiser steps."),
+                io.Float.Input("lr", default=1e-3, min=1e-7, max=1.0, step=1e-5, tooltip="Adam learning rate."),
+                io.Int.Input("rank", default=4, min=1, max=256, tooltip="LoRA rank on every attention projection."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of init, noise and timesteps."),
+            ],
+            outputs=[
+                AdapterSocket.Output(display_name="adapter", tooltip="The target-domain adapter (method ipl-zero-shot)."),
+                io.Image.Output(display_name="loss_curve", tooltip="Directional loss per step."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, clip, clip_vision, mapper_name: str, images, source_label: str, target_label: str,
+                iterations: int, lr: float, rank: int, seed: int) -> io.NodeOutput:
+        if cc.has_pooled_conditioning(model):
+            raise ValueError("Zero-shot Adapt supports UNets conditioned on text tokens only (SD1.x / SD2.x); this "
+                             "model also needs pooled conditioning (SDXL-like)")
+        mapper, _ = load_mapper(cc.mapper_file_path(mapper_name))
+        check_mapper_fits(mapper, clip_vision, clip, mapper_name)
+        make_autograd_safe(*torch_modules(model, vae, clip_vision))
+        with grad_enabled():
+            pairs = PromptPairs(clip, paired_encoder(clip, clip_vision), mapper,
+                                clip_vision_embeds(clip_vision, images).clone(), source_label, target_label)
+            adapter, losses = train_adapter(model, vae, clip_vision, images, pairs, iterations, lr, rank, seed)
+        return io.NodeOutput(adapter, loss_curve_image(losses)[None])
+
+
+def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iterations: int, lr: float, rank: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    modules = {generic_module_name(k): trainable_lowrank(s, rank, generator) for k, s in attention_targets(model).items()}
+    adapter = Adapter(modules=modules, role="style", method="ipl-zero-shot", source="Zero-shot Adapt")
+    patched = model.clone()
+    install_switched_adapters(patched, {ADAPTED: adapter}, frozenset({ADAPTED}))
+    cc.load_for_direct_calls(patched)
+    latents = cc.to_model_space(patched, vae_encode(vae, images).clone())
+    optimizer = torch.optim.Adam([t for f in modules.values() for t in (f.up, f.down)], lr=lr)
+    low, high = cc.percent_to_sigma(patched, 0.8), cc.percent_to_sigma(patched, 0.2)
+    progress, losses = cc.progress_steps(iterations), []
+    for step in range(iterations):
+        index = step % latents.shape[0]
+        sigma = low + (high - low) * torch.rand(1, generator=generator)
+        loss = adaptation_step(patched, vae, clip_vision, latents[index:index + 1], pairs.conds[index], pairs, index,
+                               sigma, generator)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        progress()
+    frozen = {n: LowRank(up=f.up.detach().clone(), down=f.down.detach().clone()) for n, f in modules.items()}
+    return adapter.replace(modules=frozen), losses
