@@ -14,7 +14,7 @@ import math
 import torch
 from safetensors.torch import save_file
 
-from harness import full_sd15_unet, median_seconds, record, start_comfy, tiny_sd15
+from harness import full_sd15_unet, median_seconds, parse_args, record, start_comfy, tiny_sd15
 
 RANK = 64
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["tiny", "full"], default="full")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parse_args(parser, {"model": "tiny", "repeats": 1})
     nodes, base = start_comfy()
     model = tiny_sd15()[0] if args.model == "tiny" else full_sd15_unet()
     names = []
@@ -55,7 +55,8 @@ def main() -> None:
     def ours():
         adapters = [nodes["CSA_LoadAdapter"].execute(adapter_name=n, strength=1.0, part="whole file",
                                                      role="from file").args[0] for n in names]
-        return nodes["CSA_ApplyAdapters"].execute(model, adapters[0], "", adapter_2=adapters[1]).args[0]
+        return nodes["CSA_ApplyAdapters"].execute(model=model, adapter=adapters[0], block_strengths="",
+                                                  adapter_2=adapters[1]).args[0]
 
     def realised(make):
         def run():

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from harness import median_seconds, record, start_comfy, tiny_sd15
+from harness import median_seconds, parse_args, record, start_comfy, tiny_sd15
 
 import model_names as names  # scripts/ (on the path through harness)
 
@@ -25,7 +25,7 @@ def main():
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, {"latent": 8, "steps": 1, "repeats": 1})
     nodes, _ = start_comfy()
     import comfy.sample
     import comfy.samplers
@@ -44,8 +44,9 @@ def main():
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", args.steps)
 
     def run(lam_c, lam_s):
-        guider = nodes["CSA_ContentStyleGuider"].execute(model, clip, positive, negative, 4.0, lam_c, lam_s, "sks",
-                                                         "zwx", **PROMPTS, **adapters).args[0]
+        guider = nodes["CSA_ContentStyleGuider"].execute(
+            model=model, clip=clip, positive=positive, negative=negative, cfg=4.0, lambda_content=lam_c,
+            lambda_style=lam_s, content_token="sks", style_token="zwx", **PROMPTS, **adapters).args[0]
         return lambda: guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, seed=0,
                                      disable_pbar=True)
 

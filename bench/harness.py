@@ -5,6 +5,7 @@ seconds depend on the machine, which is written next to every result.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -21,6 +22,21 @@ import comfy_host  # noqa: E402
 import model_names as names  # noqa: E402
 
 RESULTS = REPO_ROOT / "bench" / "RESULTS.md"
+SMOKE = False  # set by parse_args(--smoke): every code path at a tiny size, results printed, nothing written
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke_defaults: dict | None = None) -> argparse.Namespace:
+    """Parse a bench's arguments, adding --smoke: the same code paths at the sizes in ``smoke_defaults``, printed
+    only (RESULTS.md and committed files stay untouched). ``make test`` runs every bench this way."""
+    global SMOKE
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes, every code path, nothing written (what make test runs)")
+    args = parser.parse_args()
+    SMOKE = args.smoke
+    if SMOKE:
+        for name, value in (smoke_defaults or {}).items():
+            setattr(args, name, value)
+    return args
 
 SD15_FULL_UNET_CONFIG = {  # the real SD1.5 UNet layout (860M parameters)
     "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
@@ -93,5 +109,8 @@ def record(title: str, rows: list[tuple[str, str]], notes: str = "") -> None:
         lines += ["", notes]
     text = "\n".join(lines) + "\n\n"
     print(text)
+    if SMOKE:
+        print("(smoke run: not written to bench/RESULTS.md)")
+        return
     with open(RESULTS, "a") as handle:
         handle.write(text)

@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from harness import median_seconds, record, start_comfy, tiny_sd15
+from harness import median_seconds, parse_args, record, start_comfy, tiny_sd15
 
 
 def main():
@@ -20,16 +20,17 @@ def main():
     parser.add_argument("--latent", type=int, default=32, help="latent size (32 = 256 px images)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args(parser, {"latent": 8, "steps": 1, "repeats": 1})
     nodes, _ = start_comfy()
     import nodes as comfy_nodes
 
     model, clip, _ = tiny_sd15()
-    residual = nodes["CSA_NewResidualAdapter"].execute(model, 0.05, 0.5, 1).args[0]
+    residual = nodes["CSA_NewResidualAdapter"].execute(model=model, rank_fraction=0.05, init_scale=0.5, seed=1).args[0]
     prompt = "a photo of sks dog on the beach"
     lag_model, positive = nodes["CSA_ApplyLocalizedResidual"].execute(
-        model, residual, clip, prompt, "sks dog", True, "median", 0.5, 0.0, 1.0, 1.0).args
-    global_model = nodes["CSA_ApplyAdapters"].execute(model, residual, "").args[0]
+        model=model, residual=residual, clip=clip, prompt=prompt, concept_words="sks dog", lag=True,
+        threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args
+    global_model = nodes["CSA_ApplyAdapters"].execute(model=model, adapter=residual, block_strengths="").args[0]
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
 

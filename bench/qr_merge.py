@@ -63,7 +63,8 @@ def sd15_nodes(nodes, base, repeats):
     def ours():
         content, style = [nodes["CSA_LoadAdapter"].execute(adapter_name=n, strength=1.0, part="whole file",
                                                            role="from file").args[0] for n in names]
-        realise(nodes["CSA_QRMerge"].execute(model, content, style, 1.0, 1.0, "off").args[0])
+        realise(nodes["CSA_QRMerge"].execute(model=model, content=content, style=style, lambda_content=1.0,
+                                             lambda_style=1.0, interference="off").args[0])
 
     t_stock, t_ours = median_seconds(stock, repeats), median_seconds(ours, repeats)
     return len(shapes), t_stock, t_ours

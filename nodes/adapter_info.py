@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 from ..core.adapter import Adapter
 from ..core.blocks import touched_blocks
 from .model_binding import bind_to_model, describe_binding
-from .common import CATEGORY, node_id
+from .common import schema
 from .sockets import AdapterSocket
 
 
@@ -21,16 +21,12 @@ def describe_adapter(adapter: Adapter) -> str:
 
 
 class AdapterInfo(io.ComfyNode):
+    """Show an adapter's modules, ranks, blocks, parameter count, size, role and method; with a model connected, also
+    which modules match it."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("AdapterInfo"),
-            display_name="Adapter Info",
-            category=CATEGORY,
-            is_output_node=True,
-            description="Show an adapter's modules, ranks, blocks, parameter count, size, role and method; with a "
-                        "model connected, also which modules match it.",
-            inputs=[
+        return schema(cls, "AdapterInfo", "Adapter Info", output_node=True, inputs=[
                 AdapterSocket.Input("adapter", tooltip="The adapter to describe."),
                 io.Model.Input("model", optional=True, tooltip="Optional model to match the adapter's modules against."),
                 io.Clip.Input("clip", optional=True, tooltip="Optional text encoder, for text-encoder modules."),

@@ -5,23 +5,19 @@ from comfy_api.latest import io
 
 from ..core.blocks import parse_block_strengths
 from .model_binding import apply_patch_groups, patches_by_strength
-from .common import CATEGORY, node_id
+from .common import schema
 from .sockets import AdapterSocket
 
 EXTRA_SLOTS = ("adapter_2", "adapter_3", "adapter_4")
 
 
 class ApplyAdapters(io.ComfyNode):
+    """Apply one or more adapters, each with the strength set on its loader, through ComfyUI's own key map and weight
+    patches (lowvram and quantized models keep working). The input model is never modified."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ApplyAdapters"),
-            display_name="Apply Adapters",
-            category=CATEGORY,
-            description="Apply one or more adapters, each with the strength set on its loader, through ComfyUI's own "
-                        "key map and weight patches (lowvram and quantized models keep working). The input model "
-                        "is never modified.",
-            inputs=[
+        return schema(cls, "ApplyAdapters", "Apply Adapters", inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to patch. A patched clone is returned."),
                 AdapterSocket.Input("adapter", tooltip="An adapter from a Load Adapter node (or a merge / training node)."),
                 io.String.Input("block_strengths", default="", multiline=True,

@@ -18,13 +18,15 @@ import comfy.samplers
 from ..core.adapter import Adapter
 from ..core.blocks import select_b_lora_part
 from . import comfy_compat as cc
-from .common import CATEGORY, node_id
+from .common import schema, strength_input
 from .model_binding import apply_patch_groups, patches_by_strength
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 
 SLOTS = {"content_of_content": "cc", "style_of_content": "cs", "content_of_style": "sc", "style_of_style": "ss"}
 TERMS = {"content": ("cc", "sc"), "style": ("ss", "cs")}  # (positive prompt adapter, negative prompt adapter)
+CFG_CONDITIONINGS = {"positive": "The prompt, e.g. 'a [c] in the style of [v]'.",
+                     "negative": "The negative prompt of the CFG part."}
 DEFAULT_PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",
                    "style_positive": "in the style of {v}", "style_negative": "in the style of {c}"}
 
@@ -69,26 +71,22 @@ def check_terms(adapters: dict[str, Adapter], lambdas: dict[str, float]) -> None
 
 
 class ContentStyleGuider(io.ComfyNode):
+    """ConsisLoRA guidance for SamplerCustomAdvanced: CFG with the content image's content-block adapter and the style
+    image's style-block adapter, plus λ_content and λ_style guidance terms (two extra conditional UNet passes each;
+    none when λ is 0)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ContentStyleGuider"),
-            display_name="Content-Style Guider",
-            category=CATEGORY,
-            description="ConsisLoRA guidance for SamplerCustomAdvanced: CFG with the content image's content-block "
-                        "adapter and the style image's style-block adapter, plus λ_content and λ_style guidance terms "
-                        "(two extra conditional UNet passes each; none when λ is 0).",
-            inputs=[
+        return schema(cls, "ContentStyleGuider", "Content-Style Guider", inputs=[
                 io.Model.Input("model", tooltip="The base model (without the four adapters applied)."),
                 io.Clip.Input("clip", tooltip="Encodes the guidance prompts."),
-                io.Conditioning.Input("positive", tooltip="The prompt, e.g. 'a [c] in the style of [v]'."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt of the CFG part."),
+                *[io.Conditioning.Input(name, tooltip=tip) for name, tip in CFG_CONDITIONINGS.items()],
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="ComfyUI CFG scale (the paper's w is cfg − 1)."),
-                io.Float.Input("lambda_content", default=0.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="Content guidance strength λ_content; 0 disables the term (no extra passes)."),
-                io.Float.Input("lambda_style", default=0.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="Style guidance strength λ_style; 0 disables the term."),
+                strength_input("lambda_content", "Content guidance strength λ_content; 0 disables the term (no extra "
+                               "passes).", default=0.0, step=0.05),
+                strength_input("lambda_style", "Style guidance strength λ_style; 0 disables the term.", default=0.0,
+                               step=0.05),
                 io.String.Input("content_token", default="[c]", tooltip="The content identifier, for {c} in the prompts."),
                 io.String.Input("style_token", default="[v]", tooltip="The style identifier, for {v} in the prompts."),
                 *[io.String.Input(name, default=text, tooltip=f"Guidance prompt ({name.replace('_', ' ')}); "
@@ -119,15 +117,12 @@ class ContentStyleGuider(io.ComfyNode):
 
 
 class ComposeContentAndStyle(io.ComfyNode):
+    """Plain B-LoRA composition without guidance: the content block of the content image's adapter plus the style block
+    of the style image's adapter, patched into the model (any sampler)."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ComposeContentAndStyle"),
-            display_name="Compose Content and Style (B-LoRA)",
-            category=CATEGORY,
-            description="Plain B-LoRA composition without guidance: the content block of the content image's adapter "
-                        "plus the style block of the style image's adapter, patched into the model (any sampler).",
-            inputs=[
+        return schema(cls, "ComposeContentAndStyle", "Compose Content and Style (B-LoRA)", inputs=[
                 io.Model.Input("model", tooltip="The base model; a patched clone is returned."),
                 AdapterSocket.Input("content_image_adapter", tooltip="Adapter learned from the content image."),
                 AdapterSocket.Input("style_image_adapter", tooltip="Adapter learned from the style image."),

@@ -25,7 +25,7 @@ from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, 
                         save_mapper, train_mapper)
 from ..core.layouts import generic_module_name
 from . import comfy_compat as cc
-from .common import CATEGORY, node_id
+from .common import schema
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 from .training import grad_enabled, make_autograd_safe, torch_modules, vae_encode
@@ -233,16 +233,13 @@ def template_features(clip, key: str, label: str) -> torch.Tensor:
 # -- nodes -----------------------------------------------------------------------------------------------
 
 class ImageToPromptVectors(io.ComfyNode):
+    """IPL: a latent mapper turns each image's CLIP vision embedding into n_ctx prompt vectors that replace {} in the
+    template at the text encoders' input embeddings (like textual inversion). A batch of images gives a batch of
+    conditionings."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ImageToPromptVectors"),
-            display_name="Image to Prompt Vectors",
-            category=CATEGORY,
-            description="IPL: a latent mapper turns each image's CLIP vision embedding into n_ctx prompt vectors that "
-                        "replace {} in the template at the text encoders' input embeddings (like textual inversion). "
-                        "A batch of images gives a batch of conditionings.",
-            inputs=[
+        return schema(cls, "ImageToPromptVectors", "Image to Prompt Vectors", inputs=[
                 io.Image.Input("image", tooltip="One image or a batch; each gets its own prompt vectors."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model the mapper was trained with."),
                 io.Combo.Input("mapper_name", options=cc.mapper_file_names(),
@@ -266,16 +263,13 @@ class ImageToPromptVectors(io.ComfyNode):
 
 
 class TrainPromptMapper(io.ComfyNode):
+    """IPL stage 1: train a latent mapper from source images so each image's prompt vectors plus the source label match
+    the image in CLIP space (symmetric contrastive loss), with a domain regulariser toward the target label. Saves
+    to models/prompt_mappers."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("TrainPromptMapper"),
-            display_name="Train Prompt Mapper",
-            category=CATEGORY,
-            description="IPL stage 1: train a latent mapper from source images so each image's prompt vectors plus the "
-                        "source label match the image in CLIP space (symmetric contrastive loss), with a domain "
-                        "regulariser toward the target label. Saves to models/prompt_mappers.",
-            inputs=[
+        return schema(cls, "TrainPromptMapper", "Train Prompt Mapper", inputs=[
                 io.Image.Input("images", optional=True, tooltip="Source images (at least 2 with the folder)."),
                 io.String.Input("image_folder", default="", tooltip="Optional folder of source images inside ComfyUI's input directory."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP vision model; its embeddings feed the mapper."),
@@ -352,16 +346,13 @@ def adaptation_step(model, vae, clip_vision, latent, cond, pairs: PromptPairs, i
 
 
 class ZeroShotAdapt(io.ComfyNode):
+    """IPL stage 2 (diffusion form): train a LoRA on the UNet's attention so that, image by image, the CLIP image
+    change from the frozen to the adapted model's prediction follows the change from the image's source prompt to
+    its target prompt (directional loss). SD1.x/SD2.x UNets."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ZeroShotAdapt"),
-            display_name="Zero-shot Adapt",
-            category=CATEGORY,
-            description="IPL stage 2 (diffusion form): train a LoRA on the UNet's attention so that, image by image, the "
-                        "CLIP image change from the frozen to the adapted model's prediction follows the change from "
-                        "the image's source prompt to its target prompt (directional loss). SD1.x/SD2.x UNets.",
-            inputs=[
+        return schema(cls, "ZeroShotAdapt", "Zero-shot Adapt", inputs=[
                 io.Model.Input("model", tooltip="The source model (frozen; the adapter is trained beside it)."),
                 io.Vae.Input("vae", tooltip="Decodes predictions to images for CLIP."),
                 io.Clip.Input("clip", tooltip="Text encoder with a text projection in the CLIP vision space."),

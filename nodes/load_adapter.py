@@ -8,7 +8,7 @@ from ..core.adapter_file import read_safetensors
 from ..core.blocks import select_b_lora_part
 from ..core.formats import adapter_from_tensors
 from . import comfy_compat
-from .common import CATEGORY, node_id
+from .common import schema, strength_input
 from .sockets import AdapterSocket
 
 PARTS = {"whole file": None, "B-LoRA content block": "content", "B-LoRA style block": "style"}
@@ -16,6 +16,9 @@ ROLE_FROM_FILE = "from file"
 
 
 class LoadAdapter(io.ComfyNode):
+    """Read an adapter file: kohya, diffusers / PEFT (also B4M's doubled unet. prefix), ComfyUI generic, B-LoRA /
+    ConsisLoRA block splits and QR-LoRA files, from the loras folder or models/content_style_adapters."""
+
     ROLE: str | None = None  # fixed by the content / style variants
     NAME, TITLE = "LoadAdapter", "Load Adapter"
 
@@ -24,18 +27,10 @@ class LoadAdapter(io.ComfyNode):
         role_input = [] if cls.ROLE else [io.Combo.Input(
             "role", options=[ROLE_FROM_FILE, *ROLES], default=ROLE_FROM_FILE,
             tooltip="What the adapter carries. 'from file' reads the role saved in the file's metadata (else generic).")]
-        return io.Schema(
-            node_id=node_id(cls.NAME),
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            description="Read an adapter file: kohya, diffusers / PEFT (also B4M's doubled unet. prefix), ComfyUI "
-                        "generic, B-LoRA / ConsisLoRA block splits and QR-LoRA files, from the loras folder or "
-                        f"models/{comfy_compat.PACK_FOLDER}.",
-            inputs=[
+        return schema(cls, cls.NAME, cls.TITLE, inputs=[
                 io.Combo.Input("adapter_name", options=comfy_compat.adapter_file_names(),
                                tooltip="Adapter file (safetensors) in the loras folder or the pack's own folder."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="How strongly this adapter changes the model when applied or merged."),
+                strength_input("strength", "How strongly this adapter changes the model when applied or merged."),
                 io.Combo.Input("part", options=list(PARTS), default="whole file",
                                tooltip="Take the whole file, or only the B-LoRA content block (up_blocks.0.attentions.0 "
                                        "= output_blocks.0.1) or style block (up_blocks.0.attentions.1 = output_blocks.1.1)."),

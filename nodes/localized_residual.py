@@ -14,7 +14,7 @@ from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, fina
 from . import comfy_compat as cc
 from .model_binding import bind_to_model
 from .runtime_adapters import add_to_forward, check_runtime_factors, publish_call_options
-from .common import CATEGORY, node_id
+from .common import schema, strength_input
 from .sockets import AdapterSocket
 
 STATE_KEY = "csa.localized_residual"  # transformer option: this model's LocalizedResidualState
@@ -165,16 +165,13 @@ def install_residuals(patched, settings: LocalizedResidualSettings, targets: dic
 
 
 class ApplyLocalizedResidual(io.ComfyNode):
+    """Personalized Residuals with localized attention-guided sampling (LAG): each transformer block's proj_out
+    residual acts only where the concept words' cross-attention is, W x + M ⊙ ΔW x. Chains to other packs' attention
+    patches; no extra UNet passes."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ApplyLocalizedResidual"),
-            display_name="Apply Localized Residual",
-            category=CATEGORY,
-            description="Personalized Residuals with localized attention-guided sampling (LAG): each transformer "
-                        "block's proj_out residual acts only where the concept words' cross-attention is, "
-                        "W x + M ⊙ ΔW x. Chains to other packs' attention patches; no extra UNet passes.",
-            inputs=[
+        return schema(cls, "ApplyLocalizedResidual", "Apply Localized Residual", inputs=[
                 io.Model.Input("model", tooltip="The model to patch; a patched clone is returned."),
                 AdapterSocket.Input("residual", tooltip="A residual adapter: proj_out modules only (role concept)."),
                 io.Clip.Input("clip", tooltip="The text encoder: finds the concept words' tokens and encodes the prompt."),
@@ -192,8 +189,7 @@ class ApplyLocalizedResidual(io.ComfyNode):
                                tooltip="Sampling progress at which the residual starts acting."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Sampling progress after which it stops."),
-                io.Float.Input("strength", default=1.0, min=-5.0, max=5.0, step=0.01,
-                               tooltip="Multiplier of the residual; 0 returns the model untouched."),
+                strength_input("strength", "Multiplier of the residual; 0 returns the model untouched.", limit=5.0),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with localized residuals."),
@@ -217,14 +213,11 @@ class ApplyLocalizedResidual(io.ComfyNode):
 
 
 class ShowAttentionMask(io.ComfyNode):
+    """The masks Apply Localized Residual used during the last sampling run of its model."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ShowAttentionMask"),
-            display_name="Show Attention Mask",
-            category=CATEGORY,
-            description="The masks Apply Localized Residual used during the last sampling run of its model.",
-            inputs=[
+        return schema(cls, "ShowAttentionMask", "Show Attention Mask", inputs=[
                 io.Model.Input("model", tooltip="The MODEL output of Apply Localized Residual (the one you sampled)."),
                 io.Latent.Input("samples", tooltip="The sampler's output; connecting it makes this node run after sampling."),
                 io.Int.Input("steps_shown", default=8, min=1, max=64, tooltip="How many steps (columns) to show."),
@@ -249,16 +242,12 @@ class ShowAttentionMask(io.ComfyNode):
 
 
 class NewResidualAdapter(io.ComfyNode):
+    """A Personalized Residuals adapter for this model: one low-rank residual on every transformer's proj_out, rank =
+    fraction x channels (5%: 16/32/64 for 320/640/1280). Train it, or use a random one to try the nodes."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("NewResidualAdapter"),
-            display_name="New Residual Adapter",
-            category=CATEGORY,
-            description="A Personalized Residuals adapter for this model: one low-rank residual on every transformer's "
-                        "proj_out, rank = fraction x channels (5%: 16/32/64 for 320/640/1280). Train it, or use a "
-                        "random one to try the nodes.",
-            inputs=[
+        return schema(cls, "NewResidualAdapter", "New Residual Adapter", inputs=[
                 io.Model.Input("model", tooltip="The model whose transformer blocks get a residual."),
                 io.Float.Input("rank_fraction", default=0.05, min=0.001, max=1.0, step=0.001,
                                tooltip="Rank as a fraction of each block's channels."),

@@ -10,7 +10,7 @@ from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
 from .model_binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
-from .common import CATEGORY, node_id
+from .common import schema, strength_input
 from .sockets import AdapterSocket
 
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
@@ -31,24 +31,21 @@ def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict
 
 
 class QRMerge(io.ComfyNode):
+    """Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base share Q and merge
+    exactly; ordinary LoRAs get one orthonormal basis for all their up-spaces (exactly the weighted sum, rank at
+    most the sum of ranks). Reports per-layer overlap."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         adapter_input = AdapterSocket.Input
-        return io.Schema(
-            node_id=node_id("QRMerge"),
-            display_name="QR Merge",
-            category=CATEGORY,
-            description="Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base "
-                        "share Q and merge exactly; ordinary LoRAs get one orthonormal basis for all their up-spaces "
-                        "(exactly the weighted sum, rank at most the sum of ranks). Reports per-layer overlap.",
-            inputs=[
+        return schema(cls, "QRMerge", "QR Merge", inputs=[
                 io.Model.Input("model", tooltip="The base model; a patched clone is returned."),
                 adapter_input("content", tooltip="Content adapter (its slot makes it content, whatever its file says)."),
                 adapter_input("style", tooltip="Style adapter."),
-                io.Float.Input("lambda_content", default=1.0, min=-5.0, max=5.0, step=0.01,
-                               tooltip="λ_content: multiplies every content adapter (times its own strength)."),
-                io.Float.Input("lambda_style", default=1.0, min=-5.0, max=5.0, step=0.01,
-                               tooltip="λ_style: multiplies every style adapter (times its own strength)."),
+                strength_input("lambda_content", "λ_content: multiplies every content adapter (times its own strength).",
+                               limit=5.0),
+                strength_input("lambda_style", "λ_style: multiplies every style adapter (times its own strength).",
+                               limit=5.0),
                 io.Combo.Input("interference", options=list(INTERFERENCE_MODES), default="off",
                                tooltip="Remove from the style coefficients their part in the content delta's input "
                                        "directions (or the reverse, or both) to reduce interference."),
@@ -81,16 +78,13 @@ class QRMerge(io.ComfyNode):
 
 
 class ConvertToQRLoRA(io.ComfyNode):
+    """Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r subspace, ΔR = Qᵀ
+    ΔW. Adapters converted on one base share Q, so QR Merge combines them at rank r. The part of ΔW outside span(Q)
+    is dropped and reported."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("ConvertToQRLoRA"),
-            display_name="Convert to QR-LoRA",
-            category=CATEGORY,
-            description="Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r "
-                        "subspace, ΔR = Qᵀ ΔW. Adapters converted on one base share Q, so QR Merge combines them at "
-                        "rank r. The part of ΔW outside span(Q) is dropped and reported.",
-            inputs=[
+        return schema(cls, "ConvertToQRLoRA", "Convert to QR-LoRA", inputs=[
                 io.Model.Input("model", tooltip="The base model the adapter was trained on."),
                 AdapterSocket.Input("adapter", tooltip="The adapter to convert."),
                 io.Int.Input("rank", default=64, min=1, max=1280, tooltip="r: columns of Q (QR-LoRA's rank)."),

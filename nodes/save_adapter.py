@@ -9,7 +9,7 @@ from ..core.formats import adapter_metadata, tensors_from_modules
 from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
 from .model_binding import bind_to_model
-from .common import CATEGORY, node_id
+from .common import schema
 from .sockets import AdapterSocket
 
 
@@ -27,16 +27,12 @@ def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict
 
 
 class SaveAdapter(io.ComfyNode):
+    """Write an adapter as safetensors into the loras folder, with its role, method, base and ranks in the metadata.
+    Atomic; never overwrites unless asked. Loads in ComfyUI's LoraLoader."""
+
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=node_id("SaveAdapter"),
-            display_name="Save Adapter",
-            category=CATEGORY,
-            is_output_node=True,
-            description="Write an adapter as safetensors into the loras folder, with its role, method, base and ranks "
-                        "in the metadata. Atomic; never overwrites unless asked. Loads in ComfyUI's LoraLoader.",
-            inputs=[
+        return schema(cls, "SaveAdapter", "Save Adapter", output_node=True, inputs=[
                 AdapterSocket.Input("adapter", tooltip="The adapter to save."),
                 io.String.Input("filename", default="content_style_adapter",
                                 tooltip="File name inside the loras folder ('.safetensors' is added)."),

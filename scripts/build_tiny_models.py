@@ -1,15 +1,23 @@
-"""Build the deterministic tiny models the demo and the tests run on.
+"""Build the deterministic models the demo and the tests run on. Nothing is downloaded: every weight comes from
+one seeded generator (or, for the world model, from the committed weights). Files, in ``--out``
+(names in scripts/model_names.py; base-directory folders in scripts/comfy_host.py):
 
-Nothing is downloaded: every weight comes from a seeded generator. The models are real ComfyUI
-architectures at the smallest size ComfyUI still detects as SD1.5:
+- ``TINY_CHECKPOINT_NAME`` (tiny_sd15.safetensors): an SD1.5-shaped checkpoint ComfyUI detects as SD15. UNet
+  with one level (model_channels 320, context 768, one ResBlock + one transformer per block, 25.8M
+  parameters), a TAESD VAE under ``first_stage_model.taesd_*``, a random CLIP-L (ComfyUI's SD1 config).
+- ``DEMO_LORA_NAME``: a kohya LoRA (native names, rank 4, alpha 4) on every attention projection (role style).
+- ``DEMO_CONTENT_NAME``: a diffusers / PEFT LoRA (unet.down_blocks.0...lora_A/B, rank 8) on the input block's
+  attention (role content).
+- ``DEMO_BLORA_NAMES``: kohya files with diffusers names on both B-LoRA blocks (up_blocks.0.attentions.0 / .1),
+  method b-lora, one per Content-Style Guider slot.
+- ``CLIP_L_NAME``: the checkpoint's text encoder as a standalone CLIP-L file with a random text_projection.
+- ``CLIP_VISION_NAME``: a ViT-L/14 CLIP vision encoder with random weights (600 MB), the smallest layout
+  ComfyUI's CLIPVisionLoader accepts.
+- ``DEMO_MAPPER_NAME``: a random IPL latent mapper (ViT-L embeddings -> 4 CLIP-L token vectors).
+- ``WORLD_CHECKPOINT_NAME``: the miniature world's base model: committed UNet + VAE (``WORLD_WEIGHTS``) plus
+  this script's CLIP-L, whose hash must equal the one the world was trained with.
+- ``stamp``: the hash of every build input; set-up rebuilds everything when it changes.
 
-- ``tiny_sd15.safetensors``: an SD1.5-shaped checkpoint. UNet with one level (model_channels 320,
-  context 768, one ResBlock + one transformer per block, 25.8M parameters), a TAESD VAE embedded under
-  ``first_stage_model.taesd_*`` and a random CLIP-L text encoder (ComfyUI's fixed SD1 config).
-- ``csa_demo_style.safetensors``: a small kohya-format LoRA on every attention projection of the tiny
-  UNet, used by the example workflow.
-
-Outputs are cached in ``--out`` and rebuilt only when this script changes (its hash is in ``stamp``).
 Run with the host venv's python and ComfyUI on ``sys.path`` (scripts/setup_host.sh does both).
 """
 from __future__ import annotations
@@ -25,8 +33,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the pack's core/ (no ComfyUI imports)
+from core.adapter import LowRank, new_lowrank  # noqa: E402
 from core.adapter_file import write_safetensors  # noqa: E402
 from core.blocks import is_attention_projection  # noqa: E402
+from core.formats import tensors_from_modules  # noqa: E402
 from model_names import (TINY_CHECKPOINT_NAME, CLIP_L_NAME, CLIP_VISION_NAME, DEMO_BLORA_NAMES,  # noqa: E402
                          DEMO_CONTENT_NAME, DEMO_LORA_NAME, DEMO_MAPPER_NAME, WORLD_CHECKPOINT_NAME, WORLD_WEIGHTS)
 
@@ -54,22 +64,13 @@ TINY_SD15_UNET_CONFIG = {
     "use_temporal_resblock": False,
 }
 
-# The real SDXL UNet layout; tests build it on the meta device for key-layout checks (no memory, no weights).
-SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
-    "num_heads": -1, "num_head_channels": 64, "context_dim": 2048, "use_spatial_transformer": True,
-    "use_linear_in_transformer": True, "legacy": False, "adm_in_channels": 2816, "num_classes": "sequential",
-    "use_temporal_attention": False, "use_temporal_resblock": False,
-}
-
 DEMO_LORA_RANK = 4
 
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILD_INPUTS = (Path(__file__), REPO_ROOT / "scripts" / "model_names.py", REPO_ROOT / "core" / "blocks.py",
-                REPO_ROOT / "core" / "adapter_file.py")
+BUILD_INPUTS = (Path(__file__), REPO_ROOT / "scripts" / "model_names.py",
+                *(REPO_ROOT / "core" / name for name in ("adapter.py", "adapter_file.py", "blocks.py", "formats.py",
+                                                         "ipl.py", "layouts.py")))
 
 
 @functools.cache  # read once per run: every built file's metadata and the stamp carry it
@@ -152,24 +153,16 @@ def attention_projection_keys(unet_state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k[len("model."):] for k in unet_state if is_attention_projection(k))
 
 
+def kohya_file(factors) -> dict[str, torch.Tensor]:
+    """A kohya file (lora_unet_<path>.lora_up/lora_down/alpha, alpha = rank) through the pack's own writer."""
+    modules = {"lora_unet_" + module.replace(".", "_"): LowRank(up=up, down=down, alpha=float(down.shape[0]))
+               for module, down, up in factors}
+    return tensors_from_modules(modules, {name: name for name in modules})
+
+
 def build_demo_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A kohya-format LoRA (lora_unet_*) on every attention projection of the tiny UNet."""
-    lora: dict[str, torch.Tensor] = {}
-    for module, down, up in demo_factors_in_blocks(unet_state, generator, None, DEMO_LORA_RANK):
-        prefix = "lora_unet_" + module.replace(".", "_")
-        lora[f"{prefix}.lora_down.weight"], lora[f"{prefix}.lora_up.weight"] = down, up
-        lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
-    return lora
-
-
-def sdxl_meta_model():
-    """A ComfyUI ModelPatcher around an SDXL UNet on the meta device (ComfyUI must be imported)."""
-    import comfy.model_detection
-    import comfy.model_patcher
-
-    config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET_CONFIG))
-    model = config.get_model({}, device="meta")
-    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    return kohya_file(demo_factors_in_blocks(unet_state, generator, None, DEMO_LORA_RANK))
 
 
 def demo_factors_in_blocks(unet_state: dict[str, torch.Tensor], generator: torch.Generator,
@@ -185,9 +178,8 @@ def demo_factors_in_blocks(unet_state: dict[str, torch.Tensor], generator: torch
             if block is None:
                 continue
             renamed = blocks[block] + native[len(block):]
-        out_dim, in_dim = unet_state["model." + key].shape
-        down = torch.randn(rank, in_dim, generator=generator) / math.sqrt(in_dim)
-        yield renamed, down, torch.randn(out_dim, rank, generator=generator) * 0.5
+        factors = new_lowrank(tuple(unet_state["model." + key].shape), rank, generator, up_std=0.5)
+        yield renamed, factors.down, factors.up
 
 
 def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -202,13 +194,8 @@ def build_demo_content(unet_state: dict[str, torch.Tensor], generator: torch.Gen
 def build_demo_b_lora(unet_state: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A B-LoRA-style kohya file (diffusers names) on both B-LoRA blocks of the tiny UNet: up_blocks.0.attentions.0
     (content) and .1 (style), which ComfyUI calls output_blocks.0.1 and output_blocks.1.1."""
-    lora: dict[str, torch.Tensor] = {}
     blocks = {"output_blocks.0.1": "up_blocks.0.attentions.0", "output_blocks.1.1": "up_blocks.0.attentions.1"}
-    for module, down, up in demo_factors_in_blocks(unet_state, generator, blocks, DEMO_LORA_RANK):
-        prefix = "lora_unet_" + module.replace(".", "_")
-        lora[f"{prefix}.lora_down.weight"], lora[f"{prefix}.lora_up.weight"] = down, up
-        lora[f"{prefix}.alpha"] = torch.tensor(float(DEMO_LORA_RANK))
-    return lora
+    return kohya_file(demo_factors_in_blocks(unet_state, generator, blocks, DEMO_LORA_RANK))
 
 
 def build_clip_l_with_projection(checkpoint: dict[str, torch.Tensor], generator: torch.Generator):
@@ -238,8 +225,9 @@ def build_demo_mapper(generator: torch.Generator, out_path: Path) -> None:
     """A random IPL latent mapper for ViT-L image embeddings (768) and CLIP-L token embeddings (768)."""
     from core.ipl import LatentMapper, save_mapper
 
-    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    mapper = LatentMapper(in_dim=768, n_ctx=4, token_dims={"l": 768})
+    with torch.random.fork_rng(devices=[]):  # the mapper initialises from torch's generator: seed a private copy
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        mapper = LatentMapper(in_dim=768, n_ctx=4, token_dims={"l": 768})
     save_mapper(mapper, out_path, {"csa.build_hash": script_hash()}, overwrite=True)
 
 

@@ -20,14 +20,14 @@ sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
 from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
 
-def caption_graph(text: str, seed: int, batch: int, prefix: str) -> dict:
+def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20) -> dict:
     """API graph: the world checkpoint, one caption, a batch of seeds, saved images."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT_NAME}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": 20, "cfg": 4.0,
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 4.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
                                                    "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
@@ -38,15 +38,19 @@ def caption_graph(text: str, seed: int, batch: int, prefix: str) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--base", type=Path, default=REPO_ROOT / ".host" / "base")
+    parser.add_argument("--smoke", action="store_true", help="one caption, one seed, two steps (what make test runs)")
     args = parser.parse_args()
+    pairs = [(shape, style) for shape in BASE_SHAPES for style in BASE_STYLES]
+    if args.smoke:
+        pairs, args.seeds, args.steps = pairs[:1], 1, 2
     rows = []
     with ComfyServer(args.base) as server:
-        for shape in BASE_SHAPES:
-            for style in BASE_STYLES:
-                text = caption(shape, style)
-                result = server.run_prompt(caption_graph(text, 1000, args.seeds, f"csa/world/{shape}_{style}"))
-                rows.append(np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in result.output_images], 1))
+        for shape, style in pairs:
+            graph = caption_graph(caption(shape, style), 1000, args.seeds, f"csa/world/{shape}_{style}", args.steps)
+            result = server.run_prompt(graph)
+            rows.append(np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in result.output_images], 1))
     grid = args.base / "output" / "csa" / "world_grid.png"
     Image.fromarray(np.concatenate(rows, 0)).save(grid)
     print(f"world grid ({len(rows)} captions x {args.seeds} seeds, rows: {', '.join(BASE_STYLES)} per shape): {grid}")

@@ -55,7 +55,7 @@ def tiny_sd15(comfy):
 @pytest.fixture(scope="session")
 def sdxl_meta(comfy):
     """An SDXL-layout ModelPatcher on the meta device: real key names and shapes, no weights."""
-    from build_tiny_models import sdxl_meta_model
+    from support.models import sdxl_meta_model
 
     return sdxl_meta_model()
 
@@ -71,27 +71,10 @@ def clip_with_projection(comfy):
 
 @pytest.fixture(scope="session")
 def tiny_clip_vision(comfy, tmp_path_factory):
-    """ComfyUI's ClipVisionModel class at a tiny size (2 layers, 64 wide, 32 px), projecting to 768 like ViT-L.
+    """ComfyUI's ClipVisionModel class at a tiny size (support.models.TINY_CLIP_VISION_CONFIG)."""
+    from support.models import tiny_clip_vision
 
-    ComfyUI's CLIPVisionLoader only accepts the published layouts (ViT-L/14 224 or 336, ViT-H, ViT-bigG, SigLIP
-    384/512, DINOv2 large/giant); in-process tests construct the same class from a small config instead.
-    """
-    import json
-
-    import torch
-
-    import comfy.clip_vision
-    from build_tiny_models import init_weights_
-
-    config = {"attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 64,
-              "image_size": 32, "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 128,
-              "layer_norm_eps": 1e-05, "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
-              "num_hidden_layers": 2, "patch_size": 8, "projection_dim": 768, "torch_dtype": "float32"}
-    path = tmp_path_factory.mktemp("clip-vision") / "tiny_vision.json"
-    path.write_text(json.dumps(config))
-    model = comfy.clip_vision.ClipVisionModel(str(path))
-    init_weights_(model.model, torch.Generator().manual_seed(5))
-    return model
+    return tiny_clip_vision(tmp_path_factory.mktemp("clip-vision"))
 
 
 @pytest.fixture(scope="session")

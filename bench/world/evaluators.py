@@ -87,11 +87,11 @@ def train(steps: int = 800, batch: int = 32, seed: int = 0) -> dict[str, Classif
     return {k: m.eval() for k, m in models.items()}
 
 
-def save(models: dict[str, Classifier], accuracy: dict[str, float]) -> None:
+def save(models: dict[str, Classifier], accuracy: dict[str, float], path: Path = WEIGHTS) -> None:
     from safetensors.torch import save_file
 
     state = {f"{name}.{k}": v for name, m in models.items() for k, v in m.state_dict().items()}
-    save_file(state, str(WEIGHTS), metadata={f"accuracy.{k}": f"{v:.4f}" for k, v in accuracy.items()})
+    save_file(state, str(path), metadata={f"accuracy.{k}": f"{v:.4f}" for k, v in accuracy.items()})
 
 
 def load() -> tuple[dict[str, Classifier], dict[str, str]]:
@@ -143,12 +143,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["train", "check"])
     parser.add_argument("--steps", type=int, default=800)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=WEIGHTS, help="where train writes the weights")
+    sys.path.insert(0, str(HERE.parent))
+    import tempfile
+
+    import harness
+
+    args = harness.parse_args(parser, {"steps": 2})
+    if harness.SMOKE and args.out == WEIGHTS:
+        args.out = Path(tempfile.mkdtemp(prefix="csa-evaluators-smoke-")) / WEIGHTS.name
     torch.set_num_threads(1)
     if args.command == "train":
         models = train(args.steps)
-        accuracy = held_out_accuracy(models)
-        save(models, accuracy)
+        accuracy = held_out_accuracy(models, count=40 if harness.SMOKE else 400)
+        save(models, accuracy, args.out)
+        print(f"wrote {args.out}")
     else:
         models, _ = load()
         accuracy = held_out_accuracy(models)

@@ -27,6 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent), str(HERE.parent.parent / "scripts")]
 import comfy_host  # noqa: E402
+import harness  # noqa: E402
+from harness import parse_args  # noqa: E402
 import model_names as names  # noqa: E402
 from build_tiny_models import clip_hash  # noqa: E402  (also puts the repository root on the path)
 from core.adapter_file import write_safetensors  # noqa: E402
@@ -125,7 +127,7 @@ def train_unet(latents, conds, empty, steps: int, batch: int, generator: torch.G
     snr = alphas_bar / (1 - alphas_bar)
     min_snr_weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 weighting for epsilon prediction (Hang et al. 2023)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=max(0.03, 3 / steps))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
     losses = []
     for step in range(steps):
         index = torch.randint(0, len(latents), (batch,), generator=generator)
@@ -214,7 +216,13 @@ def main() -> None:
     parser.add_argument("--vae-only", action="store_true",
                         help=f"train the VAE, write {VAE_STAGE} and its round-trip picture, stop")
     parser.add_argument("--reuse-vae", action="store_true", help=f"skip VAE training and use {VAE_STAGE}")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write weights, losses and the VAE stage here instead (smoke runs use a temporary folder)")
+    args = parse_args(parser, {"vae_steps": 2, "unet_steps": 2, "batch": 2, "per_pair": 1})
+    if args.out is None and harness.SMOKE:
+        args.out = Path(tempfile.mkdtemp(prefix="csa-world-smoke-"))
+    weights, losses_path, vae_stage = ((args.out / WEIGHTS.name, args.out / LOSSES.name, args.out / VAE_STAGE.name)
+                                       if args.out else (WEIGHTS, LOSSES, VAE_STAGE))
     torch.set_num_threads(2)
     comfy_host.import_comfyui(base_directory=Path(tempfile.mkdtemp()))
     import comfy.sd
@@ -224,16 +232,16 @@ def main() -> None:
     pool = images_tensor(samples)
     started = time.time()
     if args.reuse_vae:
-        taesd, vae_losses, vae_seconds = load_vae(VAE_STAGE)
+        taesd, vae_losses, vae_seconds = load_vae(vae_stage)
     else:
         taesd, vae_losses = train_vae(pool, args.vae_steps, args.batch, generator)
         set_latent_scale(taesd, pool)
         vae_seconds = time.time() - started
-        save_vae(taesd, VAE_STAGE, vae_losses, vae_seconds)
+        save_vae(taesd, vae_stage, vae_losses, vae_seconds)
     content, style, picture = round_trip_report(taesd)
-    Image.fromarray(picture).save(VAE_STAGE.with_suffix(".png"))
+    Image.fromarray(picture).save(vae_stage.with_suffix(".png"))
     print(f"vae: final loss {np.mean(vae_losses[-50:]):.5f}; evaluators on round trips: content {content:.1%}, "
-          f"style {style:.1%}; picture {VAE_STAGE.with_suffix('.png')}", flush=True)
+          f"style {style:.1%}; picture {vae_stage.with_suffix('.png')}", flush=True)
     if args.vae_only:
         return
     latents = model_latents(taesd, pool)
@@ -254,16 +262,16 @@ def main() -> None:
     meta = {"csa.world_clip_hash": clip_hash(clip), "csa.vae_steps": str(len(vae_losses)),
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
-    write_safetensors(WEIGHTS, {k: v.to(torch.float16) for k, v in state.items()}, meta, overwrite=True)
+    write_safetensors(weights, {k: v.to(torch.float16) for k, v in state.items()}, meta, overwrite=True)
     setup = {"batch": args.batch, "images": len(pool), "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
              "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5), "unet_steps": args.unet_steps,
              "unet_seconds": round(unet_seconds), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
-             "weights_MiB": round(WEIGHTS.stat().st_size / 2**20, 1)}
-    partial = LOSSES.with_suffix(".partial")
+             "weights_MiB": round(weights.stat().st_size / 2**20, 1)}
+    partial = losses_path.with_suffix(".partial")
     partial.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "setup": setup}))
-    os.replace(partial, LOSSES)
-    print(f"wrote {WEIGHTS} ({setup['weights_MiB']} MiB)")
-    record_training()
+    os.replace(partial, losses_path)
+    print(f"wrote {weights} ({setup['weights_MiB']} MiB)")
+    record_training(losses_path)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def load(comfy, name, strength=1.0, part="whole file", role="from file", node="C
 
 def apply(comfy, model, *adapters, block_strengths="", clip=None):
     extra = {f"adapter_{i + 2}": a for i, a in enumerate(adapters[1:])}
-    return comfy["CSA_ApplyAdapters"].execute(model, adapters[0], block_strengths, clip=clip, **extra).args
+    return comfy["CSA_ApplyAdapters"].execute(model=model, adapter=adapters[0], block_strengths=block_strengths,
+                                              clip=clip, **extra).args
 
 
 def assert_weights(patcher, base, expected: dict, atol=1e-5):

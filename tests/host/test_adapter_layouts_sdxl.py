@@ -39,7 +39,7 @@ def test_b_lora_part_selects_one_block_and_binds_to_sdxl(comfy, comfy_base, sdxl
     save_file(b_lora_file(sdxl_shapes, prefix=prefix), str(comfy_base / "models" / "loras" / name))
     adapter = comfy["CSA_LoadAdapter"].execute(adapter_name=name, strength=1.0, part=part, role="from file").args[0]
     assert len(adapter.modules) == 80
-    patched, _, report = comfy["CSA_ApplyAdapters"].execute(sdxl_meta, adapter, "").args
+    patched, _, report = comfy["CSA_ApplyAdapters"].execute(model=sdxl_meta, adapter=adapter, block_strengths="").args
     assert "80 of 80 modules mapped onto SDXL" in report
     assert len(patched.patches) == 80
     assert all(k.startswith(f"diffusion_model.{native_block}.transformer_blocks.") for k in patched.patches)
@@ -50,7 +50,7 @@ def test_whole_b_lora_file_has_both_blocks(comfy, comfy_base, sdxl_meta, sdxl_sh
     adapter = comfy["CSA_LoadAdapter"].execute(adapter_name="blora_whole.safetensors", strength=1.0,
                                                part="whole file", role="style").args[0]
     assert adapter.role == "style" and len(adapter.modules) == 160
-    info = comfy["CSA_AdapterInfo"].execute(adapter, model=sdxl_meta).args[0]
+    info = comfy["CSA_AdapterInfo"].execute(adapter=adapter, model=sdxl_meta).args[0]
     assert "160 of 160 modules mapped onto SDXL" in info
     assert "up_blocks.0" in info and "parameters" in info
 
@@ -70,7 +70,7 @@ def test_sdxl_adapter_on_sd15_names_both(comfy, comfy_base, tiny_sd15, sdxl_shap
                                                part="whole file", role="from file").args[0]
     with pytest.raises(ValueError, match=r"sdxl_on_sd15.safetensors: made for SDXL \(cross-attention width 2048\), "
                                          r"but the model is SD15 \(width 768\)"):
-        comfy["CSA_ApplyAdapters"].execute(tiny_sd15[0], adapter, "")
+        comfy["CSA_ApplyAdapters"].execute(model=tiny_sd15[0], adapter=adapter, block_strengths="")
 
 
 def test_sd15_adapter_on_sdxl_names_both(comfy, comfy_base, tiny_sd15, sdxl_meta):
@@ -82,4 +82,4 @@ def test_sd15_adapter_on_sdxl_names_both(comfy, comfy_base, tiny_sd15, sdxl_meta
     adapter = comfy["CSA_LoadAdapter"].execute(adapter_name="sd15_on_sdxl.safetensors", strength=1.0,
                                                part="whole file", role="from file").args[0]
     with pytest.raises(ValueError, match=r"made for SD1.x \(cross-attention width 768\), but the model is SDXL"):
-        comfy["CSA_ApplyAdapters"].execute(sdxl_meta, adapter, "")
+        comfy["CSA_ApplyAdapters"].execute(model=sdxl_meta, adapter=adapter, block_strengths="")

@@ -35,8 +35,9 @@ def encode(clip, text):
 def guider(comfy, tiny_sd15, adapters, lam_c=0.0, lam_s=0.0, cfg=4.0, slots=None):
     model, clip, _ = tiny_sd15
     chosen = {s: a for s, a in adapters.items() if slots is None or s in slots}
-    return comfy["CSA_ContentStyleGuider"].execute(model, clip, encode(clip, "a sks in the style of zwx"), encode(clip, ""),
-                                                   cfg, lam_c, lam_s, "sks", "zwx", **PROMPTS, **chosen).args[0]
+    return comfy["CSA_ContentStyleGuider"].execute(
+        model=model, clip=clip, positive=encode(clip, "a sks in the style of zwx"), negative=encode(clip, ""), cfg=cfg,
+        lambda_content=lam_c, lambda_style=lam_s, content_token="sks", style_token="zwx", **PROMPTS, **chosen).args[0]
 
 
 def sample(guider_object, steps=2, seed=9):
@@ -52,7 +53,7 @@ def sample(guider_object, steps=2, seed=9):
 
 
 def weight_patched(comfy, model, *adapters):
-    return comfy["CSA_ApplyAdapters"].execute(model, adapters[0], "",
+    return comfy["CSA_ApplyAdapters"].execute(model=model, adapter=adapters[0], block_strengths="",
                                               **{f"adapter_{i + 2}": a for i, a in enumerate(adapters[1:])}).args[0]
 
 
@@ -121,7 +122,8 @@ def test_compose_applies_the_content_block_of_one_and_the_style_block_of_the_oth
     content_file = comfy["CSA_LoadAdapter"].execute(adapter_name="consis_content_of_content.safetensors", strength=1.0,
                                                     part="whole file", role="from file").args[0]
     both = content_file.replace(modules={**content_file.modules, **adapters["style_of_content"].modules})
-    patched, report = comfy["CSA_ComposeContentAndStyle"].execute(model, both, adapters["style_of_style"]).args
+    patched, report = comfy["CSA_ComposeContentAndStyle"].execute(model=model, content_image_adapter=both,
+                                                                  style_image_adapter=adapters["style_of_style"]).args
     keys = set(patched.patches)
     assert keys and all(f".{CONTENT_BLOCK}." in k or f".{STYLE_BLOCK}." in k for k in keys)
     reference = weight_patched(comfy, model, adapters["content_of_content"], adapters["style_of_style"])

@@ -21,8 +21,9 @@ def images(count=4, seed=0, size=32):
 
 
 def train(comfy, clip_vision, clip, filename, iterations=10, overwrite=True, **kwargs):
-    return comfy["CSA_TrainPromptMapper"].execute(clip_vision, clip, "photo", "sketch", iterations, 0.05, 4, 4, 1.0, 3,
-                                                  filename, overwrite, **kwargs).args
+    return comfy["CSA_TrainPromptMapper"].execute(
+        clip_vision=clip_vision, clip=clip, source_label="photo", target_label="sketch", iterations=iterations, lr=0.05,
+        batch_size=4, n_ctx=4, regularizer_weight=1.0, seed=3, filename=filename, overwrite=overwrite, **kwargs).args
 
 
 def source_loss(training, clip, clip_vision, mapper, batch):
@@ -71,15 +72,16 @@ def test_stage_two_trains_a_lora_on_every_attention_projection(comfy, tiny_sd15,
                                                                clip_with_projection):
     model, _, vae = tiny_sd15
     train(comfy, tiny_clip_vision, clip_with_projection, "host_stage2_mapper", 3, images=images())
-    adapter, curve = comfy["CSA_ZeroShotAdapt"].execute(model, vae, clip_with_projection, tiny_clip_vision,
-                                                        "host_stage2_mapper.safetensors", images(2, seed=7, size=64),
-                                                        "photo", "sketch", 3, 1e-2, 2, 0).args
+    adapter, curve = comfy["CSA_ZeroShotAdapt"].execute(
+        model=model, vae=vae, clip=clip_with_projection, clip_vision=tiny_clip_vision,
+        mapper_name="host_stage2_mapper.safetensors", images=images(2, seed=7, size=64), source_label="photo",
+        target_label="sketch", iterations=3, lr=1e-2, rank=2, seed=0).args
     assert adapter.method == "ipl-zero-shot" and adapter.ranks == [2] and len(adapter.modules) == 32
     assert all(not f.up.requires_grad for f in adapter.modules.values())
     assert any(f.up.abs().sum() > 0 for f in adapter.modules.values()), "training never moved the adapter"
     assert curve.shape == (1, 256, 512, 3)
     assert model.patches == {} and not model.object_patches
-    patched = comfy["CSA_ApplyAdapters"].execute(model, adapter, "").args[0]
+    patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=adapter, block_strengths="").args[0]
     assert len(patched.patches) == 32
 
 
@@ -113,8 +115,10 @@ def test_stage_two_frozen_prediction_is_the_base_model_and_adapted_one_is_not(tr
 
 def test_stage_two_refuses_pooled_models(comfy, sdxl_meta, tiny_sd15, tiny_clip_vision, clip_with_projection):
     with pytest.raises(ValueError, match="SD1.x / SD2.x"):
-        comfy["CSA_ZeroShotAdapt"].execute(sdxl_meta, tiny_sd15[2], clip_with_projection, tiny_clip_vision,
-                                           "x.safetensors", images(1), "photo", "sketch", 1, 1e-3, 2, 0)
+        comfy["CSA_ZeroShotAdapt"].execute(
+            model=sdxl_meta, vae=tiny_sd15[2], clip=clip_with_projection, clip_vision=tiny_clip_vision,
+            mapper_name="x.safetensors", images=images(1), source_label="photo", target_label="sketch", iterations=1,
+            lr=1e-3, rank=2, seed=0)
 
 
 def test_cancel_stops_training_cleanly_without_writing_a_file(comfy, comfy_base, tiny_clip_vision,

@@ -12,13 +12,15 @@ WORDS = "zxqvbnk dog"
 
 @pytest.fixture(scope="module")
 def residual(comfy, tiny_sd15):
-    return comfy["CSA_NewResidualAdapter"].execute(tiny_sd15[0], 0.05, 0.5, 7).args[0]
+    return comfy["CSA_NewResidualAdapter"].execute(model=tiny_sd15[0], rank_fraction=0.05, init_scale=0.5,
+                                                       seed=7).args[0]
 
 
 def localized(comfy, tiny_sd15, residual, lag=True, mode="median", value=0.5, start=0.0, end=1.0, model=None):
     model_in, clip, _ = tiny_sd15
-    return comfy["CSA_ApplyLocalizedResidual"].execute(model or model_in, residual, clip, PROMPT, WORDS, lag, mode,
-                                                       value, start, end, 1.0).args
+    return comfy["CSA_ApplyLocalizedResidual"].execute(
+        model=model or model_in, residual=residual, clip=clip, prompt=PROMPT, concept_words=WORDS, lag=lag,
+        threshold_mode=mode, threshold=value, start_percent=start, end_percent=end, strength=1.0).args
 
 
 def sample(comfy, model, positive, negative, batch=2, steps=2):
@@ -61,7 +63,7 @@ def test_zero_mask_is_exactly_the_base_model(comfy, tiny_sd15, residual, negativ
 def test_full_mask_equals_the_residual_applied_globally(comfy, tiny_sd15, residual, negative):
     patched, positive = localized(comfy, tiny_sd15, residual, mode="fixed value", value=-1.0)
     lag_off, _ = localized(comfy, tiny_sd15, residual, lag=False)
-    weight_patched = comfy["CSA_ApplyAdapters"].execute(tiny_sd15[0], residual, "").args[0]
+    weight_patched = comfy["CSA_ApplyAdapters"].execute(model=tiny_sd15[0], adapter=residual, block_strengths="").args[0]
     reference = sample(comfy, weight_patched, positive, negative)
     assert not torch.allclose(reference, sample(comfy, tiny_sd15[0], positive, negative), atol=1e-3)
     assert torch.allclose(sample(comfy, patched, positive, negative), reference, atol=1e-3, rtol=1e-4)
@@ -113,10 +115,10 @@ def test_a_prior_attn2_replacement_still_runs(comfy, tiny_sd15, residual, negati
 def test_show_attention_mask_outputs(comfy, tiny_sd15, residual, negative):
     patched, positive = localized(comfy, tiny_sd15, residual)
     samples = {"samples": sample(comfy, patched, positive, negative, steps=3)}
-    grid, mask = comfy["CSA_ShowAttentionMask"].execute(patched, samples, 8).args
+    grid, mask = comfy["CSA_ShowAttentionMask"].execute(model=patched, samples=samples, steps_shown=8).args
     assert grid.shape == (1, 4 * 64, 3 * 64, 3) and mask.shape == (2, 128, 128)
     with pytest.raises(ValueError, match="no localized residual"):
-        comfy["CSA_ShowAttentionMask"].execute(tiny_sd15[0], samples, 8)
+        comfy["CSA_ShowAttentionMask"].execute(model=tiny_sd15[0], samples=samples, steps_shown=8)
 
 
 def test_start_end_percent_gate_the_residual(comfy, tiny_sd15, residual, negative):
@@ -125,7 +127,8 @@ def test_start_end_percent_gate_the_residual(comfy, tiny_sd15, residual, negativ
 
 
 def test_sdxl_layout_installs_on_every_transformer(comfy, node_module, sdxl_meta):
-    residual = comfy["CSA_NewResidualAdapter"].execute(sdxl_meta, 0.05, 0.0, 1).args[0]
+    residual = comfy["CSA_NewResidualAdapter"].execute(model=sdxl_meta, rank_fraction=0.05, init_scale=0.0,
+                                                           seed=1).args[0]
     assert residual.ranks == [32, 64]  # 5% of 640 and 1280
     patched = sdxl_meta.clone()
     targets = node_module.residual_targets(residual, patched)

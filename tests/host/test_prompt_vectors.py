@@ -68,11 +68,13 @@ def test_node_maps_each_image_of_a_batch_to_its_own_conditioning(comfy, tiny_sd1
     clip = tiny_sd15[1]
     images = torch.rand(2, 32, 32, 3, generator=torch.Generator().manual_seed(3))
     node = comfy["CSA_ImageToPromptVectors"]
-    ((cond, extras),) = node.execute(images, tiny_clip_vision, mapper_name, clip, "a {} photo of a dog").args[0]
+    ((cond, extras),) = node.execute(image=images, clip_vision=tiny_clip_vision, mapper_name=mapper_name, clip=clip,
+                                       template="a {} photo of a dog").args[0]
     assert cond.shape == (2, 77, 768)
     assert not torch.allclose(cond[0], cond[1])
     for b in range(2):
-        ((single, _),) = node.execute(images[b:b + 1], tiny_clip_vision, mapper_name, clip, "a {} photo of a dog").args[0]
+        ((single, _),) = node.execute(image=images[b:b + 1], clip_vision=tiny_clip_vision, mapper_name=mapper_name,
+                                      clip=clip, template="a {} photo of a dog").args[0]
         assert torch.allclose(single[0], cond[b], atol=1e-5)
     plain = clip.encode_from_tokens(clip.tokenize("a photo of a dog"))
     assert torch.allclose(cond[0, 0], plain[0, 0], atol=1e-5)  # the start token is untouched
@@ -84,8 +86,10 @@ def test_mismatches_are_named(comfy, tiny_sd15, tiny_clip_vision, comfy_base, ma
                 comfy_base / "models" / "prompt_mappers" / "host_vit_h_mapper.safetensors", overwrite=True)
     images = torch.rand(1, 32, 32, 3)
     with pytest.raises(ValueError, match="takes 1024-wide image embeddings, this CLIP_VISION gives 768"):
-        comfy["CSA_ImageToPromptVectors"].execute(images, tiny_clip_vision, "host_vit_h_mapper.safetensors",
-                                                  tiny_sd15[1], "a {} photo")
+        comfy["CSA_ImageToPromptVectors"].execute(image=images, clip_vision=tiny_clip_vision,
+                                                  mapper_name="host_vit_h_mapper.safetensors", clip=tiny_sd15[1],
+                                                  template="a {} photo")
     for template, count in (("a photo", 0), ("a {} photo of {}", 2)):
         with pytest.raises(ValueError, match=f"must have exactly one {{}} placeholder for the prompt vectors; it has {count}"):
-            comfy["CSA_ImageToPromptVectors"].execute(images, tiny_clip_vision, mapper_name, tiny_sd15[1], template)
+            comfy["CSA_ImageToPromptVectors"].execute(image=images, clip_vision=tiny_clip_vision,
+                                                      mapper_name=mapper_name, clip=tiny_sd15[1], template=template)

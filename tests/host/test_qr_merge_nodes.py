@@ -31,7 +31,8 @@ def load(comfy, name, strength):
 
 
 def qr_merge(comfy, model, content, style, lam_c, lam_s, interference="off"):
-    return comfy["CSA_QRMerge"].execute(model, content, style, lam_c, lam_s, interference).args
+    return comfy["CSA_QRMerge"].execute(model=model, content=content, style=style, lambda_content=lam_c,
+                                        lambda_style=lam_s, interference=interference).args
 
 
 def test_merge_of_ordinary_loras_equals_weighted_sum(comfy, tiny_sd15, files):
@@ -68,8 +69,8 @@ def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tin
     model, clip, _ = tiny_sd15
     content_d, style_d = files
     convert = comfy["CSA_ConvertToQRLoRA"]
-    content, c_report = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 16).args
-    style, _ = convert.execute(model, load(comfy, "qr_style.safetensors", 1.0), 16).args
+    content, c_report = convert.execute(model=model, adapter=load(comfy, "qr_content.safetensors", 1.0), rank=16).args
+    style, _ = convert.execute(model=model, adapter=load(comfy, "qr_style.safetensors", 1.0), rank=16).args
     assert content.method == "qr-lora" and len(c_report.splitlines()) == len(MODULES) + 1
     assert f"{len(MODULES)} of {len(MODULES)} modules mapped" in c_report.splitlines()[-1]
     patched, merged, report = qr_merge(comfy, model, content, style, 0.6, 1.1)
@@ -84,7 +85,8 @@ def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tin
         delta_rs = q.T @ style_d[key].reshape(shape[0], -1)
         official = base[key].double() + (q @ (0.6 * delta_rc + 1.1 * delta_rs)).reshape(shape)
         assert torch.allclose(got[key].double(), official, atol=5e-5, rtol=1e-4), key
-    saved = comfy["CSA_SaveAdapter"].execute(merged, "qr_merged", "", "comfy", False).args[0]
+    saved = comfy["CSA_SaveAdapter"].execute(adapter=merged, filename="qr_merged", subfolder="", key_form="comfy",
+                                             overwrite=False).args[0]
     assert saved.endswith("qr_merged.safetensors")
     stock = patched_weights(comfy["LoraLoader"]().load_lora(model, clip, "qr_merged.safetensors", 1.0, 0.0)[0], content_d)
     for key in content_d:
@@ -111,13 +113,14 @@ def test_conversion_reads_the_base_weights_even_while_a_patched_clone_is_loaded(
 
     model, _, _ = tiny_sd15
     convert = comfy["CSA_ConvertToQRLoRA"]
-    before = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 8).args[0]
-    patched = comfy["CSA_ApplyAdapters"].execute(model, load(comfy, "qr_style.safetensors", 3.0), "").args[0]
+    before = convert.execute(model=model, adapter=load(comfy, "qr_content.safetensors", 1.0), rank=8).args[0]
+    patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=load(comfy, "qr_style.safetensors", 3.0),
+                                                block_strengths="").args[0]
     mm.load_model_gpu(patched)
     try:
         key = next(iter(files[0]))
         assert not torch.equal(model.model.state_dict()[key], patched.backup[key].weight), "the patch is in place"
-        during = convert.execute(model, load(comfy, "qr_content.safetensors", 1.0), 8).args[0]
+        during = convert.execute(model=model, adapter=load(comfy, "qr_content.safetensors", 1.0), rank=8).args[0]
     finally:
         mm.unload_all_models()
     for name, factors in before.modules.items():

@@ -33,11 +33,12 @@ def load(comfy, name, strength=1.0):
 
 
 def save(comfy, adapter, filename, key_form="comfy", model=None, subfolder="", overwrite=False):
-    return comfy["CSA_SaveAdapter"].execute(adapter, filename, subfolder, key_form, overwrite, model=model).args[0]
+    return comfy["CSA_SaveAdapter"].execute(adapter=adapter, filename=filename, subfolder=subfolder,
+                                             key_form=key_form, overwrite=overwrite, model=model).args[0]
 
 
 def applied(comfy, model, adapter):
-    return comfy["CSA_ApplyAdapters"].execute(model, adapter, "").args[0]
+    return comfy["CSA_ApplyAdapters"].execute(model=model, adapter=adapter, block_strengths="").args[0]
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya", "qr"])
@@ -159,6 +160,7 @@ def test_bad_block_strengths_are_named(comfy, tiny_sd15, loras, shapes):
     save_file(tensors, str(loras / "blk.safetensors"))
     adapter = load(comfy, "blk.safetensors")
     with pytest.raises(ValueError, match="cannot read 'input_blocks.1 = lots'"):
-        comfy["CSA_ApplyAdapters"].execute(tiny_sd15[0], adapter, "input_blocks.1 = lots")
+        comfy["CSA_ApplyAdapters"].execute(model=tiny_sd15[0], adapter=adapter,
+                                           block_strengths="input_blocks.1 = lots")
     with pytest.raises(ValueError, match=r"block strengths name \['up_blocks.0'\], which this model does not have"):
-        comfy["CSA_ApplyAdapters"].execute(tiny_sd15[0], adapter, "up_blocks.0=1")
+        comfy["CSA_ApplyAdapters"].execute(model=tiny_sd15[0], adapter=adapter, block_strengths="up_blocks.0=1")

@@ -1,0 +1,63 @@
+"""Every bench script and every make target's script runs at its smoke size, so none of them can rot.
+
+Each command is the one a make target or bench/README runs, with --smoke: the same code paths at tiny
+sizes. A smoke run writes nothing into the repository (bench/RESULTS.md, committed weights and pictures
+stay as they are); that is checked too.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "bench").glob("*.py")
+                       if p.name != "harness.py")
+# make target -> its scripts (Makefile): world, evaluate, demo
+MAKE_TARGET_SCRIPTS = [
+    ["bench/world/evaluators.py", "train"],
+    ["bench/world/train_world.py"],
+    ["bench/world/evaluate.py"],
+]
+SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
+    ["scripts/world_grid.py", "--smoke"],
+    ["scripts/run_workflows.py", "workflows/api/apply_adapter.json"],
+]
+
+
+def repository_state() -> dict[str, str]:
+    """Hashes of every file a bench or training script may write in the repository."""
+    watched = [REPO_ROOT / "bench" / "RESULTS.md", *sorted((REPO_ROOT / "bench" / "world").rglob("*.png")),
+               *sorted((REPO_ROOT / "bench" / "world" / "weights").iterdir())]
+    return {str(p.relative_to(REPO_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
+
+
+def run(command: list[str], *extra: str) -> None:
+    before = repository_state()
+    done = subprocess.run([sys.executable, *command, *extra], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, f"{' '.join(command)} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert repository_state() == before, f"{' '.join(command)} --smoke changed files in the repository"
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS)
+def test_bench_script_smoke(script):
+    run([script], "--smoke")
+
+
+@pytest.mark.parametrize("command", MAKE_TARGET_SCRIPTS, ids=lambda c: c[0])
+def test_make_target_script_smoke(command):
+    run(command, "--smoke")
+
+
+@pytest.mark.parametrize("command", SERVER_SCRIPTS, ids=lambda c: c[0])
+def test_demo_script_smoke(command, tmp_path):
+    import comfy_host
+
+    base = comfy_host.make_base_directory(tmp_path / "base")
+    run(command, "--base", str(base))

@@ -1,0 +1,63 @@
+"""The shape of the code that keeps it easy to extend: node files stand alone, tests call nodes by keyword."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+NODES = REPO_ROOT / "nodes"
+# what node files may import from nodes/: the seam, the binding, runtime adapters, training, names and sockets
+SUPPORT_MODULES = {"comfy_compat", "model_binding", "runtime_adapters", "training", "common", "sockets"}
+
+
+def defines_nodes(path: Path) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("ComfyNode") for b in node.bases)
+               for node in tree.body)
+
+
+def pack_imports(path: Path) -> set[str]:
+    """Modules of nodes/ that a file imports ('from .x import ...' / 'from . import x')."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [alias.name for alias in node.names])
+    return found
+
+
+def test_node_files_import_only_support_modules():
+    node_files = {p.stem for p in NODES.glob("*.py") if defines_nodes(p)}
+    assert node_files, "no node files found"
+    assert not node_files & SUPPORT_MODULES, f"support modules must not define nodes: {node_files & SUPPORT_MODULES}"
+    for path in sorted(NODES.glob("*.py")):
+        if path.stem == "__init__":
+            continue
+        wrong = pack_imports(path) - SUPPORT_MODULES
+        assert not wrong, f"nodes/{path.name} imports {sorted(wrong)}; share code through a support module instead"
+
+
+def test_only_the_seam_imports_comfy_modules_outside_node_classes():
+    """ComfyUI modules are imported by the seam; node files only by name for what they subclass or differentiate."""
+    allowed = {"comfy_compat.py": None, "consistency_guidance.py": {"comfy.samplers"},
+               "ipl.py": {"comfy.ldm.modules.attention", "comfy.ops"}}
+    for path in sorted(NODES.glob("*.py")):
+        imported = {node.names[0].name for node in ast.walk(ast.parse(path.read_text()))
+                    if isinstance(node, ast.Import) and node.names[0].name.startswith(("comfy.", "folder_paths"))}
+        if path.name in allowed and allowed[path.name] is None:
+            continue
+        extra = imported - (allowed.get(path.name) or set())
+        assert not extra, f"nodes/{path.name} imports {sorted(extra)}: reach ComfyUI through nodes/comfy_compat.py"
+
+
+POSITIONAL_EXECUTE = re.compile(r"\.execute\(\s*(?!\*\*)[A-Za-z_][\w\[\]\.]*\s*[,)]")
+
+
+def test_tests_and_benches_call_nodes_with_keywords():
+    """A node's inputs can be reordered without silently feeding tests the wrong values."""
+    offenders = []
+    for path in [*(REPO_ROOT / "tests").rglob("*.py"), *(REPO_ROOT / "bench").rglob("*.py")]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if POSITIONAL_EXECUTE.search(line) and "=" not in line.split(".execute(", 1)[1].split(",")[0]:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "call nodes with keyword arguments:\n" + "\n".join(offenders)
