@@ -56,6 +56,9 @@ def _read_header_metadata(path: Path) -> dict[str, str]:
             raise AdapterFileError(f"{path.name}: not a safetensors file ({size} bytes, no header)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len <= 0 or 8 + header_len > size:
+            if head[:1] == b"\x80" and 2 <= head[1] <= 5 or head[:4] == b"PK\x03\x04":  # pickle / torch.save zip
+                raise AdapterFileError(f"{path.name}: a pickle or torch.save file renamed .safetensors; pickle files can "
+                                       f"run code when loaded and are never loaded here: convert it to safetensors")
             raise AdapterFileError(
                 f"{path.name}: not a safetensors file or truncated (header says {header_len} bytes, file has {size})")
         try:

@@ -32,29 +32,33 @@ def describe_binding(adapter: Adapter, binding: Binding, model) -> str:
 
 
 def patches_by_strength(adapters: list[Adapter], model, clip, block_strengths: dict[str, float]):
-    """{strength: {model key: ComfyUI LoRA weight adapter}} for all adapters, and a report per adapter."""
-    groups: dict[float, dict] = defaultdict(dict)
+    """[(strength, {model key: ComfyUI LoRA weight adapter})], one group per adapter and strength, and a report per
+    adapter. Groups are never merged across adapters: two adapters patching one weight must both stay."""
+    groups: list[tuple[float, dict]] = []
     reports = []
     model_blocks = {block_of(k) for k in comfy_compat.weight_shapes(model)}
     check_block_names(block_strengths, model_blocks)
     for index, adapter in enumerate(adapters):
         binding = bind_to_model(adapter, model, clip)
         reports.append(describe_binding(adapter, binding, model))
+        by_strength: dict[float, dict] = defaultdict(dict)
         for key, (module, factors) in binding.targets.items():
             strength = adapter.strength * strength_of_block(block_of(key), block_strengths)
             if strength != 0:
                 name = f"csa{index}.{module}"
-                groups[strength][key] = comfy_compat.lora_weight_adapter(name, factors.up, factors.down, factors.alpha)
+                by_strength[strength][key] = comfy_compat.lora_weight_adapter(name, factors.up, factors.down,
+                                                                              factors.alpha)
+        groups.extend(by_strength.items())
     return groups, "\n".join(reports)
 
 
-def apply_patch_groups(model, clip, groups: dict):
-    """Clones of the model (and CLIP) with every {strength: patches} group added; the inputs when there is none."""
+def apply_patch_groups(model, clip, groups: list[tuple[float, dict]]):
+    """Clones of the model (and CLIP) with every (strength, patches) group added; the inputs when there is none."""
     if not groups:
         return model, clip
     model = model.clone()
     clip = clip.clone() if clip is not None else None
-    for strength, patches in groups.items():
+    for strength, patches in groups:
         model.add_patches(patches, strength)
         if clip is not None:
             clip.add_patches(patches, strength)

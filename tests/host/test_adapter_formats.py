@@ -85,6 +85,20 @@ def test_two_adapters_with_block_strengths(comfy, tiny_sd15, comfy_base, shapes)
     assert_weights(patched, checkpoint_weights(expected), expected)
 
 
+def test_two_adapters_at_one_strength_on_one_weight_both_apply(comfy, tiny_sd15, comfy_base, shapes):
+    """Patches are grouped by strength for ComfyUI; two adapters at the same strength on the same weight must not
+    collapse into one (the second used to overwrite the first)."""
+    model, _, _ = tiny_sd15
+    first_t, first_d = build_file(shapes, ATTENTION, "kohya", rank=4, alpha=4.0, seed=31)
+    second_t, second_d = build_file(shapes, ATTENTION, "comfy", rank=2, alpha=None, seed=32)
+    first = load(comfy, write(comfy_base, "same_strength_a.safetensors", first_t), 1.0)
+    second = load(comfy, write(comfy_base, "same_strength_b.safetensors", second_t), 1.0)
+    patched, _, _ = apply(comfy, model, first, second)
+    expected = {k: first_d[k] + second_d[k] for k in first_d}
+    assert_weights(patched, checkpoint_weights(expected), expected)
+    assert all(len(patched.patches[k]) == 2 for k in expected)
+
+
 def test_zero_block_strength_and_zero_strength_leave_weights_alone(comfy, tiny_sd15, comfy_base, shapes):
     model, _, _ = tiny_sd15
     tensors, _ = build_file(shapes, ATTENTION, "kohya", rank=2, alpha=1.0, seed=5)

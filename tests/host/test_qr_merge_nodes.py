@@ -125,3 +125,23 @@ def test_conversion_reads_the_base_weights_even_while_a_patched_clone_is_loaded(
         mm.unload_all_models()
     for name, factors in before.modules.items():
         assert torch.equal(factors.up, during.modules[name].up) and torch.equal(factors.down, during.modules[name].down)
+
+
+@pytest.mark.parametrize("node", ["merge", "convert"])
+def test_cancel_stops_merging_and_conversion_and_leaves_the_model_untouched(comfy, tiny_sd15, files, node):
+    import comfy.model_management as mm
+
+    model, _, _ = tiny_sd15
+    patches_before = {k: len(v) for k, v in model.patches.items()}
+    content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 1.0)
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            if node == "merge":
+                qr_merge(comfy, model, content, style, 1.0, 1.0)
+            else:
+                comfy["CSA_ConvertToQRLoRA"].execute(model=model, adapter=content, rank=8)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert {k: len(v) for k, v in model.patches.items()} == patches_before
+    assert qr_merge(comfy, model, content, style, 1.0, 1.0)[2]  # the next run works

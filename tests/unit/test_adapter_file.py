@@ -101,3 +101,27 @@ def test_a_bad_role_in_the_metadata_names_the_file():
 def test_written_files_are_readable_by_others_like_any_saved_model(tmp_path):
     path = write_safetensors(tmp_path / "shared.safetensors", sample_tensors(), {})
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_pickle_and_torch_save_files_renamed_safetensors_are_named_as_such(tmp_path):
+    import pickle
+
+    for name, content in (("renamed_pickle.safetensors", pickle.dumps({"w": [1.0] * 8})),
+                          ("renamed_torch_save.safetensors", b"PK\x03\x04" + bytes(60))):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(AdapterFileError, match=f"{name}: a pickle or torch.save file renamed"):
+            read_safetensors(path)
+
+
+def test_a_header_length_that_starts_like_a_pickle_still_reads(tmp_path):
+    """A 896-byte header begins with the bytes 0x80 0x03, like a pickle; a real safetensors file must still load."""
+    import json
+    import struct
+
+    header = json.dumps({"a.lora_up.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    header += b" " * (896 - len(header))  # safetensors pads headers with spaces
+    path = tmp_path / "header_896.safetensors"
+    path.write_bytes(struct.pack("<Q", 896) + header + struct.pack("<f", 1.5))
+    assert path.read_bytes()[:2] == b"\x80\x03"
+    assert read_safetensors(path)[0]["a.lora_up.weight"].tolist() == [1.5]
