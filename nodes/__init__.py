@@ -11,6 +11,8 @@ from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .prompt_vectors import ImageToPromptVectors
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
+from .scores import ScoreContentStylePrompt
+from .strength_sweep import GuiderStrengthSweep, StrengthSweep
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -29,6 +31,9 @@ NODES: list[type[io.ComfyNode]] = [
     ImageToPromptVectors,
     TrainPromptMapper,
     ZeroShotAdapt,
+    ScoreContentStylePrompt,
+    StrengthSweep,
+    GuiderStrengthSweep,
 ]
 
 
