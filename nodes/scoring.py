@@ -48,13 +48,13 @@ class Scorer:
     prompt: Reference | None = None  # its encoder is the style encoder (CLIP image side)
 
     def score(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{metric: (N,) per-image score} for the metrics this scorer was built for."""
+        """{metric: (N,) per-image score} for the metrics this scorer was built for (a batch or a list of batches)."""
         scores = {}
         if self.content is not None:
-            scores["content"] = reference_scores(clip_vision_embeds(self.content.encoder, images), self.content.embeds)
+            scores["content"] = reference_scores(embed(self.content.encoder, images), self.content.embeds)
         clip_side = self.style or self.prompt
         if clip_side is not None:
-            embeds = clip_vision_embeds(clip_side.encoder, images)
+            embeds = embed(clip_side.encoder, images)
             if self.style is not None:
                 scores["style"] = reference_scores(embeds, self.style.embeds)
             if self.prompt is not None:
@@ -63,9 +63,18 @@ class Scorer:
 
 
 def check_batch(name: str, images) -> None:
-    if images is None or images.ndim != 4 or min(images.shape[:3]) == 0:
-        shape = None if images is None else tuple(images.shape)
-        raise ValueError(f"{name}: the image batch is empty (shape {shape}); connect at least one image")
+    """An IMAGE batch (B, H, W, C), or a list of them (sizes may differ), with at least one image."""
+    batches = images if isinstance(images, (list, tuple)) else [images]
+    for batch in batches or [None]:
+        if batch is None or batch.ndim != 4 or min(batch.shape[:3]) == 0:
+            shape = None if batch is None else tuple(batch.shape)
+            raise ValueError(f"{name}: the image batch is empty (shape {shape}); connect at least one image")
+
+
+def embed(encoder, images) -> torch.Tensor:
+    """(N, D) embeddings of an IMAGE batch or of a list of batches of different sizes, in order."""
+    batches = images if isinstance(images, (list, tuple)) else [images]
+    return torch.cat([clip_vision_embeds(encoder, batch) for batch in batches])
 
 
 def require_kind(name: str, encoder, kind: str) -> None:
@@ -110,9 +119,9 @@ def build_scorer(content_images=None, content_encoder=None, style_images=None, s
     check_inputs(content_images, content_encoder, style_images, style_encoder, prompt, clip)
     content = style = text = None
     if content_images is not None:
-        content = Reference(content_encoder, clip_vision_embeds(content_encoder, content_images))
+        content = Reference(content_encoder, embed(content_encoder, content_images))
     if style_images is not None:
-        style = Reference(style_encoder, clip_vision_embeds(style_encoder, style_images))
+        style = Reference(style_encoder, embed(style_encoder, style_images))
     if prompt.strip():
         text = Reference(style_encoder, prompt_embedding(clip, prompt, image_embed_width(style_encoder)))
     return Scorer(content, style, text)
@@ -130,7 +139,7 @@ def prompt_embedding(clip, prompt: str, width: int) -> torch.Tensor:
                          f"embeddings are {width} wide; use the text encoder of the same CLIP model (e.g. CLIP-L "
                          f"text with ViT-L/14 vision)")
     key = matching[0]
-    if not bool(encoders[key].transformer.text_projection.weight.abs().sum() > 0):
+    if not looks_loaded(encoders[key].transformer.text_projection.weight):
         raise ValueError("clip: its text encoder has no text projection (SD1.5 checkpoints carry none), so text and "
                          "image features are not in one CLIP space; load the text encoder with Load CLIP from a file "
                          "that includes text_projection")
@@ -176,6 +185,17 @@ def encoder_kind(clip_vision) -> str:
             return "siglip"
         return "clip" if isinstance(model.visual_projection, torch.nn.Linear) else "clip-unprojected"
     return "unknown"
+
+
+def looks_loaded(weight: torch.Tensor) -> bool:
+    """Whether a text projection came from the file. ComfyUI builds text encoders with torch.empty and loads with
+    strict=False, ignoring a missing text_projection (SD1.5 checkpoints carry none) without recording it: the weight
+    is then uninitialised memory, usually zeros, sometimes leftovers (seen: values below 1e-4). A loaded projection is
+    finite, not near zero and not mostly zeros. Leftovers of another trained weight would pass: no better test exists
+    without a record of the loaded keys."""
+    values = weight.detach().float()
+    return (bool(torch.isfinite(values).all()) and float(values.abs().max()) > 1e-3
+            and float((values == 0).float().mean()) < 0.5)
 
 
 def image_embed_width(clip_vision) -> int:
