@@ -73,7 +73,7 @@ def run_grid(axes: tuple[str, str], x_values: list[float], y_values: list[float]
     for index, (_, _, x, y) in enumerate(cells):
         throw_if_interrupted()
         samples = sample_cell(x, y, step_callback(bar, index * steps))
-        batches.append(vae.decode(samples)[..., :3])
+        batches.append(decode(vae, samples))
         cell_means.append(means(scorer.score(batches[-1])) if scorer is not None else {})
         bar.update_absolute((index + 1) * steps)
     scale = display_scale(batches[0].shape[1], batches[0].shape[2])
@@ -232,6 +232,12 @@ def step_callback(bar, offset: int):
         throw_if_interrupted()
         bar.update_absolute(offset + step + 1)
     return callback
+
+
+def decode(vae, samples):
+    """VAEDecode: (B, H, W, 3) images; video VAEs' (B, T, H, W, 3) become one batch of frames."""
+    images = vae.decode(samples)
+    return images.reshape(-1, *images.shape[-3:])[..., :3]
 
 
 def sample_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent: dict, callback):
