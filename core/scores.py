@@ -59,8 +59,8 @@ def score_table(scores: dict[str, torch.Tensor]) -> str:
 
 
 def short_scores(values: dict[str, float]) -> str:
-    """'c 0.62  s 0.71  p 0.25': a sweep cell's caption."""
-    return "  ".join(f"{metric[0]} {values[metric]:.2f}" for metric in METRICS if metric in values)
+    """'c=0.62  s=0.71  p=0.25': a sweep cell's caption."""
+    return "  ".join(f"{metric[0]}={values[metric]:.2f}" for metric in METRICS if metric in values)
 
 
 def parse_values(text: str, name: str) -> list[float]:
@@ -103,7 +103,7 @@ class GridLayout:
     cell_width: int
     cell_height: int
     left: int = 96
-    top: int = 40
+    top: int = 56
     caption: int = 18
     gap: int = 6
 

@@ -49,7 +49,8 @@ def sweep_grid(cell_pictures: list[torch.Tensor], layout: GridLayout, x_name: st
     font = ImageFont.load_default()
     picture = Image.new("RGB", layout.size, PAPER)
     draw = ImageDraw.Draw(picture)
-    draw.text((4, 4), f"columns: {x_name}    rows: {y_name}", fill=INK, font=font)
+    draw.text((4, 4), f"columns: {x_name}", fill=INK, font=font)
+    draw.text((4, 4 + LINE_HEIGHT), f"rows: {y_name}", fill=INK, font=font)
     for col, x in enumerate(x_values):
         left, _ = layout.cell_origin(0, col)
         label = f"{x:g}"

@@ -57,7 +57,7 @@ def sampling_inputs() -> list:
 def sweep_outputs() -> list:
     return [
         io.Image.Output(display_name="grid", tooltip="The cells with axis labels (strengths) and each cell's mean "
-                                                     "scores (c content, s style, p prompt) under it."),
+                                                     "scores under it (c= content, s= style, p= prompt)."),
         io.Image.Output(display_name="images", tooltip="Every cell's images at full size, row by row (the cell order "
                                                        "of the grid), each cell's batch together."),
         io.String.Output(display_name="report", tooltip="One line per cell: its strengths and mean scores."),

@@ -60,7 +60,7 @@ def test_table_lists_every_image_and_the_mean_in_metric_order():
     assert lines[1].split() == ["0", "1.0000", "0.5000"]
     assert lines[-1].split() == ["mean", "0.5000", "0.3750"]
     assert means(scores) == {"style": 0.375, "content": 0.5}
-    assert short_scores({"prompt": 0.254, "content": 0.5}) == "c 0.50  p 0.25"
+    assert short_scores({"prompt": 0.254, "content": 0.5}) == "c=0.50  p=0.25"
     assert score_table({}) == "no score"
 
 
