@@ -119,17 +119,20 @@ def test_scores_of_each_cell_are_the_score_nodes_and_printed_under_it(comfy, com
     references = {"content_images": torch.rand(1, 40, 48, 3, generator=torch.Generator().manual_seed(1)),
                   "style_images": torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(2))}
     grid, images, report = sweep(comfy, setting, "0, 1", "1", **encoders, **references)
-    plain_grid = sweep(comfy, setting, "0, 1", "1")[0]
+    plain_grid = sweep(comfy, setting, "0", "1")[0]  # the first cell again, without scores
     layout = GridLayout(rows=1, cols=2, cell_width=128, cell_height=128)
     for index, line in enumerate(report.splitlines()):
         scores = comfy["CSA_ScoreContentStylePrompt"].execute(images=images[index:index + 1], **encoders,
                                                                **references).args
         assert line.endswith(f": content {scores[0]:.4f}  style {scores[1]:.4f}"), line
-        left, top = layout.cell_origin(0, index)
-        caption = (slice(top + layout.cell_height, top + layout.cell_height + layout.caption),
-                   slice(left, left + layout.cell_width))
-        assert float(grid[0][caption].min()) < 0.5, "no score printed under the cell"
-        assert float(plain_grid[0][caption].min()) == 1.0, "a caption without scores"
+        assert float(caption_of(grid, layout, index).min()) < 0.5, "no score printed under the cell"
+    assert float(caption_of(plain_grid, layout, 0).min()) == 1.0, "a caption without scores"
+
+
+def caption_of(grid, layout, col):
+    """The strip under the cell in row 0, column ``col``."""
+    left, top = layout.cell_origin(0, col)
+    return grid[0, top + layout.cell_height:top + layout.cell_height + layout.caption, left:left + layout.cell_width]
 
 
 def test_progress_covers_every_step_and_cancel_stops_after_the_current_cell(comfy, setting):
