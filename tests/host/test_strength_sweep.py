@@ -102,9 +102,10 @@ def test_guider_cells_equal_single_sampler_custom_advanced_runs(comfy, tiny_sd15
             style_token="zwx", **PROMPTS, **adapters).args[0]
     _, images, report = comfy["CSA_GuiderStrengthSweep"].execute(
         guider=guider(0.0, 0.0), vae=vae, latent_image=setting["latent_image"], seed=SEED, steps=STEPS,
-        sampler_name="euler", scheduler="normal", x_values="0, 1.5", y_values="2").args
-    assert report.splitlines()[1] == "row 0 col 1: lambda_content 1.5, lambda_style 2"
-    for index, (_, _, x, y) in enumerate(sweep_cells([0.0, 1.5], [2.0])):
+        sampler_name="euler", scheduler="normal", x_values="0, 1.5", y_values="0").args
+    assert report.splitlines()[1] == "row 0 col 1: lambda_content 1.5, lambda_style 0"
+    # λ_style 0 keeps the test light (no style passes); a swapped axis would put 1.5 on λ_style and fail the match
+    for index, (_, _, x, y) in enumerate(sweep_cells([0.0, 1.5], [0.0])):
         latent = SamplerCustomAdvanced.execute(
             noise=RandomNoise.execute(noise_seed=SEED).args[0], guider=guider(x, y),
             sampler=KSamplerSelect.execute(sampler_name="euler").args[0],
