@@ -10,6 +10,8 @@ from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, Show
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
+from .scores import ScoreContentStylePrompt
+from .strength_sweep import GuiderStrengthSweep, StrengthSweep
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -28,6 +30,9 @@ NODES: list[type[io.ComfyNode]] = [
     ImageToPromptVectors,
     TrainPromptMapper,
     ZeroShotAdapt,
+    ScoreContentStylePrompt,
+    StrengthSweep,
+    GuiderStrengthSweep,
 ]
 
 

@@ -36,10 +36,12 @@ import os
 
 import torch
 
+import comfy.clip_vision
 import comfy.ldm.modules.attention
 import comfy.lora
 import comfy.model_management
 import comfy.patcher_extension
+import comfy.sample
 import comfy.samplers
 import comfy.utils
 import comfy.weight_adapter
@@ -150,6 +152,19 @@ def has_pooled_conditioning(model) -> bool:
     return model.model.model_config.unet_config.get("adm_in_channels") is not None
 
 
+def clip_vision_kind(clip_vision) -> str:
+    """'dinov2', 'clip', 'siglip', 'clip-unprojected' or 'unknown', from the model class ComfyUI's loader built
+    (comfy.clip_vision.IMAGE_ENCODERS; SigLIP is the CLIP class with output_layernorm set)."""
+    model = getattr(clip_vision, "model", None)
+    if isinstance(model, comfy.clip_vision.IMAGE_ENCODERS["dinov2"]):
+        return "dinov2"
+    if isinstance(model, comfy.clip_vision.IMAGE_ENCODERS["clip_vision_model"]):
+        if model.vision_model.output_layernorm:
+            return "siglip"
+        return "clip" if isinstance(model.visual_projection, torch.nn.Linear) else "clip-unprojected"
+    return "unknown"
+
+
 def to_model_space(model, latent):
     """VAE latents -> the scaled latents the UNet works on (SD1.5: x 0.18215)."""
     return model.model.process_latent_in(latent)
@@ -164,6 +179,10 @@ def from_model_space(model, latent):
 
 def throw_if_interrupted() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def progress_bar(total: int):
+    return comfy.utils.ProgressBar(total)
 
 
 def progress_steps(total: int):
@@ -288,3 +307,38 @@ def denoised(model, latent, sigma, cond, transformer_options: dict):
     options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}), model.wrappers)
     options.update(transformer_options)
     return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=options)
+
+
+def sampler_names() -> list[str]:
+    return list(comfy.samplers.KSampler.SAMPLERS)
+
+
+def scheduler_names() -> list[str]:
+    return list(comfy.samplers.KSampler.SCHEDULERS)
+
+
+def sample_like_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent: dict, callback):
+    """nodes.common_ksampler at denoise 1 (same noise, same call), with the caller's step callback instead of a bar
+    per run (0.3.75's common_ksampler makes its own ProgressBar and takes no callback)."""
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
+                               denoise=1.0, noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True,
+                               seed=seed)
+
+
+def sample_like_sampler_custom_advanced(guider, seed, steps, sampler_name, scheduler, latent: dict, callback):
+    """SamplerCustomAdvanced with RandomNoise(seed), KSamplerSelect(sampler_name), BasicScheduler(steps, denoise 1)."""
+    latent_image = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), scheduler,
+                                             steps).cpu()
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True, seed=seed)
+    return samples.to(comfy.model_management.intermediate_device())
+
+
+def decode_images(vae, samples):
+    """VAEDecode: (B, H, W, 3) images; video VAEs' (B, T, H, W, 3) become one batch of frames."""
+    images = vae.decode(samples)
+    return images.reshape(-1, *images.shape[-3:])[..., :3]

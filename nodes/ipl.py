@@ -1,10 +1,9 @@
 """IPL (image-specific prompt learning), the whole method: Image to Prompt Vectors (inference), Train Prompt
-Mapper (stage 1) and Zero-shot Adapt (stage 2, diffusion form), with the CLIP paths they need.
+Mapper (stage 1) and Zero-shot Adapt (stage 2, diffusion form), with the prompt-vector token splicing.
 
 Prompt vectors enter at the text encoders' input embeddings, one token slot each, through ComfyUI's
-textual-inversion path. Training differentiates through the text and image encoders, which ComfyUI runs
-without gradients and with in-place residual adds; the out-of-place forwards below run the same modules in
-the same order (they read ComfyUI's CLIP layer internals, listed in comfy_compat's docstring).
+textual-inversion path. Training differentiates through the text and image encoders with the out-of-place
+forwards of nodes/clip_features.py.
 """
 from __future__ import annotations
 
@@ -15,9 +14,6 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
-import comfy.ldm.modules.attention
-import comfy.ops
-
 from ..core.adapter import Adapter, LowRank, trainable_lowrank
 from ..core.adapter_file import path_inside
 from ..core.blocks import is_attention_projection
@@ -25,6 +21,8 @@ from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, 
                         save_mapper, train_mapper)
 from ..core.layouts import generic_module_name
 from . import comfy_compat as cc
+from .clip_features import (clip_vision_embeds, clip_vision_embeds_with_grad, clip_vision_width, projected_text_features,
+                            projection_width, text_encoders, token_widths, vae_decode_with_grad)
 from .common import schema
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
@@ -36,20 +34,6 @@ ADAPTED = "ipl"
 
 
 # -- text encoders: prompt vectors in the token stream ------------------------------------------------
-
-def text_encoders(clip) -> dict:
-    """{'l': clip_l model, 'g': clip_g model, ...}: ComfyUI names each SD text encoder clip_<key>."""
-    model = clip.cond_stage_model
-    return {name[len("clip_"):]: module for name, module in model.named_children() if name.startswith("clip_")}
-
-
-def token_widths(clip) -> dict[str, int]:
-    return {key: enc.transformer.get_input_embeddings().weight.shape[1] for key, enc in text_encoders(clip).items()}
-
-
-def projection_width(clip, key: str) -> int:
-    return text_encoders(clip)[key].transformer.text_projection.weight.shape[0]
-
 
 def insert_prompt_vectors(clip, template: str, marker: str, vectors: dict) -> dict:
     """Tokens of ``template`` with ``marker`` replaced by one entry per vector, for every text encoder.
@@ -81,86 +65,6 @@ def encode_tokens(clip, tokens) -> tuple:
     """(cond (1, T, D), pooled) of ComfyUI's own encoding of these tokens."""
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
     return out["cond"], out.get("pooled_output")
-
-
-# -- differentiable CLIP forwards ------------------------------------------------------------------------
-
-def _encoder_out_of_place(encoder, x, mask=None):
-    """ComfyUI's CLIPEncoder layers with out-of-place residual adds: its CLIPLayer does ``x += ...``, which
-    autograd cannot differentiate through. Same modules, same order, same attention function."""
-    attention = comfy.ldm.modules.attention.optimized_attention_for_device(x.device, mask=mask is not None,
-                                                                          small_input=True)
-    for layer in encoder.layers:
-        x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
-        x = x + layer.mlp(layer.layer_norm2(x))
-    return x
-
-
-def _text_features_out_of_place(transformer, embeds, num_tokens):
-    """ComfyUI's CLIP text forward (causal mask, final norm, EOS pooling, projection), differentiable."""
-    text_model = transformer.text_model
-    x = embeds + comfy.ops.cast_to(text_model.embeddings.position_embedding.weight, dtype=embeds.dtype,
-                                   device=embeds.device)
-    length = x.shape[1]
-    mask = torch.full((length, length), -torch.finfo(x.dtype).max, dtype=x.dtype, device=x.device).triu_(1)
-    x = text_model.final_layer_norm(_encoder_out_of_place(text_model.encoder, x, mask))
-    pooled = x[torch.arange(x.shape[0]), torch.tensor(num_tokens) - 1]
-    return transformer.text_projection(pooled).float()
-
-
-def projected_text_features(clip, key: str, prompts: list, require_projection: bool = True):
-    """(len(prompts), P) projected pooled text features, differentiable in any inserted vectors.
-
-    ``prompts`` holds one token list per prompt, for encoder ``key`` (ComfyUI's tokenize(...)[key]); the
-    first 77-token chunk of each is encoded, all in one batch.
-    """
-    encoder = text_encoders(clip)[key]
-    projection = encoder.transformer.text_projection.weight
-    if require_projection and not bool(projection.abs().sum() > 0):
-        raise ValueError("this CLIP has no text projection (SD1.5 checkpoints do not carry one): load the text encoder "
-                         "with CLIPLoader from a file that includes text_projection, so text and image features share "
-                         "one CLIP space")
-    clip.load_model()
-    ids = [[entry[0] for entry in tokens[0]] for tokens in prompts]
-    embeds, _, num_tokens, _ = encoder.process_tokens(ids, projection.device)
-    return _text_features_out_of_place(encoder.transformer, embeds, num_tokens)
-
-
-def clip_vision_embeds(clip_vision, images):
-    """(B, P) projected image embeddings of ComfyUI's CLIP vision encoder (no gradient)."""
-    with torch.no_grad():
-        return clip_vision.encode_image(images)["image_embeds"].float().detach()
-
-
-def clip_vision_width(clip_vision) -> int:
-    return clip_vision.model.visual_projection.weight.shape[0]
-
-
-def clip_vision_embeds_with_grad(clip_vision, images):
-    """Projected image embeddings, differentiable in the images.
-
-    Same resize, crop and normalisation as comfy.clip_vision.clip_preprocess, minus its rounding to 8-bit
-    levels, which would zero every gradient.
-    """
-    size = clip_vision.image_size
-    pixels = images[..., :3].movedim(-1, 1)
-    scale = size / min(pixels.shape[2], pixels.shape[3])
-    pixels = torch.nn.functional.interpolate(pixels, size=(round(scale * pixels.shape[2]), round(scale * pixels.shape[3])),
-                                             mode="bicubic", antialias=True)
-    top, left = (pixels.shape[2] - size) // 2, (pixels.shape[3] - size) // 2
-    pixels = pixels[:, :, top:top + size, left:left + size].clamp(0, 1)
-    mean = torch.tensor(clip_vision.image_mean, dtype=pixels.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(clip_vision.image_std, dtype=pixels.dtype).view(1, 3, 1, 1)
-    vision = clip_vision.model.vision_model
-    if vision.output_layernorm:
-        raise ValueError("training through the image encoder needs a CLIP ViT vision model (not SigLIP or DINOv2)")
-    x = _encoder_out_of_place(vision.encoder, vision.pre_layrnorm(vision.embeddings((pixels - mean) / std)))
-    return clip_vision.model.visual_projection(vision.post_layernorm(x[:, 0, :])).float()
-
-
-def vae_decode_with_grad(vae, latent):
-    """(B, H, W, 3) images in [0, 1] from VAE-space latents, differentiable (ComfyUI's decode runs without grad)."""
-    return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
 
 
 # -- mappers and prompts ---------------------------------------------------------------------------------

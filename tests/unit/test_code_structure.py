@@ -7,8 +7,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODES = REPO_ROOT / "nodes"
-# what node files may import from nodes/: the seam, the binding, runtime adapters, training, names and sockets
-SUPPORT_MODULES = {"comfy_compat", "model_binding", "runtime_adapters", "training", "common", "sockets"}
+# what node files may import from nodes/: the seam, the binding, runtime adapters, training, CLIP features, the
+# scorer and its drawing, names and sockets
+SUPPORT_MODULES = {"comfy_compat", "model_binding", "runtime_adapters", "training", "clip_features", "scoring",
+                   "score_drawing", "common", "sockets"}
 
 
 def defines_nodes(path: Path) -> bool:
@@ -40,7 +42,7 @@ def test_node_files_import_only_support_modules():
 def test_only_the_seam_imports_comfy_modules_outside_node_classes():
     """ComfyUI modules are imported by the seam; node files only by name for what they subclass or differentiate."""
     allowed = {"comfy_compat.py": None, "consistency_guidance.py": {"comfy.samplers"},
-               "ipl.py": {"comfy.ldm.modules.attention", "comfy.ops"}}
+               "clip_features.py": {"comfy.ldm.modules.attention", "comfy.ops"}}
     for path in sorted(NODES.glob("*.py")):
         imported = {node.names[0].name for node in ast.walk(ast.parse(path.read_text()))
                     if isinstance(node, ast.Import) and node.names[0].name.startswith(("comfy.", "folder_paths"))}
