@@ -4,7 +4,7 @@
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit lint workflows world evaluate clean
+.PHONY: setup demo test test-unit lint workflows world evaluate reliability clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -32,6 +32,10 @@ world: setup
 
 evaluate: setup
 	$(PYTHON) bench/world/evaluate.py
+
+# 50 prompts queued at once against the same prompts run alone, and 5000 fuzzed files (make test runs a smoke size).
+reliability: setup
+	$(PYTHON) bench/reliability.py
 
 clean:
 	rm -rf .venv .host .cache

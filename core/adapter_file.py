@@ -113,6 +113,8 @@ def path_inside(root: str | os.PathLike, subfolder: str, filename: str, suffix: 
         if part and (os.path.isabs(part) or ".." in Path(part).parts or "\x00" in part):
             raise ValueError(f"{label} {part!r} must be a relative name inside the folder (no '..', no absolute path)")
     name = filename if filename.endswith(suffix) else filename + suffix
+    if len(Path(name).name.encode()) > 255:
+        raise ValueError(f"filename is too long ({len(Path(name).name.encode())} bytes with {suffix}; at most 255)")
     root_path = Path(root).resolve()
     target = (root_path / (subfolder or "") / name).resolve()
     if root_path not in target.parents:

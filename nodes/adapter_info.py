@@ -6,7 +6,7 @@ from comfy_api.latest import io, ui
 from ..core.adapter import Adapter
 from ..core.blocks import touched_blocks
 from .model_binding import bind_to_model, describe_binding
-from .common import schema
+from .common import PackNode, schema
 from .sockets import AdapterSocket
 
 
@@ -20,7 +20,7 @@ def describe_adapter(adapter: Adapter) -> str:
     ])
 
 
-class AdapterInfo(io.ComfyNode):
+class AdapterInfo(PackNode):
     """Show an adapter's modules, ranks, blocks, parameter count, size, role and method; with a model connected, also
     which modules match it."""
 

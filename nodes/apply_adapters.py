@@ -5,13 +5,13 @@ from comfy_api.latest import io
 
 from ..core.blocks import parse_block_strengths
 from .model_binding import apply_patch_groups, patches_by_strength
-from .common import schema
+from .common import PackNode, schema
 from .sockets import AdapterSocket
 
 EXTRA_SLOTS = ("adapter_2", "adapter_3", "adapter_4")
 
 
-class ApplyAdapters(io.ComfyNode):
+class ApplyAdapters(PackNode):
     """Apply one or more adapters, each with the strength set on its loader, through ComfyUI's own key map and weight
     patches (lowvram and quantized models keep working). The input model is never modified."""
 

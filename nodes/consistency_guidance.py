@@ -18,7 +18,7 @@ import comfy.samplers
 from ..core.adapter import Adapter
 from ..core.blocks import select_b_lora_part
 from . import comfy_compat as cc
-from .common import schema, strength_input
+from .common import PackNode, schema, strength_input
 from .model_binding import apply_patch_groups, patches_by_strength
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
@@ -70,7 +70,7 @@ def check_terms(adapters: dict[str, Adapter], lambdas: dict[str, float]) -> None
         raise ValueError("connect at least content_of_content or style_of_style (the adapters the image is made with)")
 
 
-class ContentStyleGuider(io.ComfyNode):
+class ContentStyleGuider(PackNode):
     """ConsisLoRA guidance for SamplerCustomAdvanced: CFG with the content image's content-block adapter and the style
     image's style-block adapter, plus λ_content and λ_style guidance terms (two extra conditional UNet passes each;
     none when λ is 0)."""
@@ -116,7 +116,7 @@ class ContentStyleGuider(io.ComfyNode):
         return io.NodeOutput(guider)
 
 
-class ComposeContentAndStyle(io.ComfyNode):
+class ComposeContentAndStyle(PackNode):
     """Plain B-LoRA composition without guidance: the content block of the content image's adapter plus the style block
     of the style image's adapter, patched into the model (any sampler)."""
 

@@ -23,7 +23,7 @@ from ..core.layouts import generic_module_name
 from . import comfy_compat as cc
 from .clip_features import (clip_vision_embeds, clip_vision_embeds_with_grad, clip_vision_width, projected_text_features,
                             projection_width, text_encoders, token_widths, vae_decode_with_grad)
-from .common import schema
+from .common import PackNode, schema
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 from .training import grad_enabled, make_autograd_safe, torch_modules, vae_encode
@@ -136,7 +136,7 @@ def template_features(clip, key: str, label: str) -> torch.Tensor:
 
 # -- nodes -----------------------------------------------------------------------------------------------
 
-class ImageToPromptVectors(io.ComfyNode):
+class ImageToPromptVectors(PackNode):
     """IPL: a latent mapper turns each image's CLIP vision embedding into n_ctx prompt vectors that replace {} in the
     template at the text encoders' input embeddings (like textual inversion). A batch of images gives a batch of
     conditionings."""
@@ -166,7 +166,7 @@ class ImageToPromptVectors(io.ComfyNode):
         return io.NodeOutput(conditioning_with_vectors(clip, template, per_image))
 
 
-class TrainPromptMapper(io.ComfyNode):
+class TrainPromptMapper(PackNode):
     """IPL stage 1: train a latent mapper from source images so each image's prompt vectors plus the source label match
     the image in CLIP space (symmetric contrastive loss), with a domain regulariser toward the target label. Saves
     to models/prompt_mappers."""
@@ -249,7 +249,7 @@ def adaptation_step(model, vae, clip_vision, latent, cond, pairs: PromptPairs, i
     return directional_loss(source_embed, adapted_embed, pairs.source_features[index], pairs.target_features[index])
 
 
-class ZeroShotAdapt(io.ComfyNode):
+class ZeroShotAdapt(PackNode):
     """IPL stage 2 (diffusion form): train a LoRA on the UNet's attention so that, image by image, the CLIP image
     change from the frozen to the adapted model's prediction follows the change from the image's source prompt to
     its target prompt (directional loss). SD1.x/SD2.x UNets."""

@@ -8,14 +8,14 @@ from ..core.adapter_file import read_safetensors
 from ..core.blocks import select_b_lora_part
 from ..core.formats import adapter_from_tensors
 from . import comfy_compat
-from .common import schema, strength_input
+from .common import PackNode, schema, strength_input
 from .sockets import AdapterSocket
 
 PARTS = {"whole file": None, "B-LoRA content block": "content", "B-LoRA style block": "style"}
 ROLE_FROM_FILE = "from file"
 
 
-class LoadAdapter(io.ComfyNode):
+class LoadAdapter(PackNode):
     """Read an adapter file: kohya, diffusers / PEFT (also B4M's doubled unet. prefix), ComfyUI generic, B-LoRA /
     ConsisLoRA block splits and QR-LoRA files, from the loras folder or models/content_style_adapters."""
 

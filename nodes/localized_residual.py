@@ -14,7 +14,7 @@ from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, fina
 from . import comfy_compat as cc
 from .model_binding import bind_to_model
 from .runtime_adapters import add_to_forward, check_runtime_factors, publish_call_options
-from .common import schema, strength_input
+from .common import PackNode, schema, strength_input
 from .sockets import AdapterSocket
 
 STATE_KEY = "csa.localized_residual"  # transformer option: this model's LocalizedResidualState
@@ -164,7 +164,7 @@ def install_residuals(patched, settings: LocalizedResidualSettings, targets: dic
     publish_call_options(patched)
 
 
-class ApplyLocalizedResidual(io.ComfyNode):
+class ApplyLocalizedResidual(PackNode):
     """Personalized Residuals with localized attention-guided sampling (LAG): each transformer block's proj_out
     residual acts only where the concept words' cross-attention is, W x + M ⊙ ΔW x. Chains to other packs' attention
     patches; no extra UNet passes."""
@@ -212,7 +212,7 @@ class ApplyLocalizedResidual(io.ComfyNode):
         return io.NodeOutput(patched, conditioning)
 
 
-class ShowAttentionMask(io.ComfyNode):
+class ShowAttentionMask(PackNode):
     """The masks Apply Localized Residual used during the last sampling run of its model."""
 
     @classmethod
@@ -241,7 +241,7 @@ class ShowAttentionMask(io.ComfyNode):
         return io.NodeOutput(grid[None, :, :, None].expand(-1, -1, -1, 3).contiguous(), mask)
 
 
-class NewResidualAdapter(io.ComfyNode):
+class NewResidualAdapter(PackNode):
     """A Personalized Residuals adapter for this model: one low-rank residual on every transformer's proj_out, rank =
     fraction x channels (5%: 16/32/64 for 320/640/1280). Train it, or use a random one to try the nodes."""
 

@@ -10,7 +10,7 @@ from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
 from .model_binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
-from .common import schema, strength_input
+from .common import PackNode, schema, strength_input
 from .sockets import AdapterSocket
 
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
@@ -30,7 +30,7 @@ def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict
     return terms, bindings
 
 
-class QRMerge(io.ComfyNode):
+class QRMerge(PackNode):
     """Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base share Q and merge
     exactly; ordinary LoRAs get one orthonormal basis for all their up-spaces (exactly the weighted sum, rank at
     most the sum of ranks). Reports per-layer overlap."""
@@ -77,7 +77,7 @@ class QRMerge(io.ComfyNode):
         return io.NodeOutput(patched, merged, report)
 
 
-class ConvertToQRLoRA(io.ComfyNode):
+class ConvertToQRLoRA(PackNode):
     """Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r subspace, ΔR = Qᵀ
     ΔW. Adapters converted on one base share Q, so QR Merge combines them at rank r. The part of ΔW outside span(Q)
     is dropped and reported."""

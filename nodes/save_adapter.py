@@ -9,7 +9,7 @@ from ..core.formats import adapter_metadata, tensors_from_modules
 from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
 from .model_binding import bind_to_model
-from .common import schema
+from .common import PackNode, schema
 from .sockets import AdapterSocket
 
 
@@ -26,7 +26,7 @@ def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict
     return tensors_from_modules(modules, {n: n for n in modules})
 
 
-class SaveAdapter(io.ComfyNode):
+class SaveAdapter(PackNode):
     """Write an adapter as safetensors into the loras folder, with its role, method, base and ranks in the metadata.
     Atomic; never overwrites unless asked. Loads in ComfyUI's LoraLoader."""
 
@@ -52,6 +52,8 @@ class SaveAdapter(io.ComfyNode):
     def execute(cls, adapter: Adapter, filename: str, subfolder: str, key_form: str, overwrite: bool,
                 model=None, clip=None) -> io.NodeOutput:
         target = path_inside(comfy_compat.lora_save_root(), subfolder, filename)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} already exists; choose another filename or allow overwriting")
         tensors = file_tensors(adapter, key_form, model, clip)
         metadata = adapter_metadata(adapter, {"source": adapter.source, "key_form": key_form})
         path = write_safetensors(target, tensors, metadata, overwrite=overwrite)

@@ -6,7 +6,7 @@ import math
 from comfy_api.latest import io
 
 from ..core.scores import METRICS, means, score_table
-from .common import schema
+from .common import PackNode, schema
 from .score_drawing import table_image
 from .scoring import build_scorer, check_batch, preprocessing, score_inputs
 
@@ -18,7 +18,7 @@ def table_rows(scores: dict, count: int) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-class ScoreContentStylePrompt(io.ComfyNode):
+class ScoreContentStylePrompt(PackNode):
     """The papers' scores on ComfyUI's own encoders: content = DINOv2 cosine with the content references, style =
     CLIP image cosine with the style references (both averaged over the references), prompt = CLIP text score
     (cosine of projected text and image features). Each encoder preprocesses as it expects (resize, centre crop,

@@ -25,7 +25,7 @@ from ..core.layouts import generic_module_name
 from ..core.scores import (GridLayout, cell_picture, display_scale, means, parse_values, short_scores, sweep_cells,
                            sweep_table)
 from . import comfy_compat as cc
-from .common import schema
+from .common import PackNode, schema
 from .model_binding import apply_patch_groups, bind_to_model, patches_by_strength
 from .score_drawing import sweep_grid
 from .scoring import build_scorer, score_inputs
@@ -129,7 +129,7 @@ def qr_merge_cell_model(model, content: Adapter, style: Adapter, interference: s
     return cell_model
 
 
-class StrengthSweep(io.ComfyNode):
+class StrengthSweep(PackNode):
     """Sample a grid over two strengths with one seed: the content and style adapters' strengths, or QR Merge's
     λ_content and λ_style. Prints each cell's content / style / prompt scores under it (connect the references and
     encoders), so the trade-off is visible at a glance."""
@@ -170,7 +170,7 @@ class StrengthSweep(io.ComfyNode):
         return run_grid(MODES[mode], xs, ys, steps, sample_cell, vae, scorer)
 
 
-class GuiderStrengthSweep(io.ComfyNode):
+class GuiderStrengthSweep(PackNode):
     """Sample a grid over the Content-Style Guider's λ_content (columns) and λ_style (rows) with one seed, as
     SamplerCustomAdvanced would; prints each cell's scores under it."""
 

@@ -201,6 +201,8 @@ class ComfyServer:
     def run_prompt(self, graph: dict, timeout: float = 600.0) -> PromptResult:
         """Submit an API-format graph and wait until ComfyUI has finished it."""
         answer = self.post_json("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
+        if answer.get("node_errors"):  # ComfyUI still runs the outputs that validated; a user sees these errors
+            raise PromptFailed(f"the prompt did not validate: {json.dumps(answer['node_errors'])}")
         prompt_id = answer["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -208,8 +210,11 @@ class ComfyServer:
             if history and history.get("status", {}).get("completed") is not None:
                 status = history["status"]
                 if status.get("status_str") != "success":
+                    errors = [f"{data.get('node_type')} (node {data.get('node_id')}): {data.get('exception_type')}: "
+                              f"{data.get('exception_message')}"
+                              for kind, data in status.get("messages") or [] if kind == "execution_error"]
                     raise PromptFailed(f"prompt {prompt_id} ended with {status.get('status_str')}: "
-                                       f"{json.dumps(status.get('messages'), indent=1)[-4000:]}")
+                                       + ("; ".join(errors) or json.dumps(status.get("messages"))[-4000:]))
                 return PromptResult(prompt_id, history, self._images_by_node(history))
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")

@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--reuse-vae", action="store_true", help=f"skip VAE training and use {VAE_STAGE}")
     parser.add_argument("--out", type=Path, default=None,
                         help="write weights, losses and the VAE stage here instead (smoke runs use a temporary folder)")
-    args = parse_args(parser, {"vae_steps": 2, "unet_steps": 2, "batch": 2, "per_pair": 1})
+    args = parse_args(parser, {"vae_steps": 2, "unet_steps": 4, "batch": 2, "per_pair": 1})
     if args.out is None and harness.SMOKE:
         args.out = Path(tempfile.mkdtemp(prefix="csa-world-smoke-"))
     weights, losses_path, vae_stage = ((args.out / WEIGHTS.name, args.out / LOSSES.name, args.out / VAE_STAGE.name)

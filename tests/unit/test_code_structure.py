@@ -13,10 +13,22 @@ SUPPORT_MODULES = {"comfy_compat", "model_binding", "runtime_adapters", "trainin
                    "score_drawing", "common", "sockets"}
 
 
+def node_classes(path: Path) -> list[ast.ClassDef]:
+    """Classes that declare a node schema (define_schema)."""
+    return [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.ClassDef)
+            and any(isinstance(item, ast.FunctionDef) and item.name == "define_schema" for item in node.body)]
+
+
 def defines_nodes(path: Path) -> bool:
-    tree = ast.parse(path.read_text())
-    return any(isinstance(node, ast.ClassDef) and any(ast.unparse(b).endswith("ComfyNode") for b in node.bases)
-               for node in tree.body)
+    return bool(node_classes(path))
+
+
+def test_every_node_checks_its_widget_values():
+    """ComfyUI 0.3.75 skips range and combo checks for V3 nodes; PackNode.validate_inputs does them."""
+    for path in sorted(NODES.glob("*.py")):
+        for node in node_classes(path):
+            assert [ast.unparse(b) for b in node.bases] == ["PackNode"], \
+                f"nodes/{path.name}: {node.name} must subclass common.PackNode"
 
 
 def pack_imports(path: Path) -> set[str]:
