@@ -120,13 +120,14 @@ def cosines_by_eigen(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(wa.T @ (a64.T @ b64) @ wb).clamp(0.0, 1.0)
 
 
-def shared_q_signs(terms: list[Term], tolerance: float) -> list[torch.Tensor] | None:
+def shared_q_signs(terms: list[Term], tolerance: float, dtype=torch.float32) -> list[torch.Tensor] | None:
     """Per term, the column signs that make its up equal the first term's up; None when the ups differ."""
-    first = terms[0].factors.up.flatten(1)
+    first = terms[0].factors.up.flatten(1).to(dtype)
     signs = []
     for term in terms:
-        up = term.factors.up.flatten(1)
-        if up.shape != first.shape:
+        up = term.factors.up.flatten(1).to(dtype)
+        # ordinary LoRAs fail on the first row's magnitudes already, without a pass over the whole up
+        if up.shape != first.shape or not torch.allclose(up[0].abs(), first[0].abs(), atol=tolerance, rtol=0):
             return None
         s = torch.sign((up * first).sum(0))
         s = torch.where(s == 0, torch.ones_like(s), s)
@@ -228,7 +229,7 @@ def joint_basis(terms: list[Term], dtype) -> tuple[torch.Tensor, list[torch.Tens
 def merged_factors(terms: list[Term], interference: str, form: str, q_tolerance: float, dtype) -> tuple[LowRank, str]:
     """One layer's merged factors and the path taken (see the module docstring)."""
     shape = check_terms(terms)
-    signs = shared_q_signs(terms, q_tolerance)
+    signs = shared_q_signs(terms, q_tolerance, dtype)
     if signs is not None:
         basis = terms[0].factors.up.flatten(1).to(dtype)
         coefficients = [t.weight * t.factors.scale * s.to(dtype)[:, None] * t.factors.down.flatten(1).to(dtype)

@@ -125,6 +125,19 @@ def test_shared_q_tolerates_column_sign_flips():
     assert torch.allclose(merged.factors.delta(F64), expected, atol=1e-12)
 
 
+def test_adapters_of_different_dtypes_merge():
+    q, _, delta_c, delta_s = qr_setup(seed=25)
+    shared = merge_layer([Term(LowRank(q, delta_c), 1.0, "content"), Term(LowRank(q.float(), delta_s.float()), 0.5, "style")])
+    assert shared.path == "shared-q" and shared.factors.up.dtype == torch.float32
+    terms = [Term(lora(16, 12, 3, seed=26), 1.0, "content"), Term(lora(16, 12, 4, seed=27), 0.5, "style")]
+    mixed = [Term(LowRank(t.factors.up.to(d), t.factors.down.to(d)), t.weight, t.role)
+             for t, d in zip(terms, (torch.float16, torch.bfloat16))]
+    for form in (CONCATENATED, JOINT_BASIS):
+        merged = merge_layer(mixed, dtype=F64, form=form)
+        reference = sum(t.weight * dense(t.factors) for t in mixed)
+        assert torch.allclose(merged.factors.delta(F64), reference, atol=1e-10), form
+
+
 def test_zero_strengths_give_a_zero_delta():
     terms = [Term(lora(8, 8, 2, seed=30), 0.0, "content"), Term(lora(8, 8, 3, seed=31), 0.0, "style")]
     assert torch.count_nonzero(merge_layer(terms, dtype=F64).factors.delta(F64)) == 0
