@@ -30,8 +30,8 @@ INTERFERENCE_MODES = ("off", "style without content directions", "content withou
 MERGE_ROLES = ("content", "style")
 CONCATENATED, JOINT_BASIS = "concatenated (fast)", "joint orthonormal basis (compact)"
 MERGED_FORMS = (CONCATENATED, JOINT_BASIS)
-# Cholesky of the unit-diagonal Gram matrix: below this pivot the columns are too close to dependent for
-# the fast path at the Gram's precision, and the layer's cosines are recomputed in float64 (eigen path)
+# Cholesky of a Gram matrix, a pivot over its column's norm below this: the columns are too close to dependent
+# for the fast path at the Gram's precision, and the layer's cosines are recomputed in float64 (eigen path)
 MIN_PIVOT = {torch.float32: 0.1, torch.float64: 1e-4}
 
 
@@ -71,35 +71,37 @@ def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def principal_cosines_of_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """principal_cosines of many (a, b) pairs of tall factors, from r x r products only.
 
-    With unit-diagonal Gram matrices AᵀA = LaLaᵀ and BᵀB = LbLbᵀ, the cosines are the singular values of
-    La⁻¹ AᵀB Lb⁻ᵀ; the Cholesky factors, solves and SVDs run batched over pairs of equal ranks. Pairs whose
-    columns are (nearly) dependent take the eigen path in float64 instead.
+    With Gram matrices AᵀA = LaLaᵀ and BᵀB = LbLbᵀ, the cosines are the singular values of La⁻¹ AᵀB Lb⁻ᵀ;
+    the Cholesky factors, solves and SVDs run batched over pairs of equal ranks, in the factors' dtype.
+    Pairs whose columns are (nearly) dependent take the eigen path in float64 instead.
     """
     grams = [(a.T @ a, b.T @ b, a.T @ b) for a, b in pairs]
     cosines: list[torch.Tensor | None] = [None] * len(pairs)
     by_shape = defaultdict(list)
     for index, (_, _, cross) in enumerate(grams):
-        by_shape[tuple(cross.shape)].append(index)
-    for indices in by_shape.values():
-        gram_a, gram_b, cross = (torch.stack([grams[i][j] for i in indices]).to(torch.float64) for j in range(3))
-        norm_a = torch.diagonal(gram_a, dim1=-2, dim2=-1).sqrt().clamp_min(1e-300)
-        norm_b = torch.diagonal(gram_b, dim1=-2, dim2=-1).sqrt().clamp_min(1e-300)
-        lower_a, info_a = torch.linalg.cholesky_ex(gram_a / (norm_a[:, :, None] * norm_a[:, None, :]))
-        lower_b, info_b = torch.linalg.cholesky_ex(gram_b / (norm_b[:, :, None] * norm_b[:, None, :]))
-        min_pivot = MIN_PIVOT.get(grams[indices[0]][2].dtype, MIN_PIVOT[torch.float32])
-        fast = ((info_a == 0) & (info_b == 0) & (torch.diagonal(lower_a, dim1=-2, dim2=-1).amin(-1) > min_pivot)
-                & (torch.diagonal(lower_b, dim1=-2, dim2=-1).amin(-1) > min_pivot))
-        identity_a = torch.eye(gram_a.shape[-1], dtype=torch.float64)
-        identity_b = torch.eye(gram_b.shape[-1], dtype=torch.float64)
-        lower_a = torch.where(fast[:, None, None], lower_a, identity_a)  # failed factors hold NaN: keep SVD finite
-        lower_b = torch.where(fast[:, None, None], lower_b, identity_b)
-        m = torch.linalg.solve_triangular(lower_a, cross / (norm_a[:, :, None] * norm_b[:, None, :]), upper=False)
+        by_shape[(tuple(cross.shape), cross.dtype)].append(index)
+    for (_, dtype), indices in by_shape.items():
+        gram_a, gram_b, cross = (torch.stack([grams[i][j] for i in indices]) for j in range(3))
+        lower_a, info_a = torch.linalg.cholesky_ex(gram_a)
+        lower_b, info_b = torch.linalg.cholesky_ex(gram_b)
+        fast = (info_a == 0) & (info_b == 0) & well_conditioned(lower_a, gram_a) & well_conditioned(lower_b, gram_b)
+        if not fast.all():  # failed factors hold NaN: swap in the identity to keep the batch finite
+            lower_a = torch.where(fast[:, None, None], lower_a, torch.eye(gram_a.shape[-1], dtype=dtype))
+            lower_b = torch.where(fast[:, None, None], lower_b, torch.eye(gram_b.shape[-1], dtype=dtype))
+            cross = torch.where(fast[:, None, None], cross, 0.0)
+        m = torch.linalg.solve_triangular(lower_a, cross, upper=False)
         m = torch.linalg.solve_triangular(lower_b, m.mT, upper=False).mT
-        batch = torch.linalg.svdvals(torch.where(fast[:, None, None], m, 0.0)).clamp(0.0, 1.0)
+        batch = torch.linalg.svdvals(m).clamp(0.0, 1.0)
         for position, index in enumerate(indices):
-            a, b = pairs[index]
-            cosines[index] = (batch[position] if fast[position] else cosines_by_eigen(a, b)).to(a.dtype)
+            cosines[index] = batch[position] if fast[position] else cosines_by_eigen(*pairs[index]).to(dtype)
     return cosines
+
+
+def well_conditioned(lower: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per batch item: is every Cholesky pivot, relative to its column's norm (the distance of the unit column
+    from the span of the ones before it), above MIN_PIVOT for this precision?"""
+    pivots = torch.diagonal(lower, dim1=-2, dim2=-1) / torch.diagonal(gram, dim1=-2, dim2=-1).sqrt()
+    return pivots.amin(-1) > MIN_PIVOT.get(gram.dtype, MIN_PIVOT[torch.float32])
 
 
 def whitening(gram: torch.Tensor, tolerance: float = 1e-12) -> torch.Tensor:
@@ -123,12 +125,13 @@ def cosines_by_eigen(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def shared_q_signs(terms: list[Term], tolerance: float, dtype=torch.float32) -> list[torch.Tensor] | None:
     """Per term, the column signs that make its up equal the first term's up; None when the ups differ."""
     first = terms[0].factors.up.flatten(1).to(dtype)
-    signs = []
-    for term in terms:
-        up = term.factors.up.flatten(1).to(dtype)
-        # ordinary LoRAs fail on the first row's magnitudes already, without a pass over the whole up
-        if up.shape != first.shape or not torch.allclose(up[0].abs(), first[0].abs(), atol=tolerance, rtol=0):
-            return None
+    ups = [term.factors.up.flatten(1).to(dtype) for term in terms[1:]]
+    # ordinary LoRAs differ in the first row's magnitudes already: no pass over the whole ups
+    if any(up.shape != first.shape or not torch.allclose(up[0].abs(), first[0].abs(), atol=tolerance, rtol=0)
+           for up in ups):
+        return None
+    signs = [torch.ones(first.shape[1], dtype=dtype)]
+    for up in ups:
         s = torch.sign((up * first).sum(0))
         s = torch.where(s == 0, torch.ones_like(s), s)
         if not torch.allclose(up * s, first, atol=tolerance, rtol=0):
@@ -145,11 +148,21 @@ def role_coefficients(terms, coefficients) -> dict[str, torch.Tensor | None]:
     return sums
 
 
+def row_space(matrix: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns (in, k) spanning the rows of ``matrix``: its QR when the rows are clearly independent
+    (the common case, several times cheaper), else the rank-revealing SVD."""
+    q, r = torch.linalg.qr(matrix.T)
+    pivots = torch.diagonal(r).abs()
+    if pivots.numel() and pivots.min() > torch.finfo(r.dtype).eps ** 0.5 * pivots.max():
+        return q
+    return orthonormal_basis(matrix.T)
+
+
 def remove_directions(coefficients: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
     """Coefficients minus their part in the row space of ``other``."""
     if other is None:
         return coefficients
-    basis = orthonormal_basis(other.T)  # (in, k) spanning other's rows
+    basis = row_space(other)
     return coefficients - (coefficients @ basis) @ basis.T
 
 

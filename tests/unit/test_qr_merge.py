@@ -215,6 +215,15 @@ def test_interference_removal_takes_content_input_directions_out_of_style():
     style_rows, _ = torch.linalg.qr(style.down.T)
     expected = dense(content) @ (torch.eye(12, dtype=F64) - style_rows @ style_rows.T) + 2.0 * dense(style) @ projector
     assert torch.allclose(both.factors.delta(F64), expected, atol=1e-10)
+    # content rows of rank 2 (a repeated down row): only those 2 directions leave the style part
+    deficient = LowRank(content.up, torch.cat([content.down[:2], content.down[:1]], 0))
+    merged = merge_layer([Term(deficient, 1.0, "content"), Term(style, 2.0, "style")],
+                         interference="style without content directions", dtype=F64)
+    u, s, _ = torch.linalg.svd(deficient.down.T, full_matrices=False)
+    rows = u[:, :2]
+    assert s[2] < 1e-12 * s[0]
+    expected = dense(deficient) + 2.0 * dense(style) @ (torch.eye(12, dtype=F64) - rows @ rows.T)
+    assert torch.allclose(merged.factors.delta(F64), expected, atol=1e-10)
     with pytest.raises(ValueError, match="interference must be one of"):
         merge_layer([Term(content, 1.0, "content")], interference="some")
 
