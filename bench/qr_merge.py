@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -87,11 +88,17 @@ def sd15_rows(nodes, base, model, rank, repeats) -> list[tuple[str, str]]:
         patched.patch_model(device_to=cpu)
         patched.unpatch_model(device_to=cpu)
 
+    merge = comfy_host.pack_module(base, "core.merge")
+    adapters = [nodes["CSA_LoadAdapter"].execute(adapter_name=n, strength=1.0, part="whole file",
+                                                 role="from file").args[0] for n in names]
+    terms, _ = comfy_host.pack_module(base, "nodes.qr_merge").merge_terms(
+        model, {"content": adapters[:1], "style": adapters[1:]}, {"content": 1.0, "style": 1.0})
     t = alternating_medians({
         "stock": lambda: realise(stock_model()),
         "ours": lambda: realise(merged_model()),
         "removal": lambda: realise(merged_model(REMOVAL)),
         "compact": lambda: realise(merged_model(merged_form="joint orthonormal basis (compact)")),
+        "overlap": lambda: merge.layer_overlaps(terms, torch.float32),
     }, repeats)
     difference = max_weight_difference(stock_model(), merged_model(), shapes)
     return [
@@ -100,6 +107,8 @@ def sd15_rows(nodes, base, model, rank, repeats) -> list[tuple[str, str]]:
         ("**SD1.5 ratio ours / stock (target <= 1.0)**", f"**{t['ours'] / t['stock']:.2f}**"),
         ("SD1.5 ratio with interference removal (joint basis)", f"{t['removal'] / t['stock']:.2f}"),
         ("SD1.5 ratio, compact joint-basis form", f"{t['compact'] / t['stock']:.2f}"),
+        ("SD1.5: the overlap report alone (core.merge.layer_overlaps), part of ours",
+         f"{t['overlap'] * 1000:.0f} ms = {t['overlap'] / t['stock']:.2f} of stock"),
         ("SD1.5: max abs difference of patched weights, ours vs stock", f"{difference:.1e}"),
     ]
 
@@ -147,13 +156,18 @@ def sdxl_rows(base, rank, repeats, layers) -> list[tuple[str, str]]:
             patch = [(1.0, stock_adapter(key, factors.up, factors.down, None), 1.0, None, None)]
             comfy.lora.calculate_weight(patch, weight.clone(), key)
 
-    t = alternating_medians({"stock": stock, "ours": ours, "removal": lambda: ours(REMOVAL)}, repeats)
+    overlap_terms = {key: [merge.Term(LowRank(*lora[key], alpha=float(rank)), 1.0, role)
+                           for lora, role in zip(loras, ("content", "style"))] for key in weights}
+    t = alternating_medians({"stock": stock, "ours": ours, "removal": lambda: ours(REMOVAL),
+                             "overlap": lambda: merge.layer_overlaps(overlap_terms, torch.float32)}, repeats)
     return [
         (f"SDXL shapes, {len(shapes)} attention layers: stock patch of two LoRAs", f"{t['stock'] * 1000:.0f} ms"),
         ("SDXL shapes: merge_layers (concatenated, overlap report) + patch of the merged LoRA",
          f"{t['ours'] * 1000:.0f} ms"),
         ("**SDXL ratio ours / stock (target <= 1.0)**", f"**{t['ours'] / t['stock']:.2f}**"),
         ("SDXL ratio with interference removal (joint basis)", f"{t['removal'] / t['stock']:.2f}"),
+        ("SDXL: the overlap report alone (core.merge.layer_overlaps), part of ours",
+         f"{t['overlap'] * 1000:.0f} ms = {t['overlap'] / t['stock']:.2f} of stock"),
     ]
 
 
@@ -204,9 +218,13 @@ def main():
         torch.set_num_threads(1)
     nodes, base = start_comfy()
     model = tiny_sd15()[0] if args.smoke else full_sd15_unet()
-    rows = [*sd15_rows(nodes, base, model, sizes["rank"], sizes["repeats"]),
-            *sdxl_rows(base, sizes["rank"], sizes["repeats"], sizes["sdxl_layers"]),
-            *factorisation_rows(base, sizes["factorisation_shapes"], sizes["rank"], sizes["repeats"])]
+    rows = []
+    for section, run in (("SD1.5", lambda: sd15_rows(nodes, base, model, sizes["rank"], sizes["repeats"])),
+                         ("SDXL", lambda: sdxl_rows(base, sizes["rank"], sizes["repeats"], sizes["sdxl_layers"])),
+                         ("factorisation", lambda: factorisation_rows(base, sizes["factorisation_shapes"],
+                                                                      sizes["rank"], sizes["repeats"]))):
+        rows += run()
+        print(f"{section} done: " + "; ".join(f"{name}: {value}" for name, value in rows), file=sys.stderr, flush=True)
     record(f"QR Merge of two rank-{sizes['rank']} adapters{' (smoke: tiny sizes)' if args.smoke else ''}", rows,
            notes="Medians of alternating runs in one process; ratios are ours / stock in the same run. Randomized "
                  "SVD: fixed-seed sketch of rank + 10 columns, one power iteration; factorisation is needed only to "
