@@ -280,7 +280,9 @@ def test_randomized_fit_error_is_reported_and_near_the_exact_top_r_error(name, w
     dense_error = float(torch.linalg.matrix_norm(matrix - f.q.double() @ f.r.double()) / torch.linalg.matrix_norm(matrix))
     assert f.fit_error == pytest.approx(dense_error, rel=1e-4, abs=1e-6), "the reported error is the real one"
     optimum = exact_top_r_error(weight, rank)
-    assert optimum <= f.fit_error * (1 + 1e-6) <= optimum * (1 + tolerance) + 1e-6, name
+    # float32 resolves the subspace down to about sqrt(eps)·σ_1: a few 1e-5 of ||W|| more error at most
+    slack = 1e-6 if dtype == F64 else 3e-5
+    assert optimum <= f.fit_error * (1 + 1e-6) <= optimum * (1 + tolerance) + slack, name
     assert torch.allclose(f.q.T @ f.q, torch.eye(rank, dtype=dtype), atol=1e-5 if dtype == torch.float32 else 1e-12)
 
 
