@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from core.adapter import LowRank
-from core.merge import CONCATENATED, JOINT_BASIS, Term, merge_layer, merge_layers, overlap_summary, principal_cosines
+from core.merge import CONCATENATED, JOINT_BASIS, Term, merge_layer, merge_layers, overlap_summary
 from core.qr_lora import convert_to_qr_lora, qr_factorise
+from core.subspaces import principal_cosines
 
 F64 = torch.float64
 
