@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 
@@ -216,6 +217,7 @@ def main():
     sizes = SMOKE if args.smoke else FULL
     if args.smoke:  # one thread: under other processes' load, two-thread parallel regions stall on each other
         torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     nodes, base = start_comfy()
     model = tiny_sd15()[0] if args.smoke else full_sd15_unet()
     rows = []
@@ -226,9 +228,10 @@ def main():
         rows += run()
         print(f"{section} done: " + "; ".join(f"{name}: {value}" for name, value in rows), file=sys.stderr, flush=True)
     record(f"QR Merge of two rank-{sizes['rank']} adapters{' (smoke: tiny sizes)' if args.smoke else ''}", rows,
-           notes="Medians of alternating runs in one process; ratios are ours / stock in the same run. Randomized "
-                 "SVD: fixed-seed sketch of rank + 10 columns, one power iteration; factorisation is needed only to "
-                 "convert ordinary LoRAs to QR-LoRA form (Convert to QR-LoRA), never for merging.",
+           notes="Medians of alternating runs in one process; ratios are ours / stock in the same run. Load average "
+                 f"(other processes on this machine) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
+                 "end. Randomized SVD: fixed-seed sketch of rank + 10 columns, one power iteration; factorisation is "
+                 "needed only to convert ordinary LoRAs to QR-LoRA form (Convert to QR-LoRA), never for merging.",
            append=not args.smoke)
 
 
