@@ -100,8 +100,8 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
-def record(title: str, rows: list[tuple[str, str]], notes: str = "") -> None:
-    """Print a result table and append it to bench/RESULTS.md."""
+def record(title: str, rows: list[tuple[str, str]], notes: str = "", append: bool = True) -> None:
+    """Print a result table and append it to bench/RESULTS.md (print only with ``append=False``, for smoke runs)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {title}", "", f"{stamp} · {machine()}", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {name} | {value} |" for name, value in rows]
@@ -109,8 +109,8 @@ def record(title: str, rows: list[tuple[str, str]], notes: str = "") -> None:
         lines += ["", notes]
     text = "\n".join(lines) + "\n\n"
     print(text)
-    if SMOKE:
-        print("(smoke run: not written to bench/RESULTS.md)")
+    if SMOKE or not append:
+        print("(smoke run: not written to bench/RESULTS.md)" if SMOKE else "(not written to bench/RESULTS.md)")
         return
     with open(RESULTS, "a") as handle:
         handle.write(text)

@@ -1,17 +1,21 @@
-"""Merging content and style adapters on a shared orthonormal basis (QR-LoRA's merge, generalised).
+"""Merging content and style adapters into one low-rank update per layer (QR-LoRA's merge, generalised).
 
 Per layer, with weights w_i = λ_role · strength_i and deltas ΔW_i = s_i up_i down_i:
 
-- shared Q (QR-LoRA adapters of one base, up_i = Q up to column signs):
+- shared Q (QR-LoRA adapters of one base, up_i = Q up to column signs), the official formula:
       ΔW = Q (Σ w_i s_i ΔR_i)                                   rank r
-- otherwise (ordinary LoRAs): one orthonormal basis for all up-spaces, [up_1 … up_n] = Q R_u, and
-      ΔW = Q Σ w_i s_i R_u[:, cols_i] down_i                     rank ≤ Σ r_i
-  which is exactly Σ w_i ΔW_i, stored as one LoRA (up = Q, down = the summed coefficients).
+- otherwise, "concatenated (fast)": no factorisation, the factors side by side,
+      up = [w_1 s_1 up_1 … w_n s_n up_n], down = [down_1; …; down_n], ΔW = up down = Σ w_i ΔW_i   rank Σ r_i
+- "joint orthonormal basis (compact)", and always with interference removal: one orthonormal basis for
+  all up-spaces, [up_1 … up_n] = Q R_u (directions the up-spaces share kept once), and
+      ΔW = Q Σ w_i s_i R_u[:, cols_i] down_i                     rank ≤ min(Σ r_i, out)
+  which is exactly Σ w_i ΔW_i too, stored as one LoRA (up = Q, down = the summed coefficients).
 
 Interference option: remove from the style coefficients their part in the content delta's input
 (row) space, or the reverse, or both. The row space is where QR-LoRA's ΔR lives, so the option also
 acts on shared-Q merges. Overlap report: principal-angle cosines between the content and the style
-column spaces (outputs) and row spaces (inputs) of each layer: 1 identical, 0 orthogonal.
+column spaces (outputs) and row spaces (inputs) of each layer: 1 identical, 0 orthogonal. They come
+from the factors' r x r Gram matrices only (never a dense ΔW), with the small solves batched over layers.
 """
 from __future__ import annotations
 
@@ -20,9 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LowRank
+from .subspaces import orthonormal_basis, principal_cosines_of_pairs, row_space
 
 INTERFERENCE_MODES = ("off", "style without content directions", "content without style directions", "both")
 MERGE_ROLES = ("content", "style")
+CONCATENATED, JOINT_BASIS = "concatenated (fast)", "joint orthonormal basis (compact)"
+MERGED_FORMS = (CONCATENATED, JOINT_BASIS)
 
 
 @dataclass(frozen=True)
@@ -41,56 +48,20 @@ class Overlap:
 @dataclass(frozen=True)
 class MergedLayer:
     factors: LowRank
-    path: str  # "shared-q" or "joint-basis"
+    path: str  # "shared-q", "single adapter", "concatenated" or "joint-basis"
     overlap: Overlap
 
 
-def orthonormal_basis(matrix: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
-    """Orthonormal columns spanning the column space of ``matrix`` (rank-revealing, via SVD)."""
-    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
-    if s.numel() == 0 or s[0] == 0:
-        return u[:, :0]
-    return u[:, s > tolerance * s[0]]
-
-
-def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosines of the principal angles between the column spaces of a and b (descending).
-
-    Fast path for full-rank tall factors: with Gram matrices AᵀA = LaLaᵀ and BᵀB = LbLbᵀ, the cosines
-    are the singular values of La⁻¹ AᵀB Lb⁻ᵀ, all small r x r work. Rank-deficient inputs take the SVD path.
-    """
-    small = _cosines_from_grams(a, b)
-    if small is not None:
-        return small
-    qa, qb = orthonormal_basis(a), orthonormal_basis(b)
-    if qa.shape[1] == 0 or qb.shape[1] == 0:
-        return torch.zeros(0, dtype=a.dtype)
-    return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
-
-
-def _cosines_from_grams(a: torch.Tensor, b: torch.Tensor, min_ratio: float = 1e-4) -> torch.Tensor | None:
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    la, info_a = torch.linalg.cholesky_ex(a64.T @ a64)
-    lb, info_b = torch.linalg.cholesky_ex(b64.T @ b64)
-    if info_a or info_b:
-        return None
-    for factor in (la, lb):
-        diagonal = torch.diagonal(factor)
-        if diagonal.min() <= min_ratio * diagonal.max():
-            return None
-    m = torch.linalg.solve_triangular(la, a64.T @ b64, upper=False)
-    m = torch.linalg.solve_triangular(lb, m.T, upper=False).T
-    return torch.linalg.svdvals(m).clamp(0.0, 1.0).to(a.dtype)
-
-
-def shared_q_signs(terms: list[Term], tolerance: float) -> list[torch.Tensor] | None:
+def shared_q_signs(terms: list[Term], tolerance: float, dtype=torch.float32) -> list[torch.Tensor] | None:
     """Per term, the column signs that make its up equal the first term's up; None when the ups differ."""
-    first = terms[0].factors.up.flatten(1)
-    signs = []
-    for term in terms:
-        up = term.factors.up.flatten(1)
-        if up.shape != first.shape:
-            return None
+    first = terms[0].factors.up.flatten(1).to(dtype)
+    ups = [term.factors.up.flatten(1).to(dtype) for term in terms[1:]]
+    # ordinary LoRAs differ in the first row's magnitudes already: no pass over the whole ups
+    if any(up.shape != first.shape or not torch.allclose(up[0].abs(), first[0].abs(), atol=tolerance, rtol=0)
+           for up in ups):
+        return None
+    signs = [torch.ones(first.shape[1], dtype=dtype)]
+    for up in ups:
         s = torch.sign((up * first).sum(0))
         s = torch.where(s == 0, torch.ones_like(s), s)
         if not torch.allclose(up * s, first, atol=tolerance, rtol=0):
@@ -111,7 +82,7 @@ def remove_directions(coefficients: torch.Tensor, other: torch.Tensor | None) ->
     """Coefficients minus their part in the row space of ``other``."""
     if other is None:
         return coefficients
-    basis = orthonormal_basis(other.T)  # (in, k) spanning other's rows
+    basis = row_space(other)
     return coefficients - (coefficients @ basis) @ basis.T
 
 
@@ -126,18 +97,30 @@ def apply_interference(sums: dict, mode: str) -> torch.Tensor:
     return sum(c for c in (content, style) if c is not None)
 
 
-def layer_overlap(terms: list[Term], dtype) -> Overlap:
-    by_role = {role: [t.factors for t in terms if t.role == role] for role in MERGE_ROLES}
-    if not by_role["content"] or not by_role["style"]:
-        return Overlap(None, None)
-    ups = {r: torch.cat([f.up.flatten(1).to(dtype) for f in fs], 1) for r, fs in by_role.items()}
-    downs = {r: torch.cat([f.down.flatten(1).to(dtype) for f in fs], 0).T for r, fs in by_role.items()}
-    return Overlap(principal_cosines(ups["content"], ups["style"]), principal_cosines(downs["content"], downs["style"]))
+def side_by_side(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, without the copy when there is one tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
-def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float = 1e-4,
-                dtype: torch.dtype = torch.float32) -> MergedLayer:
-    """Merge the terms of one layer into one low-rank factor pair (see the module docstring)."""
+def layer_overlaps(terms_by_key: dict[str, list[Term]], dtype) -> dict[str, Overlap]:
+    """Every layer's Overlap, computed once for all layers (content and style factors of each role stacked)."""
+    pairs, keys = [], []
+    for key, terms in terms_by_key.items():
+        by_role = {role: [t.factors for t in terms if t.role == role] for role in MERGE_ROLES}
+        if not by_role["content"] or not by_role["style"]:
+            continue
+        ups = [side_by_side([f.up.flatten(1).to(dtype) for f in by_role[r]], 1) for r in MERGE_ROLES]
+        downs = [side_by_side([f.down.flatten(1).to(dtype) for f in by_role[r]], 0).T for r in MERGE_ROLES]
+        pairs += [tuple(ups), tuple(downs)]
+        keys.append(key)
+    cosines = principal_cosines_of_pairs(pairs)
+    overlaps = {key: Overlap(None, None) for key in terms_by_key}
+    overlaps.update({key: Overlap(cosines[2 * i], cosines[2 * i + 1]) for i, key in enumerate(keys)})
+    return overlaps
+
+
+def check_terms(terms: list[Term]) -> tuple[int, ...]:
+    """The layer's delta shape, after checking that every term is content or style and has that shape."""
     if not terms:
         raise ValueError("nothing to merge")
     shape = terms[0].factors.delta_shape
@@ -146,36 +129,71 @@ def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float
             raise ValueError(f"merge terms must be content or style, got {term.role!r}")
         if term.factors.delta_shape != shape:
             raise ValueError(f"adapters disagree on this layer's shape: {shape} vs {term.factors.delta_shape}")
-    downs = [t.factors.down.flatten(1).to(dtype) for t in terms]
-    signs = shared_q_signs(terms, q_tolerance)
+    return shape
+
+
+def as_lowrank(up: torch.Tensor, down: torch.Tensor, shape: tuple[int, ...]) -> LowRank:
+    rank = up.shape[1]
+    # contiguous: QR returns column-major factors, which make ComfyUI's patch matmul several times slower
+    return LowRank(up=up.contiguous().reshape(shape[0], rank, *([1] * (len(shape) - 2))),
+                   down=down.contiguous().reshape(rank, *shape[1:]), alpha=None)
+
+
+def concatenated_factors(terms: list[Term], shape: tuple[int, ...], dtype) -> LowRank:
+    """up = [w_i s_i up_i], down = [down_i]: exactly Σ w_i ΔW_i with no factorisation."""
+    up = torch.cat([t.factors.up.flatten(1).to(dtype) * (t.weight * t.factors.scale) for t in terms], 1)
+    return as_lowrank(up, torch.cat([t.factors.down.flatten(1).to(dtype) for t in terms], 0), shape)
+
+
+def joint_basis(terms: list[Term], dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Q orthonormal spanning every up, and each term's weighted coefficients in it (ΔW_i w_i = Q c_i)."""
+    basis, r_up = torch.linalg.qr(torch.cat([t.factors.up.flatten(1).to(dtype) for t in terms], 1), mode="reduced")
+    pivots = torch.diagonal(r_up).abs()
+    eps = torch.finfo(dtype).eps
+    if pivots.numel() and 0 < pivots.max() and pivots.min() <= eps ** 0.5 * pivots.max():
+        # the up-spaces share directions: keep them once (numerical rank as numpy.linalg.matrix_rank)
+        rotation = orthonormal_basis(r_up, tolerance=eps * max(r_up.shape))
+        basis, r_up = basis @ rotation, rotation.T @ r_up
+    offsets = torch.tensor([0] + [t.factors.rank for t in terms]).cumsum(0).tolist()
+    return basis, [t.weight * t.factors.scale * r_up[:, offsets[i]:offsets[i + 1]] @ t.factors.down.flatten(1).to(dtype)
+                   for i, t in enumerate(terms)]
+
+
+def merged_factors(terms: list[Term], interference: str, form: str, q_tolerance: float, dtype) -> tuple[LowRank, str]:
+    """One layer's merged factors and the path taken (see the module docstring)."""
+    shape = check_terms(terms)
+    signs = shared_q_signs(terms, q_tolerance, dtype)
     if signs is not None:
         basis = terms[0].factors.up.flatten(1).to(dtype)
-        coefficients = [t.weight * t.factors.scale * s.to(dtype)[:, None] * d for t, s, d in zip(terms, signs, downs)]
+        coefficients = [t.weight * t.factors.scale * s.to(dtype)[:, None] * t.factors.down.flatten(1).to(dtype)
+                        for t, s in zip(terms, signs)]
         path = "shared-q" if len(terms) > 1 else "single adapter"
-    else:
-        ups = torch.cat([t.factors.up.flatten(1).to(dtype) for t in terms], 1)
-        basis, r_up = torch.linalg.qr(ups, mode="reduced")
-        offsets = torch.tensor([0] + [t.factors.rank for t in terms]).cumsum(0).tolist()
-        coefficients = [t.weight * t.factors.scale * r_up[:, offsets[i]:offsets[i + 1]] @ downs[i]
-                        for i, t in enumerate(terms)]
-        path = "joint-basis"
-    merged = apply_interference(role_coefficients(terms, coefficients), interference)
-    rank = basis.shape[1]
-    # contiguous: QR returns column-major factors, which make ComfyUI's patch matmul several times slower
-    up = basis.contiguous().reshape(shape[0], rank, *([1] * (len(shape) - 2)))
-    down = merged.contiguous().reshape(rank, *shape[1:])
-    return MergedLayer(LowRank(up=up, down=down, alpha=None), path, layer_overlap(terms, dtype))
+    elif interference == "off" and form == CONCATENATED:
+        return concatenated_factors(terms, shape, dtype), "concatenated"
+    else:  # removal works on coefficients in one orthonormal basis
+        (basis, coefficients), path = joint_basis(terms, dtype), "joint-basis"
+    return as_lowrank(basis, apply_interference(role_coefficients(terms, coefficients), interference), shape), path
 
 
-def merge_layers(terms_by_key: dict[str, list[Term]], interference: str = "off",
-                 dtype: torch.dtype = torch.float32, on_layer=None) -> dict[str, MergedLayer]:
-    """merge_layer for every key; ``on_layer()`` is called after each (progress, cancellation)."""
+def merge_layers(terms_by_key: dict[str, list[Term]], interference: str = "off", dtype: torch.dtype = torch.float32,
+                 on_layer=None, form: str = CONCATENATED, q_tolerance: float = 1e-4) -> dict[str, MergedLayer]:
+    """Merged factors for every key, then every layer's overlap at once; ``on_layer()`` is called after each
+    layer's factors (progress, cancellation)."""
+    if form not in MERGED_FORMS:
+        raise ValueError(f"merged form must be one of {MERGED_FORMS}, got {form!r}")
     merged = {}
     for key, terms in terms_by_key.items():
-        merged[key] = merge_layer(terms, interference, dtype=dtype)
+        merged[key] = merged_factors(terms, interference, form, q_tolerance, dtype)
         if on_layer is not None:
             on_layer()
-    return merged
+    overlaps = layer_overlaps(terms_by_key, dtype)
+    return {key: MergedLayer(factors, path, overlaps[key]) for key, (factors, path) in merged.items()}
+
+
+def merge_layer(terms: list[Term], interference: str = "off", q_tolerance: float = 1e-4,
+                dtype: torch.dtype = torch.float32, form: str = CONCATENATED) -> MergedLayer:
+    """merge_layers for one layer."""
+    return merge_layers({"layer": terms}, interference, dtype, form=form, q_tolerance=q_tolerance)["layer"]
 
 
 def overlap_summary(layers: dict[str, MergedLayer]) -> list[str]:

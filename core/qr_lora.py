@@ -7,25 +7,42 @@
 So a QR-LoRA adaptation is a LoRA with up = Q and down = ΔR. Conv weights are flattened to
 (out, in·kh·kw). Everything is computed in float32 (or float64 when given), whatever the model's dtype.
 Sign convention: the diagonal of R is made non-negative, so Q is a deterministic function of W.
+
+The top-r subspace comes from a randomized SVD by default (a fixed-seed sketch with one power
+iteration, Halko et al. 2011), a few times the cost of one rank-r LoRA patch; "exact" runs the full SVD
+(the official code's Q). ``fit_error`` = ||W - Q R||_F / ||W||_F says how good the subspace is: the exact
+top-r factorisation has the smallest possible, sqrt(Σ_{i>r} σ_i²) / ||W||_F.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from .adapter import LowRank
 
+OVERSAMPLE = 10  # sketch columns beyond the rank
+POWER_ITERATIONS = 1
+SKETCH_SEED = 0  # one fixed sketch: the same W always gives the same Q, so conversions on one base share it
+DENSE_ERROR_BELOW = 0.03  # below this, ||W||² - ||R||² cancels too much: fit_error from the dense residual
+
 
 @dataclass(frozen=True)
 class QRFactors:
     q: torch.Tensor  # (out, r), orthonormal columns
     r: torch.Tensor  # (r, in), upper trapezoidal
-    residual: torch.Tensor  # (out, in) = W - Q R, flattened like W
+    weight: torch.Tensor  # (out, in) the factorised weight, flattened, in the compute dtype
+    fit_error: float  # ||W - Q R||_F / ||W||_F
 
     @property
     def rank(self) -> int:
         return self.q.shape[1]
+
+    @property
+    def residual(self) -> torch.Tensor:
+        """W_res = W - Q R, flattened like W."""
+        return self.weight - self.q @ self.r
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -39,17 +56,80 @@ def canonical_signs(q: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, tor
     return q * signs, r * signs[:, None]
 
 
-def qr_factorise(weight: torch.Tensor, rank: int) -> QRFactors:
-    """The QR-LoRA factorisation of a linear or conv weight, at the given rank."""
+def exact_top_subspace(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r, U_rᵀ W) from the full SVD: the top-r left singular vectors and W's coordinates in them."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u[:, :rank], s[:rank, None] * vh[:rank]
+
+
+@functools.lru_cache(maxsize=16)
+def gaussian_sketch(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """The fixed-seed N(0, 1) test matrix (rows, columns); cached, as a model's layers share a few widths."""
+    return torch.randn(rows, columns, generator=torch.Generator().manual_seed(SKETCH_SEED), dtype=dtype)
+
+
+def cholesky_orthonormalised(sample: torch.Tensor) -> torch.Tensor:
+    """Columns spanning ``sample``'s, orthonormal up to eps·cond²: Cholesky QR, half the cost of a Householder QR
+    at these shapes; the Householder QR when the Gram matrix is too ill-conditioned to factor."""
+    lower, info = torch.linalg.cholesky_ex(sample.T @ sample)
+    if info:
+        return torch.linalg.qr(sample).Q
+    return torch.linalg.solve_triangular(lower.T, sample, upper=True, left=False)
+
+
+def randomized_top_subspace(matrix: torch.Tensor, rank: int, oversample: int = OVERSAMPLE,
+                            power_iterations: int = POWER_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_r, U_rᵀ W) with U_r from a randomized range finder: P = orth((W Wᵀ)^q W Ω), then the top-r
+    eigenvectors of (PᵀW)(PᵀW)ᵀ. The exact SVD when the sketch would be as wide as the matrix."""
+    width = rank + oversample
+    if width >= min(matrix.shape):
+        return exact_top_subspace(matrix, rank)
+    basis = matrix @ gaussian_sketch(matrix.shape[1], width, matrix.dtype).to(matrix.device)
+    for _ in range(power_iterations):  # normalised once per W Wᵀ step: float32 keeps directions down to sqrt(eps)·σ_1
+        basis = matrix @ (matrix.T @ cholesky_orthonormalised(basis))
+    basis = torch.linalg.qr(basis).Q  # (out, width), orthonormal to working precision
+    projected = basis.T @ matrix  # (width, in)
+    _, vectors = torch.linalg.eigh(projected @ projected.T)  # ascending: the top r are the last columns
+    top = vectors[:, -rank:].flip(1)
+    return basis @ top, top.T @ projected
+
+
+TOP_SUBSPACES = {"randomized": randomized_top_subspace, "exact": exact_top_subspace}
+
+
+def qr_of_projection(u: torch.Tensor, coordinates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q R = u @ coordinates with u orthonormal (out, r): only an r x r QR, never one of the out x in core.
+
+    The core's first r columns are u M with M = coordinates[:, :r] = Q_m R_m, so Q = u Q_m, R = Q_mᵀ coordinates
+    (whose first r columns are R_m: upper trapezoidal). Same Q and R as a QR of the dense core.
+    """
+    rank = u.shape[1]
+    q_m, r_m = torch.linalg.qr(coordinates[:, :rank])
+    r = torch.cat([r_m, q_m.T @ coordinates[:, rank:]], 1)
+    return canonical_signs(u @ q_m, r)
+
+
+def fit_error(matrix: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> float:
+    """||W - Q R||_F / ||W||_F for R = Qᵀ W (Q R is W's projection onto span(Q), so ||W||² = ||W - Q R||² + ||R||²)."""
+    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+    if total == 0:
+        return 0.0
+    error = max(total - float(torch.linalg.vector_norm(r, dtype=torch.float64)) ** 2, 0.0) ** 0.5 / total ** 0.5
+    if error < DENSE_ERROR_BELOW:
+        error = float(torch.linalg.vector_norm(matrix - q @ r, dtype=torch.float64)) / total ** 0.5
+    return error
+
+
+def qr_factorise(weight: torch.Tensor, rank: int, svd: str = "randomized") -> QRFactors:
+    """The QR-LoRA factorisation of a linear or conv weight, at the given rank (svd: "randomized" or "exact")."""
     matrix = weight.reshape(weight.shape[0], -1).to(compute_dtype(weight))
     limit = min(matrix.shape)
     if not 0 < rank <= limit:
         raise ValueError(f"rank must be between 1 and {limit} for a weight of shape {tuple(weight.shape)}, got {rank}")
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    core = (u[:, :rank] * s[:rank]) @ vh[:rank]
-    q, r = torch.linalg.qr(core, mode="reduced")
-    q, r = canonical_signs(q[:, :rank], r[:rank])
-    return QRFactors(q=q, r=r, residual=matrix - q @ r)
+    if svd not in TOP_SUBSPACES:
+        raise ValueError(f"svd must be one of {sorted(TOP_SUBSPACES)}, got {svd!r}")
+    q, r = qr_of_projection(*TOP_SUBSPACES[svd](matrix, rank))
+    return QRFactors(q=q, r=r, weight=matrix, fit_error=fit_error(matrix, q, r))
 
 
 def upper_triangular_mask(rank: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
@@ -61,11 +141,12 @@ def upper_triangular_mask(rank: int, in_features: int, dtype=torch.float32) -> t
 class Conversion:
     factors: LowRank  # up = Q, down = ΔR = Qᵀ ΔW (scale 1), extras: base_r
     residual_ratio: float  # ||ΔW - Q ΔR||_F / ||ΔW||_F, the part of ΔW outside span(Q)
+    fit_error: float  # ||W - Q R||_F / ||W||_F of the base weight's rank-r fit (QRFactors.fit_error)
 
 
-def convert_to_qr_lora(weight: torch.Tensor, delta: torch.Tensor, rank: int) -> Conversion:
+def convert_to_qr_lora(weight: torch.Tensor, delta: torch.Tensor, rank: int, svd: str = "randomized") -> Conversion:
     """Express an ordinary weight change ΔW in the QR-LoRA basis of its base weight W."""
-    qr = qr_factorise(weight, rank)
+    qr = qr_factorise(weight, rank, svd)
     change = delta.reshape(delta.shape[0], -1).to(qr.q.dtype)
     delta_r = qr.q.T @ change
     outside = change - qr.q @ delta_r
@@ -74,17 +155,17 @@ def convert_to_qr_lora(weight: torch.Tensor, delta: torch.Tensor, rank: int) -> 
     down = delta_r.reshape(rank, *weight.shape[1:]) if weight.ndim == 4 else delta_r
     up = qr.q.reshape(qr.q.shape[0], rank, 1, 1) if weight.ndim == 4 else qr.q
     base_r = qr.r.reshape(rank, *weight.shape[1:]) if weight.ndim == 4 else qr.r
-    return Conversion(LowRank(up=up, down=down, alpha=None, extras={"base_r": base_r}), ratio)
+    return Conversion(LowRank(up=up, down=down, alpha=None, extras={"base_r": base_r}), ratio, qr.fit_error)
 
 
 def convert_layers(deltas: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], rank: int,
-                   on_layer=None) -> dict[str, Conversion]:
+                   on_layer=None, svd: str = "randomized") -> dict[str, Conversion]:
     """convert_to_qr_lora for every key, with the rank capped by each weight's size."""
     converted = {}
     for key, delta in deltas.items():
         weight = weights[key]
         capped = min(rank, weight.shape[0], weight[0].numel())
-        converted[key] = convert_to_qr_lora(weight, delta, capped)
+        converted[key] = convert_to_qr_lora(weight, delta, capped, svd)
         if on_layer is not None:
             on_layer()
     return converted

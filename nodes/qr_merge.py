@@ -5,7 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
+from ..core.merge import CONCATENATED, INTERFERENCE_MODES, MERGED_FORMS, Term, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
@@ -32,8 +32,8 @@ def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict
 
 class QRMerge(PackNode):
     """Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base share Q and merge
-    exactly; ordinary LoRAs get one orthonormal basis for all their up-spaces (exactly the weighted sum, rank at
-    most the sum of ranks). Reports per-layer overlap."""
+    exactly; ordinary LoRAs merge exactly as concatenated factors, or on one orthonormal basis for all their
+    up-spaces (rank at most the sum of ranks). Reports per-layer overlap."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -51,6 +51,10 @@ class QRMerge(PackNode):
                                        "directions (or the reverse, or both) to reduce interference."),
                 *[adapter_input(slot, optional=True, tooltip=f"Another {role} adapter.")
                   for role, slots in EXTRA.items() for slot in slots],
+                io.Combo.Input("merged_form", options=list(MERGED_FORMS), default=CONCATENATED, optional=True,
+                               tooltip="Ordinary LoRAs: concatenated factors (fast, rank = sum of ranks) or one "
+                                       "orthonormal basis (compact: shared directions kept once). Interference "
+                                       "removal always uses the basis; QR-LoRAs sharing Q always merge at rank r."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the merged adapter patched in."),
@@ -63,11 +67,11 @@ class QRMerge(PackNode):
 
     @classmethod
     def execute(cls, model, content, style, lambda_content: float, lambda_style: float, interference: str,
-                **extra) -> io.NodeOutput:
+                merged_form: str = CONCATENATED, **extra) -> io.NodeOutput:
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
         terms, bindings = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
-        layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)))
+        layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)), form=merged_form)
         merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
                          role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
         report = "\n".join(overlap_summary(layers) + bindings)
@@ -78,9 +82,9 @@ class QRMerge(PackNode):
 
 
 class ConvertToQRLoRA(PackNode):
-    """Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r subspace, ΔR = Qᵀ
-    ΔW. Adapters converted on one base share Q, so QR Merge combines them at rank r. The part of ΔW outside span(Q)
-    is dropped and reported."""
+    """Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r subspace
+    (randomized SVD; the report gives W's rank-r fit error), ΔR = Qᵀ ΔW. Adapters converted on one base share Q, so
+    QR Merge combines them at rank r. The part of ΔW outside span(Q) is dropped and reported."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -103,7 +107,8 @@ class ConvertToQRLoRA(PackNode):
         converted = convert_layers(deltas, {k: w.to(torch.float32) for k, w in weights.items()}, rank,
                                    on_layer=comfy_compat.progress_steps(len(deltas)))
         modules = {generic_module_name(key): c.factors for key, c in converted.items()}
-        report = "\n".join([f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q)" for key, c in converted.items()] +
+        report = "\n".join([f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q); W's rank-r fit error "
+                            f"{c.fit_error:.4f}" for key, c in converted.items()] +
                            [describe_binding(adapter, binding, model)])
         qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model))
         return io.NodeOutput(qr_adapter, report)

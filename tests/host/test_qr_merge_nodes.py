@@ -30,17 +30,19 @@ def load(comfy, name, strength):
                                             role="from file").args[0]
 
 
-def qr_merge(comfy, model, content, style, lam_c, lam_s, interference="off"):
+def qr_merge(comfy, model, content, style, lam_c, lam_s, interference="off", **form):
     return comfy["CSA_QRMerge"].execute(model=model, content=content, style=style, lambda_content=lam_c,
-                                        lambda_style=lam_s, interference=interference).args
+                                        lambda_style=lam_s, interference=interference, **form).args
 
 
-def test_merge_of_ordinary_loras_equals_weighted_sum(comfy, tiny_sd15, files):
+@pytest.mark.parametrize("form, path", [({}, "concatenated"),
+                                        ({"merged_form": "joint orthonormal basis (compact)"}, "joint-basis")])
+def test_merge_of_ordinary_loras_equals_weighted_sum(comfy, tiny_sd15, files, form, path):
     model, _, _ = tiny_sd15
     content_d, style_d = files
     content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 0.5)
-    patched, merged, report = qr_merge(comfy, model, content, style, 0.7, 1.3)
-    assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} joint-basis"
+    patched, merged, report = qr_merge(comfy, model, content, style, 0.7, 1.3, **form)
+    assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} {path}"
     assert merged.ranks == [12] and merged.method == "qr-merge"
     base = checkpoint_weights(content_d)
     got = patched_weights(patched, content_d)
@@ -57,12 +59,10 @@ def test_zero_strengths_return_the_model_untouched(comfy, tiny_sd15, files):
     assert patched is model and model.patches == {} and "model unchanged" in report
 
 
-def reference_q(weight: torch.Tensor, rank: int) -> torch.Tensor:
-    """Independent QR-LoRA basis: top-r SVD core, reduced QR, first r columns, diag(R) >= 0."""
-    matrix = weight.reshape(weight.shape[0], -1).double()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    q, r = torch.linalg.qr((u[:, :rank] * s[:rank]) @ vh[:rank])
-    return q[:, :rank] * torch.sign(torch.diagonal(r)[:rank])
+def exact_top_r_error(matrix: torch.Tensor, rank: int) -> float:
+    """The smallest ||W - W_r||_F / ||W||_F over rank-r W_r (Eckart-Young), from the full SVD."""
+    s = torch.linalg.svdvals(matrix)
+    return float(s[rank:].square().sum().sqrt() / s.square().sum().sqrt())
 
 
 def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tiny_sd15, files, comfy_base):
@@ -76,11 +76,20 @@ def test_converted_adapters_share_q_and_merge_by_the_official_formula(comfy, tin
     patched, merged, report = qr_merge(comfy, model, content, style, 0.6, 1.1)
     assert report.splitlines()[0] == f"{len(MODULES)} layers: {len(MODULES)} shared-q" and merged.ranks == [16]
     assert report.count(f"{len(MODULES)} of {len(MODULES)} modules mapped") == 2
+    fit_errors = {line.split(":")[0]: float(line.rsplit(" ", 1)[1]) for line in c_report.splitlines()[:-1]}
     base = checkpoint_weights(content_d)
     got = patched_weights(patched, content_d)
     for key in content_d:
-        q = reference_q(base[key], 16)
+        name = key[:-len(".weight")]
+        q = content.modules[name].up.flatten(1).double()
+        assert torch.equal(style.modules[name].up, content.modules[name].up), "one base, one Q"
+        assert torch.allclose(q.T @ q, torch.eye(16, dtype=torch.float64), atol=1e-5)
+        # Q spans a near-best rank-16 subspace of W (randomized SVD), and the report says how near
         shape = base[key].shape
+        matrix = base[key].reshape(shape[0], -1).double()
+        fit_error = float(torch.linalg.matrix_norm(matrix - q @ (q.T @ matrix)) / torch.linalg.matrix_norm(matrix))
+        assert fit_errors[key] == pytest.approx(fit_error, abs=1e-4), key
+        assert exact_top_r_error(matrix, 16) <= fit_error + 1e-6 <= exact_top_r_error(matrix, 16) * 1.05, key
         delta_rc = q.T @ content_d[key].reshape(shape[0], -1)
         delta_rs = q.T @ style_d[key].reshape(shape[0], -1)
         official = base[key].double() + (q @ (0.6 * delta_rc + 1.1 * delta_rs)).reshape(shape)
