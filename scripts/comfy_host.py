@@ -194,7 +194,8 @@ class ComfyServer:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body.strip() else {}
         except urllib.error.HTTPError as error:
             raise PromptFailed(f"POST {path} answered {error.code}: {error.read().decode(errors='replace')}") from error
 
@@ -202,6 +203,7 @@ class ComfyServer:
         """Submit an API-format graph and wait until ComfyUI has finished it."""
         answer = self.post_json("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
         if answer.get("node_errors"):  # ComfyUI still runs the outputs that validated; a user sees these errors
+            self.drop_prompt(answer.get("prompt_id"))
             raise PromptFailed(f"the prompt did not validate: {json.dumps(answer['node_errors'])}")
         prompt_id = answer["prompt_id"]
         deadline = time.monotonic() + timeout
@@ -218,6 +220,20 @@ class ComfyServer:
                 return PromptResult(prompt_id, history, self._images_by_node(history))
             time.sleep(0.2)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s")
+
+    def drop_prompt(self, prompt_id: str | None, timeout: float = 120.0) -> None:
+        """Take a prompt off the queue, stopping it if it already runs, and wait until the server is past it."""
+        if not prompt_id:
+            return
+        self.post_json("/queue", {"delete": [prompt_id]})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queue = self.get_json("/queue")
+            if prompt_id not in [item[1] for item in queue["queue_running"] + queue["queue_pending"]]:
+                return
+            self.post_json("/interrupt", {})
+            time.sleep(0.2)
+        raise TimeoutError(f"prompt {prompt_id} could not be stopped within {timeout:.0f} s")
 
     def _images_by_node(self, history: dict) -> dict[str, list[Path]]:
         images = {}
