@@ -6,7 +6,7 @@ progress and interruption, and its sampler and wrapper hooks. Node files and the
 ComfyUI hands them (MODEL, CLIP, VAE, CLIP_VISION) and ``comfy.samplers.CFGGuider``, which the guider
 subclasses.
 
-Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``;
+Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``, ``load_lora``, ``calculate_weight``;
 ``comfy.weight_adapter.LoRAAdapter.load``; ``comfy.model_management`` (interruption, load_model_gpu);
 ``comfy.utils.ProgressBar``; ``comfy.patcher_extension`` (WrappersMP, merge_nested_dicts);
 ``comfy.samplers`` (sampling_function, calc_cond_batch); ``comfy.ldm.modules.attention.optimized_attention``;
@@ -117,6 +117,20 @@ def lora_weight_adapter(name: str, up, down, alpha):
     """ComfyUI's own LoRA weight adapter for one module, as comfy.lora.load_lora would build it."""
     tensors = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}
     return comfy.weight_adapter.LoRAAdapter.load(name, tensors, alpha, None)
+
+
+def module_patches(name: str, tensors: dict[str, torch.Tensor], weight_key: str) -> dict:
+    """ComfyUI's own patches for one module's tensors ({part: tensor}, parts spelled as ComfyUI's key suffixes), built
+    by its LoRA loader exactly as LoraLoader builds them: {model key: weight adapter (LoHa, LoKr, OFT, ...) or
+    ("diff", ...) / ("set", ...)}; a bias diff patches '<module>.bias'."""
+    return comfy.lora.load_lora({f"{name}.{part}": t for part, t in tensors.items()}, {name: weight_key},
+                                log_missing=False)
+
+
+def weight_with_patch(patch, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` with one patch at strength 1, computed by ComfyUI's calculate_weight in ``weight``'s dtype."""
+    return comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight.clone(), key,
+                                       intermediate_dtype=weight.dtype)
 
 
 def weight_shapes(model=None, clip=None) -> dict[str, tuple[int, ...]]:
