@@ -74,6 +74,11 @@ class ModuleTensors:
     tensors: dict[str, torch.Tensor]
 
     @property
+    def weight_kinds(self) -> tuple[str, ...]:
+        """The kinds that change the module's weight (not 'bias diff')."""
+        return tuple(kind for kind in self.kinds if kind != "bias diff")
+
+    @property
     def changes_weight(self) -> bool:
         return any(part not in BIAS_PARTS for part in self.tensors)
 

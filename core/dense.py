@@ -1,10 +1,13 @@
 """Dense weight changes of the kinds the pack does not factor itself (LoHa, LoKr, OFT, DoRA, diffs, ...), for merges.
 
 ComfyUI computes each module's change at the base weight (exact for additive kinds; for multiplicative ones, DoRA and
-OFT / BOFT, it is the exact change at that base). A matrix change enters a merge in its exact low-rank form, from its
-SVD: singular values above ``SVD_TOLERANCE`` of the largest are kept (the rest are float rounding), and the relative
-error of the float32 factors is measured and reported. A change of a vector (a bias, a norm's weight) cannot be
-low-rank: it is carried as a diff, summed with its weights.
+OFT / BOFT, it is the exact change at that base), with float32 factors as when it patches a model. A matrix change
+enters a merge in an exact low-rank form: the smallest rank found whose relative (Frobenius) error is within
+``RELATIVE_TOLERANCE``, above the float32 rounding of the change itself. Ranks are tried from 8 upward (a randomized
+range finder, Halko et al. 2011, checked against the whole change, then an SVD of the small projected matrix to drop
+unneeded directions); where no form smaller than the dense change exists (LoKr and OFT changes are full rank), the
+change is kept whole as (identity, ΔW). The error of the float32 factors is measured and reported. A change of a
+vector (a bias, a norm's weight) cannot be low-rank: it is carried as a diff, summed with its weights.
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import torch
 from .adapter import LowRank, ModuleTensors
 from .layouts import KIND_OF_PART
 
-SVD_TOLERANCE = 1e-7  # below float32's resolution of the largest singular value
+RELATIVE_TOLERANCE = 1e-6  # float32 rounding of a computed change is about 6e-8 of it
+FIRST_RANK = 8
+FLOAT32_SCREEN = 1e-4  # a float32 search step sees residuals down to ~1e-6 only; candidates are checked in float64
 
 
 @dataclass(frozen=True)
@@ -25,20 +30,58 @@ class LowRankForm:
     relative_error: float  # ||ΔW - up @ down||_F / ||ΔW||_F, of the float32 factors
 
     def describe(self, kinds: tuple[str, ...]) -> str:
-        return (f"{' + '.join(kinds)} as ΔW of rank {self.factors.rank} of {self.full_rank} (singular values above "
-                f"{SVD_TOLERANCE:g} of the largest), relative error {self.relative_error:.1e}")
+        whole = " (kept whole: no smaller form)" if self.factors.rank == self.full_rank else ""
+        return (f"{' + '.join(kinds)} as ΔW of rank {self.factors.rank} of {self.full_rank}{whole}, relative error "
+                f"{self.relative_error:.1e}")
 
 
-def exact_lowrank(delta: torch.Tensor, tolerance: float = SVD_TOLERANCE) -> LowRankForm:
-    """The low-rank form of a dense change (out, in, *kernel), kept to ``tolerance``; a zero change gives rank 1 zeros."""
-    matrix = delta.reshape(delta.shape[0], -1).to(torch.float64)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    rank = max(1, int((s > tolerance * s[0]).sum())) if s.numel() and s[0] > 0 else 1
-    root = s[:rank].sqrt()
-    up, down = (u[:, :rank] * root).to(torch.float32), (root[:, None] * vh[:rank]).to(torch.float32)
+def _projected(matrix: torch.Tensor, sketch: torch.Tensor):
+    """(basis, basis.T @ matrix) for an orthonormal basis of matrix @ sketch (a random sample of its column space)."""
+    basis = torch.linalg.qr(matrix @ sketch.to(matrix.dtype), mode="reduced")[0]
+    return basis, basis.T @ matrix
+
+
+def _smallest_form(matrix: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) with up @ down within ``tolerance`` of the float64 matrix when a low-rank form smaller than the
+    matrix exists, None when it is kept whole. Ranks are screened in float32 (cheap), checked and made in float64."""
+    out_dim, in_dim = matrix.shape
     norm = torch.linalg.matrix_norm(matrix)
-    error = float(torch.linalg.matrix_norm(matrix - up.double() @ down.double()) / norm) if norm > 0 else 0.0
-    kernel = tuple(delta.shape[2:])
+    if norm == 0:
+        return torch.zeros(out_dim, 1, dtype=matrix.dtype), torch.zeros(1, in_dim, dtype=matrix.dtype)
+    single = matrix.to(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    rank = FIRST_RANK
+    while rank * (out_dim + in_dim) < out_dim * in_dim:
+        sketch = torch.randn(in_dim, rank, generator=generator, dtype=torch.float64)
+        basis, small = _projected(single, sketch)
+        if torch.linalg.matrix_norm(single - basis @ small) <= FLOAT32_SCREEN * norm:
+            basis, small = _projected(matrix, sketch)
+            budget = (tolerance * norm) ** 2 - torch.linalg.matrix_norm(matrix - basis @ small) ** 2
+            if budget >= 0:
+                u, s, vh = torch.linalg.svd(small, full_matrices=False)
+                tails = torch.cat([s.square().flip(0).cumsum(0).flip(0), s.new_zeros(1)])  # tails[k] = Σ_{j≥k} s_j²
+                keep = max(1, int((tails > budget).sum()))
+                root = s[:keep].sqrt()
+                return basis @ (u[:, :keep] * root), root[:, None] * vh[:keep]
+        rank *= 4
+    return None
+
+
+def exact_lowrank(delta: torch.Tensor, tolerance: float = RELATIVE_TOLERANCE) -> LowRankForm:
+    """The exact low-rank form of a dense change (out, in, *kernel); see the module docstring."""
+    matrix = delta.reshape(delta.shape[0], -1).to(torch.float64)
+    single = matrix.to(torch.float32)
+    form = _smallest_form(matrix, tolerance / 2)
+    if form is None:  # kept whole as (identity, ΔW) on its smaller side; its error is float32 rounding alone
+        up, down = (torch.eye(matrix.shape[0]), single) if matrix.shape[0] <= matrix.shape[1] else \
+            (single, torch.eye(matrix.shape[1]))
+        approximation = single.double()
+    else:
+        up, down = (f.to(torch.float32) for f in form)
+        approximation = up.double() @ down.double()
+    norm = torch.linalg.matrix_norm(matrix)
+    error = float(torch.linalg.matrix_norm(matrix - approximation) / norm) if norm > 0 else 0.0
+    rank, kernel = up.shape[1], delta.shape[2:]
     factors = LowRank(up=up.reshape(up.shape[0], rank, *([1] * len(kernel))), down=down.reshape(rank, *delta.shape[1:]))
     return LowRankForm(factors, min(matrix.shape), error)
 

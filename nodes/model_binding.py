@@ -55,7 +55,7 @@ def kept_patches(name: str, module: str, kept: ModuleTensors, key: str, source: 
 
 def dense_changes(adapter: Adapter, binding: Binding, model) -> dict[str, tuple[ModuleTensors, torch.Tensor]]:
     """{model key: (tensors, change)}: what each module kept as tensors does to each weight and bias at strength 1,
-    computed by ComfyUI (its own weight adapters) at the model's base weights, in float64."""
+    computed by ComfyUI (its own weight adapters, float32 factors) on the model's base weights held in float64."""
     changes = {}
     for key, (module, kept) in binding.tensor_targets.items():
         patches = kept_patches(f"csa.{module}", module, kept, key, adapter.source)

@@ -37,7 +37,7 @@ def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict
                     diffs.setdefault(key, []).append((change, weight))
                     continue
                 form = exact_lowrank(change)
-                forms.append(f"{key}: {form.describe(kept.kinds)}")
+                forms.append(f"{key} ({adapter.source or role}): {form.describe(kept.weight_kinds)}")
                 terms.setdefault(key, []).append(Term(form.factors, weight, role))
     return terms, sum_diffs(diffs), forms, bindings
 
@@ -128,7 +128,7 @@ class ConvertToQRLoRA(io.ComfyNode):
                 vectors[key] = change.to(torch.float32) * adapter.strength
                 continue
             deltas[key] = change.to(torch.float32) * adapter.strength
-            kinds[key] = f"{' + '.join(kept.kinds)} ΔW of rank {exact_lowrank(change).factors.rank}"
+            kinds[key] = f"{' + '.join(kept.weight_kinds)} ΔW of rank {exact_lowrank(change).factors.rank}"
         weights = comfy_compat.base_weights(model, deltas)
         converted = convert_layers(deltas, {k: w.to(torch.float32) for k, w in weights.items()}, rank,
                                    on_layer=comfy_compat.progress_steps(len(deltas)))
