@@ -129,13 +129,3 @@ def test_text_encoder_modules_patch_the_clip(comfy, tiny_sd15, comfy_base):
     expected = {q_key: (up1.double() @ down1.double()) * 0.5, k_key: up2.double() @ down2.double()}
     assert_weights(patched_clip.patcher, clip_sd, expected)
 
-
-def test_two_adapters_at_one_strength_on_the_same_modules_both_apply(comfy, tiny_sd15, comfy_base, shapes):
-    model, _, _ = tiny_sd15
-    first_t, first_d = build_file(shapes, ATTENTION, "kohya", rank=2, alpha=None, seed=41)
-    second_t, second_d = build_file(shapes, ATTENTION, "comfy", rank=3, alpha=None, seed=42)
-    first = load(comfy, write(comfy_base, "same_strength_1.safetensors", first_t), 0.5)
-    second = load(comfy, write(comfy_base, "same_strength_2.safetensors", second_t), 0.5)
-    patched = apply(comfy, model, first, second)[0]
-    expected = {k: 0.5 * (first_d[k] + second_d[k]) for k in first_d}
-    assert_weights(patched, checkpoint_weights(expected), expected)
