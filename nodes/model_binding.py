@@ -1,13 +1,17 @@
-"""Binding adapters to a ComfyUI model, the ComfyUI half (key map and shapes read from the model; the pure\nhalf is core/binding.py), and turning them into ComfyUI weight patches."""
+"""Binding adapters to a ComfyUI model, the ComfyUI half (key map and shapes read from the model; the pure\nhalf is core/binding.py), and turning them into ComfyUI weight patches or into merge terms."""
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from ..core.adapter import Adapter, ModuleTensors
+from ..core.adapter import Adapter, LowRank, ModuleTensors
 from ..core.blocks import block_of, block_of_module, check_block_names, strength_of_block
 from ..core.binding import Binding, bias_key, bind, check_architecture
+from ..core.dense import carried_diffs, exact_lowrank, sum_diffs
+from ..core.layouts import generic_module_name
+from ..core.merge import Term
 from . import comfy_compat
 
 
@@ -63,6 +67,56 @@ def dense_changes(adapter: Adapter, binding: Binding, model) -> dict[str, tuple[
             base = base.to(torch.float64)
             changes[target] = (kept, comfy_compat.weight_with_patch(patches[target], base, target) - base)
     return changes
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """An adapter bound to a model, ready to merge at any weight: per weight key its low-rank factors (shaped like the
+    weight) or the exact low-rank form of its ΔW at strength 1 (kinds the pack does not factor), the vector changes
+    (biases, norm weights) carried as diffs, a line per layer merged through its ΔW, and its binding report line."""
+
+    role: str
+    strength: float
+    factors: dict[str, LowRank]
+    vectors: dict[str, torch.Tensor]
+    forms: list[str]
+    report: str
+
+
+def merge_input(adapter: Adapter, model, role: str) -> MergeInput:
+    binding = bind_to_model(adapter, model)
+    shapes = comfy_compat.weight_shapes(model)
+    factors = {key: f.shaped_like(shapes[key]) for key, (_, f) in binding.targets.items()}
+    vectors, forms = {}, []
+    for key, (kept, change) in dense_changes(adapter, binding, model).items():
+        if change.ndim < 2:
+            vectors[key] = change
+            continue
+        form = exact_lowrank(change)
+        forms.append(f"{key} ({adapter.source or role}): {form.describe(kept.weight_kinds)}")
+        factors[key] = form.factors
+    return MergeInput(role, adapter.strength, factors, vectors, forms, describe_binding(adapter, binding, model))
+
+
+def weighted_terms(inputs: list[MergeInput], lambdas: dict[str, float]):
+    """({model key: merge terms}, {model key: summed vector change}), each input weighted by λ of its role times its
+    strength."""
+    terms: dict[str, list[Term]] = {}
+    vectors: dict[str, list] = {}
+    for item in inputs:
+        weight = lambdas[item.role] * item.strength
+        for key, factors in item.factors.items():
+            terms.setdefault(key, []).append(Term(factors, weight, item.role))
+        for key, change in item.vectors.items():
+            vectors.setdefault(key, []).append((change, weight))
+    return terms, sum_diffs(vectors)
+
+
+def merged_adapter(layers: dict, vectors: dict[str, torch.Tensor], source: str, base: str = "unknown") -> Adapter:
+    """The merged adapter: each merged layer's factors, and the summed vector changes as ComfyUI diffs."""
+    return Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
+                   module_tensors={generic_module_name(k): kept for k, kept in carried_diffs(vectors).items()},
+                   role="generic", method="qr-merge", base=base, source=source)
 
 
 def patches_by_strength(adapters: list[Adapter], model, clip, block_strengths: dict[str, float]):

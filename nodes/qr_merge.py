@@ -5,41 +5,17 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.dense import carried_diffs, exact_lowrank, sum_diffs
-from ..core.merge import INTERFERENCE_MODES, Term, merge_layers, overlap_summary
+from ..core.dense import carried_diffs, exact_lowrank
+from ..core.merge import INTERFERENCE_MODES, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
-from .model_binding import apply_patch_groups, bind_to_model, dense_changes, describe_binding, patches_by_strength
+from .model_binding import (apply_patch_groups, bind_to_model, dense_changes, describe_binding, merge_input,
+                            merged_adapter, patches_by_strength, weighted_terms)
 from .common import schema, strength_input
 from .sockets import AdapterSocket
 
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
-
-
-def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict[str, float]):
-    """{model key: terms}: every adapter bound to the model, weighted by λ of its slot's role and its strength (the
-    kinds the pack does not factor enter as the exact low-rank form of their change at strength 1); {model key:
-    weighted vector changes} carried as diffs; one line per layer of those kinds; one binding line per adapter."""
-    terms: dict[str, list[Term]] = {}
-    diffs: dict[str, list] = {}
-    forms, bindings = [], []
-    shapes = comfy_compat.weight_shapes(model)
-    for role, adapters in adapters_by_role.items():
-        for adapter in adapters:
-            binding = bind_to_model(adapter, model)
-            bindings.append(describe_binding(adapter, binding, model))
-            weight = lambdas[role] * adapter.strength
-            for key, (_, factors) in binding.targets.items():
-                terms.setdefault(key, []).append(Term(factors.shaped_like(shapes[key]), weight, role))
-            for key, (kept, change) in dense_changes(adapter, binding, model).items():
-                if change.ndim < 2:
-                    diffs.setdefault(key, []).append((change, weight))
-                    continue
-                form = exact_lowrank(change)
-                forms.append(f"{key} ({adapter.source or role}): {form.describe(kept.weight_kinds)}")
-                terms.setdefault(key, []).append(Term(form.factors, weight, role))
-    return terms, sum_diffs(diffs), forms, bindings
 
 
 def diff_summary(diffs: dict) -> list[str]:
@@ -84,12 +60,12 @@ class QRMerge(io.ComfyNode):
                 **extra) -> io.NodeOutput:
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
-        terms, diffs, forms, bindings = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
+        inputs = [merge_input(adapter, model, role) for role, listed in adapters.items() for adapter in listed]
+        terms, diffs = weighted_terms(inputs, {"content": lambda_content, "style": lambda_style})
         layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)))
-        merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
-                         module_tensors={generic_module_name(k): kept for k, kept in carried_diffs(diffs).items()},
-                         role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
-        report = "\n".join(overlap_summary(layers) + diff_summary(diffs) + forms + bindings)
+        merged = merged_adapter(layers, diffs, "QR Merge", comfy_compat.model_name(model))
+        report = "\n".join(overlap_summary(layers) + diff_summary(diffs) + [line for i in inputs for line in i.forms] +
+                           [i.report for i in inputs])
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
         patched, _ = apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])

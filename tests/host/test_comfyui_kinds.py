@@ -179,3 +179,15 @@ def test_other_kinds_apply_and_merge_like_stock(comfy, tiny_sd15, shapes, loras,
     at_one = stock(comfy, model, clip, name, 1.0)
     assert set(merged_model.patches) == changed
     assert max_difference(merged_model, at_one, changed, relative=True) <= FLOAT32_PRECISION, merge_report
+
+
+def test_strength_sweep_merges_other_kinds_as_qr_merge_does(comfy, comfy_base, tiny_sd15, trained):
+    import comfy_host
+
+    model, clip, _ = tiny_sd15
+    sweep = comfy_host.pack_module(comfy_base, "nodes.strength_sweep")
+    adapter = load(comfy, trained["LoHa"])
+    cell = sweep.qr_merge_cell_model(model, adapter, adapter, "off")(0.5, 0.5)
+    reference = stock(comfy, model, clip, trained["LoHa"], 1.0)
+    assert set(cell.patches) == set(reference.patches)
+    assert max_difference(cell, reference, set(reference.patches), relative=True) <= FLOAT32_PRECISION
