@@ -18,8 +18,8 @@ from .sockets import AdapterSocket
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
 
 
-def diff_summary(diffs: dict) -> list[str]:
-    return [f"{len(diffs)} biases and norm weights: changes summed as diffs"] if diffs else []
+def diff_summary(diffs: dict, how: str) -> list[str]:
+    return [f"{len(diffs)} biases and norm weights: changes {how} as diffs"] if diffs else []
 
 
 class QRMerge(io.ComfyNode):
@@ -64,8 +64,8 @@ class QRMerge(io.ComfyNode):
         terms, diffs = weighted_terms(inputs, {"content": lambda_content, "style": lambda_style})
         layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)))
         merged = merged_adapter(layers, diffs, "QR Merge", comfy_compat.model_name(model))
-        report = "\n".join(overlap_summary(layers) + diff_summary(diffs) + [line for i in inputs for line in i.forms] +
-                           [i.report for i in inputs])
+        report = "\n".join(overlap_summary(layers) + diff_summary(diffs, "summed λ-weighted and carried") +
+                           [line for i in inputs for line in i.forms] + [i.report for i in inputs])
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
         patched, _ = apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])
@@ -110,7 +110,7 @@ class ConvertToQRLoRA(io.ComfyNode):
                                    on_layer=comfy_compat.progress_steps(len(deltas)))
         modules = {generic_module_name(key): c.factors for key, c in converted.items()}
         report = "\n".join([f"{key}: {kinds[key]} -> QR-LoRA rank {c.factors.rank}, {c.residual_ratio:.4f} of ΔW "
-                            f"outside span(Q)" for key, c in converted.items()] + diff_summary(vectors) +
+                            f"outside span(Q)" for key, c in converted.items()] + diff_summary(vectors, "carried") +
                            [describe_binding(adapter, binding, model)])
         qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model),
                                      module_tensors={generic_module_name(k): kept

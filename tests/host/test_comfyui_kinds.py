@@ -98,7 +98,7 @@ def test_merge_of_a_trained_file_with_itself_equals_stock_at_one(comfy, tiny_sd1
     errors = [float(e) for e in re.findall(r"relative error (\S+)", report)]
     matrices = sum(not k.endswith(".bias") and reference.model.state_dict()[k].ndim > 1 for k in changed)
     assert len(errors) == (0 if algorithm == "LoRA" else 2 * matrices) and max(errors, default=0) < 1e-6
-    assert "biases and norm weights: changes summed as diffs" in report
+    assert f"{len(changed) - matrices} biases and norm weights: changes summed λ-weighted and carried as diffs" in report
     path = comfy["CSA_SaveAdapter"].execute(adapter=merged, filename=f"merged_{algorithm}", subfolder="",
                                             key_form="comfy", overwrite=True).args[0]
     keys = load_file(path)
