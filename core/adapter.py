@@ -1,8 +1,14 @@
-"""The ADAPTER value: low-rank factors per target module, with a role, a method, a base and a strength.
+"""The ADAPTER value: per target module, low-rank factors or ComfyUI's own tensors, with a role, a method, a base and a
+strength.
 
-One module's weight change is ΔW = scale · up @ down with scale = alpha / rank, or 1 when the file has
-no alpha (ComfyUI's and diffusers' convention). Conv layers keep their kernel in ``down``
-(r, in, kh, kw) and a 1x1 ``up`` (out, r, 1, 1), the kohya LoCon layout.
+A plain low-rank module (``LowRank``, the pack's native type: merges, runtime adapters and training use its math)
+changes its weight by ΔW = scale · up @ down with scale = alpha / rank, or 1 when the file has no alpha (ComfyUI's and
+diffusers' convention). Conv layers keep their kernel in ``down`` (r, in, kh, kw) and a 1x1 ``up`` (out, r, 1, 1), the
+kohya LoCon layout.
+
+Every other kind ComfyUI's loader reads (LoHa, LoKr, OFT, BOFT, GLoRA, Tucker, DoRA, full-weight / bias / norm diffs,
+set weights) is kept as the module's file tensors (``ModuleTensors``); ComfyUI's own weight adapters compute what they
+do to the weight, the pack never re-derives it.
 """
 from __future__ import annotations
 
@@ -47,8 +53,59 @@ class LowRank:
         return sum(t.numel() * t.element_size() for t in (self.up, self.down, *self.extras.values()))
 
 
+    def shaped_like(self, weight_shape: tuple[int, ...]) -> "LowRank":
+        """The same ΔW with conv factors in the kohya LoCon layout, for a 4-D weight (2-D factors of a conv, as
+        ComfyUI's trainer writes them, otherwise cannot merge with factors that keep the kernel)."""
+        if len(weight_shape) != 4 or self.down.ndim == 4:
+            return self
+        up = self.up.reshape(self.up.shape[0], self.rank, 1, 1)
+        return LowRank(up=up, down=self.down.reshape(self.rank, *weight_shape[1:]), alpha=self.alpha, extras=self.extras)
+
+
+BIAS_PARTS = ("diff_b", "b_norm")  # ComfyUI applies these parts to the module's bias, every other part to its weight
+
+
+@dataclass(frozen=True)
+class ModuleTensors:
+    """One module's tensors of the kinds ComfyUI's loader reads beside plain low-rank factors, keyed by ComfyUI's own
+    key suffix ('hada_w1_a', 'diff_b', 'lora_up.weight', 'alpha', ...); ``kinds`` names them ('loha', 'bias diff')."""
+
+    kinds: tuple[str, ...]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def weight_kinds(self) -> tuple[str, ...]:
+        """The kinds that change the module's weight (not 'bias diff')."""
+        return tuple(kind for kind in self.kinds if kind != "bias diff")
+
+    @property
+    def changes_weight(self) -> bool:
+        return any(part not in BIAS_PARTS for part in self.tensors)
+
+    @property
+    def changes_bias(self) -> bool:
+        return any(part in BIAS_PARTS for part in self.tensors)
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel() for part, t in self.tensors.items() if part != "alpha")
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def kind_counts(low_rank_count: int, module_tensors) -> dict[str, int]:
+    """{kind: modules of that kind}: plain low-rank modules count as 'lora'."""
+    counts = {"lora": low_rank_count} if low_rank_count else {}
+    for tensors in module_tensors:
+        for kind in tensors.kinds:
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def check_factors(module: str, up: torch.Tensor, down: torch.Tensor) -> None:
-    """Raise ValueError naming the module when up and down cannot form a LoRA."""
+    """Raise ValueError naming the module when up and down cannot form a LoRA (rank 0 included)."""
     if up.ndim not in (2, 4) or down.ndim not in (2, 4):
         raise ValueError(f"module '{module}': factors must be 2-D (linear) or 4-D (conv); "
                          f"got up {tuple(up.shape)}, down {tuple(down.shape)}")
@@ -57,11 +114,16 @@ def check_factors(module: str, up: torch.Tensor, down: torch.Tensor) -> None:
                          f"(up's 2nd dimension must equal down's 1st)")
     if up.ndim == 4 and up.shape[2:] != (1, 1):
         raise ValueError(f"module '{module}': conv up factor must be 1x1, got {tuple(up.shape)}")
+    if up.numel() == 0 or down.numel() == 0:
+        raise ValueError(f"module '{module}': empty factors (up {tuple(up.shape)}, down {tuple(down.shape)}, rank "
+                         f"{down.shape[0]}): an adapter of rank 0 changes nothing, so the file is probably broken")
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """Low-rank factors keyed by module name (any spelling the model's key map understands)."""
+    """Per module name (any spelling the model's key map understands): low-rank factors in ``modules``, every other
+    kind in ``module_tensors`` (a module may be in both: low-rank factors and a bias diff). ``ignored_keys`` names the
+    file keys the pack does not use, with the reason ({key: reason})."""
 
     modules: dict[str, LowRank]
     role: str = "generic"
@@ -70,6 +132,8 @@ class Adapter:
     strength: float = 1.0
     source: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    module_tensors: dict[str, ModuleTensors] = field(default_factory=dict)
+    ignored_keys: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -79,15 +143,25 @@ class Adapter:
         return dataclasses.replace(self, **changes)
 
     def subset(self, names) -> "Adapter":
-        return self.replace(modules={n: self.modules[n] for n in names})
+        names = set(names)
+        return self.replace(modules={n: f for n, f in self.modules.items() if n in names},
+                            module_tensors={n: t for n, t in self.module_tensors.items() if n in names})
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted({*self.modules, *self.module_tensors})
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        return kind_counts(len(self.modules), self.module_tensors.values())
 
     @property
     def parameter_count(self) -> int:
-        return sum(m.parameter_count for m in self.modules.values())
+        return sum(m.parameter_count for m in (*self.modules.values(), *self.module_tensors.values()))
 
     @property
     def size_bytes(self) -> int:
-        return sum(m.size_bytes for m in self.modules.values())
+        return sum(m.size_bytes for m in (*self.modules.values(), *self.module_tensors.values()))
 
     @property
     def ranks(self) -> list[int]:

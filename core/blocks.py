@@ -48,10 +48,10 @@ def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
     if part not in B_LORA_BLOCKS:
         raise ValueError(f"B-LoRA part must be one of {sorted(B_LORA_BLOCKS)}, got {part!r}")
     blocks = B_LORA_BLOCKS[part]
-    kept = [name for name in adapter.modules if any(in_block(name, b) for b in blocks)]
+    kept = [name for name in adapter.module_names if any(in_block(name, b) for b in blocks)]
     if not kept:
         raise ValueError(f"{adapter.source}: no module in the B-LoRA {part} block ({' / '.join(blocks)}); "
-                         f"the file touches {sorted(touched_blocks(adapter.modules))[:8]}")
+                         f"the file touches {sorted(touched_blocks(adapter.module_names))[:8]}")
     return adapter.subset(kept)
 
 

@@ -12,7 +12,11 @@ says the layout; the layout's normaliser turns the name into one ComfyUI's key m
     diffusers     unet.down_blocks.0..., base_model.model.mid_block...,      lora_unet_down_blocks_0_...    lora
                   up_blocks.0...attn1.processor.to_q (old processors),
                   text_encoder.text_model.encoder.layers.0.self_attn.q_proj  unchanged
-    other         anything else with a LoRA factor suffix                    unchanged (binding reports it)
+    other         anything else with a factor suffix                         unchanged (binding reports it)
+
+Factor suffixes: plain low-rank (LORA_SUFFIXES, QR_SUFFIXES), and every other kind ComfyUI's own loader reads
+(KIND_PARTS: LoHa, LoKr, OFT / BOFT, GLoRA, full-weight, bias and norm diffs, set weights; Tucker's lora_mid and
+DoRA's dora_scale ride with the low-rank suffixes). A key with none of these suffixes is of an unknown kind.
 
 ComfyUI's key map knows diffusers attention names only in the old '.processor.' spelling, which is why
 diffusers / PEFT module names are rewritten into kohya's spelling of the same diffusers path.
@@ -47,6 +51,28 @@ LORA_SUFFIXES: dict[str, str] = {
     ".alpha": "alpha",
     ".dora_scale": "dora_scale",
 }
+# Kinds ComfyUI's loader reads beside plain low-rank factors (comfy/lora.py load_lora, comfy/weight_adapter/): kind ->
+# its parts, each spelled as ComfyUI's key suffix after '<module>.'. The first three are LoRA parts in ComfyUI's
+# spelling (the low-rank suffixes above read them in any spelling).
+KIND_PARTS: dict[str, tuple[str, ...]] = {
+    "lora": ("lora_up.weight", "lora_down.weight"),
+    "tucker": ("lora_mid.weight",),
+    "dora": ("dora_scale",),
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    "oft": ("oft_blocks", "rescale"),  # OFT with 3-D oft_blocks, BOFT with 4-D ones
+    "glora": ("a1.weight", "a2.weight", "b1.weight", "b2.weight"),
+    "weight diff": ("diff",),
+    "bias diff": ("diff_b",),
+    "norm diff": ("w_norm", "b_norm"),
+    "set weight": ("set_weight",),
+}
+KIND_OF_PART = {part: kind for kind, parts in KIND_PARTS.items() for part in parts}
+LOW_RANK_KINDS = ("lora", "tucker", "dora")
+KIND_SUFFIXES: dict[str, str] = {"." + part: part for kind, parts in KIND_PARTS.items() if kind not in LOW_RANK_KINDS
+                                 for part in parts}
+COMFY_LORA_PARTS = {"up": "lora_up.weight", "down": "lora_down.weight", "mid": "lora_mid.weight"}  # LORA_SUFFIXES part -> ComfyUI's
+FACTOR_SUFFIXES = {**LORA_SUFFIXES, **KIND_SUFFIXES}
 QR_SUFFIXES: dict[str, str] = {".lora.q.weight": "q", ".lora.delta_r.weight": "delta_r", ".lora.base_r.weight": "base_r"}
 SAVED_SUFFIXES = {"up": ".lora_up.weight", "down": ".lora_down.weight", "alpha": ".alpha"}
 QR_SAVED_SUFFIXES = {part: suffix for suffix, part in QR_SUFFIXES.items()}
@@ -110,14 +136,14 @@ class Layout:
 
 
 NAMING_LAYOUTS: tuple[Layout, ...] = (
-    Layout("b4m", "b4m", LORA_SUFFIXES, lambda m: m.startswith("unet.unet."), diffusers_to_kohya),
-    Layout("kohya", "lora", LORA_SUFFIXES, lambda m: m.startswith(("lora_unet_", "lora_te")), unchanged, _kohya_name),
-    Layout("comfy", "lora", LORA_SUFFIXES, lambda m: m.startswith(("diffusion_model.", "text_encoders.")), unchanged,
+    Layout("b4m", "b4m", FACTOR_SUFFIXES, lambda m: m.startswith("unet.unet."), diffusers_to_kohya),
+    Layout("kohya", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(("lora_unet_", "lora_te")), unchanged, _kohya_name),
+    Layout("comfy", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(("diffusion_model.", "text_encoders.")), unchanged,
            _comfy_name),
-    Layout("comfy-bare", "lora", LORA_SUFFIXES, lambda m: m.startswith(COMFY_UNET_ROOTS),
+    Layout("comfy-bare", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(COMFY_UNET_ROOTS),
            lambda m: "diffusion_model." + m),
-    Layout("diffusers", "lora", LORA_SUFFIXES, lambda m: m.startswith(DIFFUSERS_NAME_PREFIXES), diffusers_to_kohya),
-    Layout("other", "lora", LORA_SUFFIXES, lambda m: True, unchanged),
+    Layout("diffusers", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(DIFFUSERS_NAME_PREFIXES), diffusers_to_kohya),
+    Layout("other", "lora", FACTOR_SUFFIXES, lambda m: True, unchanged),
 )
 
 

@@ -11,18 +11,22 @@ from .sockets import AdapterSocket
 
 
 def describe_adapter(adapter: Adapter) -> str:
-    return "\n".join([
+    lines = [
         f"{adapter.source or '(unsaved adapter)'}",
         f"role {adapter.role} · method {adapter.method} · base {adapter.base} · strength {adapter.strength:g}",
-        f"modules {len(adapter.modules)} · ranks {adapter.ranks} · parameters {adapter.parameter_count:,} · "
-        f"size {adapter.size_bytes / 2**20:.2f} MiB",
-        f"blocks touched: {', '.join(sorted(touched_blocks(adapter.modules)))}",
-    ])
+        f"modules {len(adapter.module_names)} · kinds {', '.join(f'{k} {n}' for k, n in adapter.kinds.items())} · "
+        f"ranks {adapter.ranks} · parameters {adapter.parameter_count:,} · size {adapter.size_bytes / 2**20:.2f} MiB",
+        f"blocks touched: {', '.join(sorted(touched_blocks(adapter.module_names)))}",
+    ]
+    if adapter.ignored_keys:
+        lines.append(f"keys not used ({len(adapter.ignored_keys)}): " +
+                     ", ".join(f"{key} ({reason})" for key, reason in adapter.ignored_keys.items()))
+    return "\n".join(lines)
 
 
 class AdapterInfo(PackNode):
-    """Show an adapter's modules, ranks, blocks, parameter count, size, role and method; with a model connected, also
-    which modules match it."""
+    """Show an adapter's modules, kinds (LoRA, LoHa, LoKr, OFT, diffs, ...), ranks, blocks, parameter count, size, role
+    and method, and the file keys it does not use; with a model connected, also which modules match it."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:

@@ -32,7 +32,9 @@ class ApplyAdapters(PackNode):
             outputs=[
                 io.Model.Output(display_name="model", tooltip="A clone of the model with the adapters patched in."),
                 io.Clip.Output(display_name="clip", tooltip="The patched text encoder (None when no CLIP was given)."),
-                io.String.Output(display_name="report", tooltip="Per adapter: how many modules mapped, which did not."),
+                io.String.Output(display_name="report",
+                                 tooltip="Per adapter: how many modules mapped and of which kinds; every module or file "
+                                         "key not used, with the reason."),
             ],
         )
 

@@ -6,7 +6,7 @@ progress and interruption, and its sampler and wrapper hooks. Node files and the
 ComfyUI hands them (MODEL, CLIP, VAE, CLIP_VISION) and ``comfy.samplers.CFGGuider``, which the guider
 subclasses.
 
-Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``;
+Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``, ``load_lora``, ``calculate_weight``;
 ``comfy.weight_adapter.LoRAAdapter.load``; ``comfy.model_management`` (interruption, load_model_gpu);
 ``comfy.utils.ProgressBar``; ``comfy.patcher_extension`` (WrappersMP, merge_nested_dicts);
 ``comfy.samplers`` (sampling_function, calc_cond_batch); ``comfy.ldm.modules.attention.optimized_attention``;
@@ -21,6 +21,8 @@ Private internals the pack reads, and why (each is one line to change if ComfyUI
   patcher's APPLY_MODEL wrappers into transformer_options the way a sampler does.
 - ``transformer_options["patches_replace"]["attn2"]`` (here, ``attn2_replace_patch``): to chain to an attn2
   replacement another pack set before ours instead of replacing it.
+- ComfyUI's weight adapters log and swallow their errors, leaving the weight unchanged (here, ``weight_with_patch``
+  listens for those log records): a merge must not take a failed computation for a zero change.
 - ``model.model.model_config.unet_config`` (``model_context_dim``, ``has_pooled_conditioning``): the
   cross-attention width and pooled conditioning tell SD1.x / SD2.x / SDXL apart.
 - ``torch.nn.Module._parameters`` / ``_buffers`` (``training.make_autograd_safe``): models loaded inside a
@@ -32,6 +34,7 @@ Private internals the pack reads, and why (each is one line to change if ComfyUI
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -117,6 +120,38 @@ def lora_weight_adapter(name: str, up, down, alpha):
     """ComfyUI's own LoRA weight adapter for one module, as comfy.lora.load_lora would build it."""
     tensors = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}
     return comfy.weight_adapter.LoRAAdapter.load(name, tensors, alpha, None)
+
+
+def module_patches(name: str, tensors: dict[str, torch.Tensor], weight_key: str) -> dict:
+    """ComfyUI's own patches for one module's tensors ({part: tensor}, parts spelled as ComfyUI's key suffixes), built
+    by its LoRA loader exactly as LoraLoader builds them: {model key: weight adapter (LoHa, LoKr, OFT, ...) or
+    ("diff", ...) / ("set", ...)}; a bias diff patches '<module>.bias'."""
+    return comfy.lora.load_lora({f"{name}.{part}": t for part, t in tensors.items()}, {name: weight_key},
+                                log_missing=False)
+
+
+class _LoggedErrors(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def weight_with_patch(patch, weight: torch.Tensor, key: str) -> torch.Tensor:
+    """``weight`` with one patch at strength 1, computed by ComfyUI's calculate_weight (factors in float32, as ComfyUI
+    patches weights; the sum in ``weight``'s dtype). ComfyUI's weight adapters log their errors and leave the weight
+    unchanged; here an error is raised instead, so no change is taken as zero by mistake."""
+    errors = _LoggedErrors()
+    logging.getLogger().addHandler(errors)
+    try:
+        result = comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight.clone(), key)
+    finally:
+        logging.getLogger().removeHandler(errors)
+    if errors.messages:
+        raise ValueError(f"ComfyUI could not compute the change of {key}: {errors.messages[0]}")
+    return result
 
 
 def weight_shapes(model=None, clip=None) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,9 @@ ROLE_FROM_FILE = "from file"
 
 class LoadAdapter(PackNode):
     """Read an adapter file: kohya, diffusers / PEFT (also B4M's doubled unet. prefix), ComfyUI generic, B-LoRA /
-    ConsisLoRA block splits and QR-LoRA files, from the loras folder or models/content_style_adapters."""
+    ConsisLoRA block splits and QR-LoRA files, from the loras folder or models/content_style_adapters. Every kind
+    ComfyUI's LoraLoader reads is kept (LoRA, LoHa, LoKr, OFT, BOFT, GLoRA, Tucker, DoRA, weight / bias / norm diffs,
+    as ComfyUI's Train LoRA node saves them); keys of no known kind are listed in the reports."""
 
     ROLE: str | None = None  # fixed by the content / style variants
     NAME, TITLE = "LoadAdapter", "Load Adapter"

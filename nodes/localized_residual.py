@@ -12,9 +12,8 @@ from ..core.layouts import generic_module_name
 from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, final_mask, find_token_positions,
                               mask_grid, new_residual, residual_rank, share_conditional_mask)
 from . import comfy_compat as cc
-from .model_binding import bind_to_model
-from .runtime_adapters import add_to_forward, check_runtime_factors, publish_call_options
 from .common import PackNode, schema, strength_input
+from .runtime_adapters import add_to_forward, check_runtime_factors, low_rank_targets, publish_call_options
 from .sockets import AdapterSocket
 
 STATE_KEY = "csa.localized_residual"  # transformer option: this model's LocalizedResidualState
@@ -132,7 +131,7 @@ def concept_positions(clip, prompt: str, words: str) -> list[int]:
 def residual_targets(residual: Adapter, model) -> dict[str, object]:
     """{proj_out weight key: factors}; every module must be a transformer's proj_out."""
     targets = {}
-    for key, (module, factors) in bind_to_model(residual, model).targets.items():
+    for key, (module, factors) in low_rank_targets(residual, model).items():
         if transformer_of_proj_out(key) is None:
             raise ValueError(f"{residual.source}: a localized residual patches transformer proj_out weights only; "
                              f"module '{module}' targets {key}")

@@ -5,35 +5,28 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.merge import CONCATENATED, INTERFERENCE_MODES, MERGED_FORMS, Term, merge_layers, overlap_summary
+from ..core.dense import carried_diffs, exact_lowrank
+from ..core.merge import CONCATENATED, INTERFERENCE_MODES, MERGED_FORMS, merge_layers, overlap_summary
 from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
-from .model_binding import apply_patch_groups, bind_to_model, describe_binding, patches_by_strength
+from .model_binding import (apply_patch_groups, bind_to_model, dense_changes, describe_binding, merge_input,
+                            merged_adapter, patches_by_strength, weighted_terms)
 from .common import PackNode, schema, strength_input
 from .sockets import AdapterSocket
 
 EXTRA = {"content": ("content_2", "content_3"), "style": ("style_2", "style_3")}
 
 
-def merge_terms(model, adapters_by_role: dict[str, list[Adapter]], lambdas: dict[str, float]):
-    """{model key: terms}: every adapter bound to the model, weighted by λ of its slot's role and its strength;
-    and one binding line per adapter (what mapped, what did not)."""
-    terms: dict[str, list[Term]] = {}
-    bindings = []
-    for role, adapters in adapters_by_role.items():
-        for adapter in adapters:
-            binding = bind_to_model(adapter, model)
-            bindings.append(describe_binding(adapter, binding, model))
-            for key, (_, factors) in binding.targets.items():
-                terms.setdefault(key, []).append(Term(factors, lambdas[role] * adapter.strength, role))
-    return terms, bindings
+def diff_summary(diffs: dict, how: str) -> list[str]:
+    return [f"{len(diffs)} biases and norm weights: changes {how} as diffs"] if diffs else []
 
 
 class QRMerge(PackNode):
     """Merge content and style adapters as W0 + Q (λc ΔRc + λs ΔRs): QR-LoRA adapters of one base share Q and merge
     exactly; ordinary LoRAs merge exactly as concatenated factors, or on one orthonormal basis for all their
-    up-spaces (rank at most the sum of ranks). Reports per-layer overlap."""
+    up-spaces (rank at most the sum of ranks). LoHa, LoKr, OFT and other kinds enter as the exact low-rank form of
+    their ΔW; bias and norm changes are summed as diffs. Reports per-layer overlap."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -61,7 +54,8 @@ class QRMerge(PackNode):
                 AdapterSocket.Output(display_name="merged", tooltip="The merged adapter (save it with Save Adapter)."),
                 io.String.Output(display_name="report",
                                  tooltip="Per layer: merge path and principal-angle cosines between content and "
-                                         "style (out: output space, in: input space; 1 = same, 0 = orthogonal)."),
+                                         "style (out: output space, in: input space; 1 = same, 0 = orthogonal); for "
+                                         "kinds other than LoRA, the rank and error of ΔW's exact low-rank form."),
             ],
         )
 
@@ -70,11 +64,12 @@ class QRMerge(PackNode):
                 merged_form: str = CONCATENATED, **extra) -> io.NodeOutput:
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
-        terms, bindings = merge_terms(model, adapters, {"content": lambda_content, "style": lambda_style})
+        inputs = [merge_input(adapter, model, role) for role, listed in adapters.items() for adapter in listed]
+        terms, diffs = weighted_terms(inputs, {"content": lambda_content, "style": lambda_style})
         layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)), form=merged_form)
-        merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
-                         role="generic", method="qr-merge", base=comfy_compat.model_name(model), source="QR Merge")
-        report = "\n".join(overlap_summary(layers) + bindings)
+        merged = merged_adapter(layers, diffs, "QR Merge", comfy_compat.model_name(model))
+        report = "\n".join(overlap_summary(layers) + diff_summary(diffs, "summed λ-weighted and carried") +
+                           [line for i in inputs for line in i.forms] + [i.report for i in inputs])
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)
         patched, _ = apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])
@@ -82,9 +77,10 @@ class QRMerge(PackNode):
 
 
 class ConvertToQRLoRA(PackNode):
-    """Express an ordinary LoRA trained on this base in QR-LoRA form: Q from the base weight's top-r subspace
-    (randomized SVD; the report gives W's rank-r fit error), ΔR = Qᵀ ΔW. Adapters converted on one base share Q, so
-    QR Merge combines them at rank r. The part of ΔW outside span(Q) is dropped and reported."""
+    """Express an adapter trained on this base in QR-LoRA form: Q from the base weight's top-r subspace (randomized
+    SVD; the report gives W's rank-r fit error), ΔR = Qᵀ ΔW (LoHa, LoKr, OFT and other kinds through their dense
+    ΔW). Adapters converted on one base share Q, so QR Merge combines them at rank r. The part of ΔW outside
+    span(Q) is dropped and reported per layer; bias and norm diffs are carried as diffs."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -95,7 +91,9 @@ class ConvertToQRLoRA(PackNode):
             ],
             outputs=[
                 AdapterSocket.Output(display_name="adapter", tooltip="The adapter in QR-LoRA form (method qr-lora)."),
-                io.String.Output(display_name="report", tooltip="Per layer: the share of ΔW outside span(Q) (0 = kept whole)."),
+                io.String.Output(display_name="report",
+                                 tooltip="Per layer: ΔW's kind and rank, the QR-LoRA rank and the share of ΔW outside "
+                                         "span(Q) (0 = kept whole); bias and norm diffs are carried as diffs."),
             ],
         )
 
@@ -103,12 +101,23 @@ class ConvertToQRLoRA(PackNode):
     def execute(cls, model, adapter: Adapter, rank: int) -> io.NodeOutput:
         binding = bind_to_model(adapter, model)
         deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in binding.targets.items()}
+        kinds = {key: f"lora ΔW of rank {factors.rank}" for key, (_, factors) in binding.targets.items()}
+        vectors = {}
+        for key, (kept, change) in dense_changes(adapter, binding, model).items():
+            if change.ndim < 2:
+                vectors[key] = change.to(torch.float32) * adapter.strength
+                continue
+            deltas[key] = change.to(torch.float32) * adapter.strength
+            kinds[key] = f"{' + '.join(kept.weight_kinds)} ΔW of rank {exact_lowrank(change).factors.rank}"
         weights = comfy_compat.base_weights(model, deltas)
         converted = convert_layers(deltas, {k: w.to(torch.float32) for k, w in weights.items()}, rank,
                                    on_layer=comfy_compat.progress_steps(len(deltas)))
         modules = {generic_module_name(key): c.factors for key, c in converted.items()}
-        report = "\n".join([f"{key}: {c.residual_ratio:.4f} of ΔW outside span(Q); W's rank-r fit error "
-                            f"{c.fit_error:.4f}" for key, c in converted.items()] +
+        report = "\n".join([f"{key}: {kinds[key]} -> QR-LoRA rank {c.factors.rank}, {c.residual_ratio:.4f} of ΔW "
+                            f"outside span(Q); W's rank-r fit error {c.fit_error:.4f}" for key, c in converted.items()]
+                           + diff_summary(vectors, "carried") +
                            [describe_binding(adapter, binding, model)])
-        qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model))
+        qr_adapter = adapter.replace(modules=modules, method="qr-lora", strength=1.0, base=comfy_compat.model_name(model),
+                                     module_tensors={generic_module_name(k): kept
+                                                     for k, kept in carried_diffs(vectors).items()})
         return io.NodeOutput(qr_adapter, report)

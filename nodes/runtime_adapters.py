@@ -43,6 +43,19 @@ def publish_call_options(model) -> None:
     cc.around_each_model_call(model, CALL_WRAPPER_KEY, _publish)
 
 
+def low_rank_targets(adapter: Adapter, model) -> dict[str, tuple[str, LowRank]]:
+    """{model key: (module, factors)} of an adapter used at run time; other kinds are refused by name (run-time
+    adapters add ΔW x from low-rank factors, which LoHa, LoKr, OFT, diffs and the like do not have)."""
+    binding = bind_to_model(adapter, model)
+    if binding.tensor_targets:
+        modules = sorted(module for module, _ in binding.tensor_targets.values())
+        kinds = sorted({kind for _, kept in binding.tensor_targets.values() for kind in kept.kinds})
+        raise ValueError(f"{adapter.source or 'adapter'}: run-time adapters add low-rank ΔW x, but {len(modules)} "
+                         f"modules are {', '.join(kinds)} (first: {modules[:3]}); apply this adapter with Apply "
+                         f"Adapters instead")
+    return binding.targets
+
+
 def check_runtime_factors(source: str, module: str, factors: LowRank) -> None:
     """Runtime adapters act on linear and 1x1 conv layers (ΔW x without forming ΔW)."""
     if factors.down.ndim == 4 and factors.down.shape[2:] != (1, 1):
@@ -83,7 +96,7 @@ def install_switched_adapters(model, adapters: dict[str, Adapter], default: froz
     caller sets it for a batch of calls with ``cc.with_transformer_option``)."""
     per_layer: dict[str, dict[str, tuple[LowRank, float]]] = {}
     for name, adapter in adapters.items():
-        for key, (module, factors) in bind_to_model(adapter, model).targets.items():
+        for key, (module, factors) in low_rank_targets(adapter, model).items():
             check_runtime_factors(adapter.source, module, factors)
             per_layer.setdefault(key, {})[name] = (factors, adapter.strength)
     shapes = cc.weight_shapes(model)

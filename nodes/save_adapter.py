@@ -5,7 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..core.adapter import Adapter
 from ..core.adapter_file import path_inside, write_safetensors
-from ..core.formats import adapter_metadata, tensors_from_modules
+from ..core.formats import adapter_metadata, tensors_from_module_tensors, tensors_from_modules
 from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
 from .model_binding import bind_to_model
@@ -14,16 +14,21 @@ from .sockets import AdapterSocket
 
 
 def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict:
-    """Tensors named in the chosen form; names come from the model's key map, or from the adapter itself."""
+    """Tensors named in the chosen form; names come from the model's key map, or from the adapter itself. Low-rank
+    factors as lora_up / lora_down / alpha, every other kind as ComfyUI's own keys (diff, diff_b, hada_*, ...)."""
     if model is None:
-        return tensors_from_modules(adapter.modules, save_names_without_model(adapter.modules, key_form))
+        names = save_names_without_model(adapter.module_names, key_form)
+        return {**tensors_from_modules(adapter.modules, names),
+                **tensors_from_module_tensors(adapter.module_tensors, names)}
     binding = bind_to_model(adapter, model, clip)
     if binding.unmatched:
         raise ValueError(f"{len(binding.unmatched)} modules do not map onto this model and would be lost: "
                          f"{binding.unmatched[:5]}")
-    names = save_names_for(binding.targets, comfy_compat.lora_key_map(model, clip), key_form)
+    names = save_names_for({*binding.targets, *binding.tensor_targets}, comfy_compat.lora_key_map(model, clip), key_form)
     modules = {names[key]: factors for key, (_, factors) in binding.targets.items()}
-    return tensors_from_modules(modules, {n: n for n in modules})
+    kept = {names[key]: tensors for key, (_, tensors) in binding.tensor_targets.items()}
+    return {**tensors_from_modules(modules, {n: n for n in modules}),
+            **tensors_from_module_tensors(kept, {n: n for n in kept})}
 
 
 class SaveAdapter(PackNode):
@@ -57,4 +62,8 @@ class SaveAdapter(PackNode):
         tensors = file_tensors(adapter, key_form, model, clip)
         metadata = adapter_metadata(adapter, {"source": adapter.source, "key_form": key_form})
         path = write_safetensors(target, tensors, metadata, overwrite=overwrite)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {len(adapter.modules)} modules to {path}"))
+        text = f"saved {len(adapter.module_names)} modules to {path}"
+        if adapter.ignored_keys:
+            text += f"\n{len(adapter.ignored_keys)} keys of the source file were not used and are not saved: " + \
+                ", ".join(adapter.ignored_keys)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(text))

@@ -6,6 +6,7 @@ from ..core.adapter import Adapter
 
 @io.comfytype(io_type="CSA_ADAPTER")
 class AdapterSocket(io.ComfyTypeIO):
-    """Low-rank factors per module with a role (content, style, concept), method, base and strength."""
+    """Per module, low-rank factors or ComfyUI's own tensors of another kind (LoHa, LoKr, OFT, diffs, ...), with a role
+    (content, style, concept), method, base and strength."""
 
     Type = Adapter

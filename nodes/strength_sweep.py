@@ -20,13 +20,12 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.merge import INTERFERENCE_MODES, Term, merge_layers
-from ..core.layouts import generic_module_name
+from ..core.merge import INTERFERENCE_MODES, merge_layers
 from ..core.scores import (GridLayout, cell_picture, display_scale, means, parse_values, short_scores, sweep_cells,
                            sweep_table)
 from . import comfy_compat as cc
 from .common import PackNode, schema
-from .model_binding import apply_patch_groups, bind_to_model, patches_by_strength
+from .model_binding import apply_patch_groups, merge_input, merged_adapter, patches_by_strength, weighted_terms
 from .score_drawing import sweep_grid
 from .scoring import build_scorer, score_inputs
 from .sockets import AdapterSocket
@@ -110,21 +109,15 @@ def adapter_cell_model(model, content: Adapter, style: Adapter):
 
 
 def qr_merge_cell_model(model, content: Adapter, style: Adapter, interference: str):
-    """model(λc, λs): QR Merge's merged adapter patched in (the adapters are bound to the model once)."""
-    targets = {role: (adapter.strength, bind_to_model(adapter, model).targets)
-               for role, adapter in (("content", content), ("style", style))}
+    """model(λc, λs): QR Merge's merged adapter patched in (the adapters are bound to the model once; every kind QR
+    Merge takes, as it takes it)."""
+    inputs = [merge_input(content, model, "content"), merge_input(style, model, "style")]
 
     def cell_model(lambda_content: float, lambda_style: float):
         if lambda_content == 0 and lambda_style == 0:
             return model
-        lambdas = {"content": lambda_content, "style": lambda_style}
-        terms: dict[str, list[Term]] = {}
-        for role, (strength, bound) in targets.items():
-            for key, (_, factors) in bound.items():
-                terms.setdefault(key, []).append(Term(factors, lambdas[role] * strength, role))
-        layers = merge_layers(terms, interference)
-        merged = Adapter(modules={generic_module_name(k): layer.factors for k, layer in layers.items()},
-                         role="generic", method="qr-merge", source="Strength Sweep")
+        terms, vectors = weighted_terms(inputs, {"content": lambda_content, "style": lambda_style})
+        merged = merged_adapter(merge_layers(terms, interference), vectors, "Strength Sweep")
         return apply_patch_groups(model, None, patches_by_strength([merged], model, None, {})[0])[0]
     return cell_model
 

@@ -115,7 +115,7 @@ def file_cases() -> list[Case]:
             "zip_renamed": (b"PK\x03\x04" + b"\0" * 60, r"a pickle or torch.save file renamed", False),
             "nan_factor": (save(factors(layout, up=nan_up)), r"contains NaN or infinite values", False),
             "inf_factor": (save(factors(layout, down=inf_down)), r"contains NaN or infinite values", False),
-            "no_factors": (save({"model.junk.weight": torch.zeros(3)}), r"no LoRA factors found", False),
+            "no_factors": (save({"model.junk.weight": torch.zeros(3)}), r"no adapter tensors found", False),
             "rank_mismatch": (save(factors(layout, up=torch.randn(320, 3))),
                               r"rank mismatch, up is \(320, 3\) but down is \(2, 320\)", False),
             "three_dimensional": (save(factors(layout, up=torch.randn(320, 2, 1))), r"must be 2-D \(linear\) or 4-D",

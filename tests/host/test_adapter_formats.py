@@ -128,3 +128,4 @@ def test_text_encoder_modules_patch_the_clip(comfy, tiny_sd15, comfy_base):
     assert "2 of 2 modules mapped" in report
     expected = {q_key: (up1.double() @ down1.double()) * 0.5, k_key: up2.double() @ down2.double()}
     assert_weights(patched_clip.patcher, clip_sd, expected)
+

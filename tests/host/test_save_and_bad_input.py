@@ -141,8 +141,18 @@ def test_factor_problems_name_the_module(comfy, loras):
     with pytest.raises(ValueError, match="half.safetensors: module 'lora_unet_y' has no down factor"):
         load(comfy, "half.safetensors")
     save_file({"something.weight": torch.zeros(3)}, str(loras / "not_lora.safetensors"))
-    with pytest.raises(ValueError, match="not_lora.safetensors: no LoRA factors found"):
+    with pytest.raises(ValueError, match="not_lora.safetensors: no adapter tensors found"):
         load(comfy, "not_lora.safetensors")
+    save_file({"lora_unet_z.lora_up.weight": torch.zeros(8, 0), "lora_unet_z.lora_down.weight": torch.zeros(0, 8)},
+              str(loras / "rank0.safetensors"))
+    with pytest.raises(ValueError, match=r"rank0.safetensors: module 'lora_unet_z': empty factors .* rank 0"):
+        load(comfy, "rank0.safetensors")
+    save_file({"lora_unet_w.hada_w1_a": torch.zeros(8, 0), "lora_unet_w.hada_w1_b": torch.zeros(0, 8),
+               "lora_unet_w.hada_w2_a": torch.zeros(8, 0), "lora_unet_w.hada_w2_b": torch.zeros(0, 8)},
+              str(loras / "loha_rank0.safetensors"))
+    with pytest.raises(ValueError, match=r"loha_rank0.safetensors: module 'lora_unet_w': hada_w1_a, .* are empty "
+                                         r"\(rank 0\)"):
+        load(comfy, "loha_rank0.safetensors")
 
 
 def test_shape_mismatch_names_module_and_both_shapes(comfy, tiny_sd15, loras):

@@ -91,3 +91,53 @@ def build_file(weight_shapes: dict[str, tuple], natives: list[str], layout: str,
             tensors[name + ".lora.base_r.weight"] = torch.randn(rank, down.shape[1], generator=generator)
         deltas[key] = (up.flatten(1).double() @ down.flatten(1).double()).reshape(shape) * scale
     return tensors, deltas
+
+
+# Other kinds ComfyUI's loader reads (comfy/lora.py load_lora, comfy/weight_adapter/), spelled by hand from those files:
+# kind -> native modules of the tiny SD1.5 UNet it is written for.
+OTHER_KIND_MODULES = {
+    "dora": ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.attn2.to_k"],
+    "tucker": ["input_blocks.1.0.in_layers.2"],
+    "boft": ["input_blocks.1.1.transformer_blocks.0.attn1.to_q", "output_blocks.1.1.transformer_blocks.0.attn1.to_v"],
+    "glora": ["input_blocks.1.1.transformer_blocks.0.attn1.to_k"],
+    "weight diff": ["input_blocks.1.1.proj_in"],
+    "set weight": ["input_blocks.1.1.transformer_blocks.0.attn1.to_v"],
+    "norm diff": ["input_blocks.1.1.norm", "input_blocks.1.0.in_layers.0"],
+}
+
+
+def other_kind_parts(kind: str, shape: tuple, randn) -> dict[str, torch.Tensor]:
+    """One module's tensors of ``kind`` for a weight of ``shape``, keyed by ComfyUI's suffix (after '<module>.')."""
+    out, rest = shape[0], math.prod(shape[1:])
+    if kind == "dora":
+        return {"lora_up.weight": randn(out, 2), "lora_down.weight": randn(2, rest, std=1.0),
+                "alpha": torch.tensor(1.0), "dora_scale": 1.0 + randn(out, 1)}
+    if kind == "tucker":
+        return {"lora_up.weight": randn(out, 2, 1, 1, std=1.0), "lora_down.weight": randn(2, shape[1], 1, 1),
+                "lora_mid.weight": randn(2, 2, *shape[2:], std=1.0), "alpha": torch.tensor(2.0)}
+    if kind == "boft":
+        return {"oft_blocks": randn(2, out // 4, 4, 4), "alpha": torch.tensor(0.0)}
+    if kind == "glora":
+        return {"a1.weight": randn(rest, 2), "a2.weight": randn(2, rest), "b1.weight": randn(out, 2),
+                "b2.weight": randn(2, rest)}
+    if kind == "weight diff":
+        return {"diff": randn(*shape, std=0.01), "diff_b": randn(out)}
+    if kind == "set weight":
+        return {"set_weight": randn(*shape)}
+    if kind == "norm diff":
+        return {"w_norm": randn(out), "b_norm": randn(out)}
+    raise ValueError(kind)
+
+
+def other_kind_file(weight_shapes: dict[str, tuple], kind: str, seed: int) -> dict[str, torch.Tensor]:
+    """A ComfyUI-generic file of one of OTHER_KIND_MODULES' kinds."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size, std=0.05):
+        return torch.randn(*size, generator=generator) * std
+
+    tensors = {}
+    for native in OTHER_KIND_MODULES[kind]:
+        shape = weight_shapes[f"diffusion_model.{native}.weight"]
+        tensors.update({f"diffusion_model.{native}.{part}": t for part, t in other_kind_parts(kind, shape, randn).items()})
+    return tensors

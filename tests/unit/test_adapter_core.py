@@ -50,7 +50,7 @@ def test_adapter_from_tensors_reads_alpha_metadata_and_qr():
                "lora_unet_a.alpha": torch.tensor(1.0), "junk": torch.zeros(1)}
     adapter = adapter_from_tensors(tensors, {"csa.role": "content", "csa.method": "b4m"}, source="f.safetensors")
     assert (adapter.role, adapter.method, adapter.modules["lora_unet_a"].scale) == ("content", "b4m", 0.5)
-    assert adapter.metadata["csa.ignored_keys"] == '["junk"]'
+    assert adapter.ignored_keys == {"junk": "unknown kind"}
     assert adapter_from_tensors(tensors, {"csa.role": "content"}, role="style").role == "style"
     qr = {"m.lora.q.weight": f.up, "m.lora.delta_r.weight": f.down, "m.lora.base_r.weight": f.down * 2}
     adapter = adapter_from_tensors(qr, {})

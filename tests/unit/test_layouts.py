@@ -31,7 +31,7 @@ def test_split_key(key, layout, module, part):
     assert (found[0].name, found[1], found[2]) == (layout, module, part)
 
 
-@pytest.mark.parametrize("key", ["x.weight", ".alpha", "lora_unet_a.hada_w1_a"])
+@pytest.mark.parametrize("key", ["x.weight", ".alpha", "lora_unet_a.lora_magnitude_vector", ".hada_w1_a"])
 def test_keys_that_are_no_factor(key):
     assert split_key(key) is None
 
