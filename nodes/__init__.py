@@ -10,6 +10,7 @@ from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, Show
 from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
+from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -28,6 +29,11 @@ NODES: list[type[io.ComfyNode]] = [
     ImageToPromptVectors,
     TrainPromptMapper,
     ZeroShotAdapt,
+    TrainingImagesNode,
+    TrainingOptionsNode,
+    TrainAdapter,
+    TrainConsisLoRA,
+    TrainQRLoRA,
 ]
 
 
