@@ -23,6 +23,7 @@ Noise offset: ε = N(0, I) + offset · N(0, 1) per (sample, channel).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -169,7 +170,7 @@ def optimise(params: dict[str, torch.Tensor], micro_loss: Callable[[int, int], t
             on_step(step, total)
         due = [p for p in periodic if p.every > 0 and (step + 1) % p.every == 0]
         if due:
-            state.optimiser = optimiser.state_dict()
+            state.optimiser = copy.deepcopy(optimiser.state_dict())  # tasks may keep it; the loop updates in place
             for task in due:
                 task.run(step + 1, state)
     return replace(state, optimiser=optimiser.state_dict())
