@@ -307,6 +307,9 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
     """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
     make_autograd_safe(*torch_modules(model))
     with grad_enabled():
+        # factors made in a node are inference tensors inside a server: train normal-tensor copies
+        job.modules.update(frozen_copy(job.modules))
+        job.masks = {name: mask.clone() for name, mask in job.masks.items()}
         sigmas = cc.sigma_table(model)
         latents, conds = encode_training_set(model, vae, clip, data)
         base_hash = weights_hash(cc.base_weights(model, target_keys(job.modules)))
