@@ -23,6 +23,8 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
     ["bench/world/evaluate.py"],
+    ["bench/world/block_split.py"],  # the measurement behind the ConsisLoRA world / SD1.5 block split
+    ["bench/world/train_demo_adapters.py"],  # make demo-adapters: the committed trained demo adapters
 ]
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
@@ -33,7 +35,8 @@ SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of
 def repository_state() -> dict[str, str]:
     """Hashes of every file a bench or training script may write in the repository."""
     watched = [REPO_ROOT / "bench" / "RESULTS.md", *sorted((REPO_ROOT / "bench" / "world").rglob("*.png")),
-               *sorted((REPO_ROOT / "bench" / "world" / "weights").iterdir())]
+               *sorted((REPO_ROOT / "bench" / "world" / "weights").iterdir()),
+               *sorted((REPO_ROOT / "bench" / "world" / "adapters").glob("*"))]
     return {str(p.relative_to(REPO_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
 
 
