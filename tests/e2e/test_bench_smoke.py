@@ -18,17 +18,18 @@ pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "bench").glob("*.py")
                        if p.name != "harness.py")
-# make target -> its scripts (Makefile): world, evaluate, demo
+# make target -> its scripts (Makefile): world, evaluate, demo-adapters, block-split
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
     ["bench/world/evaluate.py"],
-    ["bench/world/block_split.py"],  # the measurement behind the ConsisLoRA world / SD1.5 block split
-    ["bench/world/train_demo_adapters.py"],  # make demo-adapters: the committed trained demo adapters
+    ["bench/world/block_split.py"],  # make block-split
+    ["bench/world/train_demo_adapters.py"],  # make demo-adapters
 ]
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
     ["scripts/run_workflows.py", "workflows/api/apply_adapter.json"],
+    ["scripts/demo_adapters_grid.py", "--smoke"],
 ]
 
 
