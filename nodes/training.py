@@ -1,8 +1,13 @@
-"""The ComfyUI side of training inside a node: autograd back on, frozen models usable on a gradient path.
+"""The ComfyUI side of training inside a node: autograd, frozen models, data, and a trainer's whole run.
 
 ComfyUI runs every node under ``torch.inference_mode()`` and loads models there, so their weights are
 inference tensors; training nodes switch autograd back on and give the frozen modules that gradients
 flow through normal-tensor copies of their weights (ComfyUI's own nodes_train does the same dance).
+
+A trainer node builds a ``Job`` (its target modules, trainable factors, stages of the engine, gradient masks) and
+``run_training`` does the rest: images through the VAE and captions through CLIP (no gradient), the factors as
+runtime adapters on a clone of the model (``Trainee``: the base weights are never written), the engine
+(core/training.py) stage by stage, progress with the loss, previews, checkpoints, the final file and resume.
 """
 from __future__ import annotations
 
@@ -239,13 +244,17 @@ def resume_from_file(name: str, job: Job, base_hash: str) -> tuple[int, TrainSta
         job.modules[module] = LowRank(up=factors.up.float().clone(), down=factors.down.float().clone(),
                                       alpha=factors.alpha, extras={k: v.float() for k, v in factors.extras.items()})
     stage = recipe["stage"]
-    names = list(parameters_of(job, job.stages[stage]))
-    state, _ = state_from_file(state_tensors, state_meta, state_file.name, names)
+    state, _ = state_from_file(state_tensors, state_meta, state_file.name, parameter_names(job, job.stages[stage]))
     return stage, state, recipe["earlier_losses"]
 
 
+def parameter_names(job: Job, stage: Stage) -> list[str]:
+    """'<module>.<part>' of every tensor the stage trains, in the optimiser's order."""
+    return [f"{name}.{part}" for name in stage.trainable for part in job.trained_parts]
+
+
 def parameters_of(job: Job, stage: Stage) -> dict[str, torch.Tensor]:
-    """The stage's trained tensors by name ('<module>.<part>'), gradients switched on for them only."""
+    """The stage's trained tensors by name, gradients switched on for them and off for every other factor."""
     trained = set(stage.trainable)
     for name, factors in job.modules.items():
         for part in job.trained_parts:
@@ -290,9 +299,8 @@ class Checkpoints:
                     "csa.trigger": self.record["data"]["trigger"], "csa.steps_done": str(done)}
         written = write_safetensors(path, tensors_from_modules(cast, {n: n for n in cast}, self.job.qr_form), metadata,
                                     overwrite=self.overwrite)
-        names = list(parameters_of(self.job, self.job.stages[stage]))
-        state_tensors, state_meta = state_file_contents(state, names, {**self.record, "stage": stage,
-                                                                       "earlier_losses": earlier})
+        state_tensors, state_meta = state_file_contents(state, parameter_names(self.job, self.job.stages[stage]),
+                                                        {**self.record, "stage": stage, "earlier_losses": earlier})
         write_safetensors(state_path(path), state_tensors, state_meta, overwrite=self.overwrite)
         return written
 

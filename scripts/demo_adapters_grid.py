@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 
 from comfy_host import REPO_ROOT, ComfyServer
-from model_names import WORLD_CHECKPOINT_NAME, WORLD_DEMO_ADAPTERS
+from model_names import WORLD_DEMO_ADAPTERS
+from world_grid import caption_graph
 
 PROMPTS = {"base": "a zkz sks", "content": "a checkered sks", "style": "a zkz circle", "composed": "a zkz sks"}
 
@@ -57,18 +58,7 @@ def model_for(method: str, cell: str) -> tuple[dict, list]:
 
 def cell_graph(method: str, cell: str, seeds: int, steps: int) -> dict:
     nodes, model = model_for(method, cell)
-    return {
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT_NAME}},
-        **nodes,
-        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": PROMPTS[cell]}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": seeds}},
-        "5": {"class_type": "KSampler", "inputs": {"model": model, "seed": 1000, "steps": steps, "cfg": 4.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
-                                                   "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
-        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"csa/demo/{method}_{cell}"}},
-    }
+    return caption_graph(PROMPTS[cell], 1000, seeds, f"csa/demo/{method}_{cell}", steps, model, nodes)
 
 
 def main() -> int:
