@@ -21,16 +21,19 @@ class AdapterFileError(ValueError):
     """An adapter file is missing, unreadable or holds values that cannot be used."""
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | os.PathLike,
+                     suffix: str = ".safetensors") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor and the metadata of a safetensors file, refusing anything else.
 
-    Raises AdapterFileError naming the file (and the key, for non-finite values) when the file is
-    missing, not safetensors, truncated or corrupt, or holds NaN / infinite values.
+    ``suffix``: the file name's expected ending (the pack's training-state files are safetensors under their own
+    suffix, which keeps them out of ComfyUI's LoRA lists). Raises AdapterFileError naming the file (and the key,
+    for non-finite values) when the file is missing, not safetensors, truncated or corrupt, or holds NaN /
+    infinite values.
     """
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file not found: {path}")
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() != suffix:
         raise AdapterFileError(
             f"{path.name}: only .safetensors adapter files are loaded (pickle formats such as "
             f"{path.suffix or 'this one'} can run code); convert it to safetensors first")

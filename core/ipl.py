@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from .adapter_file import AdapterFileError, read_safetensors, write_safetensors
+from .training import Optimiser, optimise
 
 MAPPER_KIND = "csa.ipl_latent_mapper"
+ADAM = Optimiser(name="adam", weight_decay=0.0)  # IPL trains with plain Adam (the paper's setting)
 
 
 class PixelNorm(torch.nn.Module):
@@ -159,38 +161,15 @@ def train_mapper(mapper: LatentMapper, image_embeds: torch.Tensor, encode_prompt
     if count < 2:
         raise ValueError(f"the contrastive loss needs at least 2 source images, got {count}")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(mapper.parameters(), lr=lr)
-    losses = []
-    for step in range(iterations):
+
+    def step_loss(step: int, micro: int) -> torch.Tensor:
         batch = torch.randperm(count, generator=generator)[:max(2, min(batch_size, count))]
         vectors = mapper(image_embeds[batch])
         loss = contrastive_loss(image_embeds[batch], encode_prompts(vectors, source_label))
         if regularizer_weight:
             target = encode_prompts(vectors, target_label)
             loss = loss + regularizer_weight * domain_regularizer(target, target_template_features)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        if on_step is not None:
-            on_step(step, losses[-1])
-    return losses
+        return loss
 
-
-def loss_curve_image(losses: list[float], width: int = 512, height: int = 256) -> torch.Tensor:
-    """(height, width, 3) picture of a loss curve: white background, the curve in dark blue, min/max scaled."""
-    image = torch.ones(height, width, 3)
-    if not losses:
-        return image
-    values = torch.tensor(losses, dtype=torch.float32)
-    low, high = float(values.min()), float(values.max())
-    span = high - low if high > low else 1.0
-    xs = torch.linspace(0, len(losses) - 1, width)
-    ys = torch.stack([values[int(x)] for x in xs.round().long()])
-    rows = ((1 - (ys - low) / span) * (height - 9) + 4).round().long()
-    previous = rows[0]
-    for column, row in enumerate(rows.tolist()):
-        top, bottom = sorted((int(previous), row))
-        image[top:bottom + 2, column] = torch.tensor([0.1, 0.2, 0.6])
-        previous = row
-    return image
+    return optimise(dict(mapper.named_parameters()), step_loss, iterations, lambda step: lr, ADAM,
+                    on_step=on_step).losses

@@ -12,6 +12,7 @@ from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import SaveAdapter
 from .scores import ScoreContentStylePrompt
 from .strength_sweep import GuiderStrengthSweep, StrengthSweep
+from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -33,6 +34,11 @@ NODES: list[type[io.ComfyNode]] = [
     ScoreContentStylePrompt,
     StrengthSweep,
     GuiderStrengthSweep,
+    TrainingImagesNode,
+    TrainingOptionsNode,
+    TrainAdapter,
+    TrainConsisLoRA,
+    TrainQRLoRA,
 ]
 
 

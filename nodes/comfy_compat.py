@@ -9,9 +9,13 @@ subclasses.
 Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``, ``load_lora``, ``calculate_weight``;
 ``comfy.weight_adapter.LoRAAdapter.load``; ``comfy.model_management`` (interruption, load_model_gpu);
 ``comfy.utils.ProgressBar``; ``comfy.patcher_extension`` (WrappersMP, merge_nested_dicts);
-``comfy.samplers`` (sampling_function, calc_cond_batch); ``comfy.ldm.modules.attention.optimized_attention``;
+``comfy.samplers`` (sampling_function, calc_cond_batch, encode_model_conds); ``comfy.sampler_helpers.convert_cond``;
+``comfy.sample.sample``;
+``comfy.ldm.modules.attention.optimized_attention``; ``comfy_execution.utils.get_executing_context`` and
+``server.PromptServer.send_progress_text`` (the training loss as text on the node);
 ModelPatcher methods (clone, add_patches, add_object_patch, get_model_object, set_model_attn2_replace,
-add_wrapper_with_key, model_options); CLIP ``tokenize``.
+add_wrapper_with_key, model_options); CLIP ``tokenize``; BaseModel ``extra_conds``, ``apply_model`` and its
+``model_sampling.sigmas`` (the training engine's noise levels).
 
 Private internals the pack reads, and why (each is one line to change if ComfyUI renames it):
 
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
@@ -45,10 +50,13 @@ import comfy.lora
 import comfy.model_management
 import comfy.patcher_extension
 import comfy.sample
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import comfy.weight_adapter
+import comfy_execution.utils
 import folder_paths
+from PIL import Image
 
 # -- folders -------------------------------------------------------------------------------------
 
@@ -336,12 +344,14 @@ def load_for_direct_calls(model) -> None:
 def denoised(model, latent, sigma, cond, transformer_options: dict):
     """The model's x0 prediction for model-space latents at noise level sigma (the raw BaseModel call).
 
+    ``cond`` is the cross-attention tensor, or a dict of apply_model's conditioning inputs (``batch_conds``).
     The patcher's own transformer options and wrappers come first, as a sampler merges them: its APPLY_MODEL
     wrappers (runtime adapter switching) and attention patches only run when they are in the options."""
     options = dict(model.model_options.get("transformer_options", {}))
     options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(options.get("wrappers", {}), model.wrappers)
     options.update(transformer_options)
-    return model.model.apply_model(latent, sigma, c_crossattn=cond, transformer_options=options)
+    conds = cond if isinstance(cond, dict) else {"c_crossattn": cond}
+    return model.model.apply_model(latent, sigma, transformer_options=options, **conds)
 
 
 def sampler_names() -> list[str]:
@@ -377,3 +387,61 @@ def decode_images(vae, samples):
     """VAEDecode: (B, H, W, 3) images; video VAEs' (B, T, H, W, 3) become one batch of frames."""
     images = vae.decode(samples)
     return images.reshape(-1, *images.shape[-3:])[..., :3]
+
+
+def model_conds(model, conditioning, latent) -> dict:
+    """apply_model's conditioning inputs for one CONDITIONING (c_crossattn; y for SDXL-like models), made as a
+    sampler makes them for this latent's size. Values are ComfyUI cond objects; ``batch_conds`` joins them."""
+    conds = comfy.sampler_helpers.convert_cond(conditioning)[:1]
+    encoded = comfy.samplers.encode_model_conds(model.model.extra_conds, conds, latent, latent.device, "positive",
+                                                latent_image=latent)
+    return dict(encoded[0]["model_conds"])
+
+
+def batch_conds(per_sample: list[dict]) -> dict:
+    """One sample's model_conds each -> a batch's apply_model inputs (ComfyUI's own concat pads token lengths)."""
+    first = per_sample[0]
+    return {key: first[key].concat([c[key] for c in per_sample[1:]]) for key in first}
+
+
+# -- training -----------------------------------------------------------------------------------------------
+
+ADDED_NOISE_SAMPLINGS = ("EPS", "V_PREDICTION")  # x_noisy = x0 + σ ε (the training engine's parameterisation)
+
+
+def sigma_table(model) -> torch.Tensor:
+    """The model's noise levels, one per discrete timestep (ascending); refuses samplings whose noisy latent is not
+    x0 + σ ε (flow models), which the training engine does not parameterise."""
+    sampling = model.get_model_object("model_sampling")
+    kinds = [cls.__name__ for cls in type(sampling).__mro__]
+    if not any(kind in ADDED_NOISE_SAMPLINGS for kind in kinds) or not hasattr(sampling, "sigmas"):
+        raise ValueError(f"training supports models sampled as x0 + σ·noise with discrete timesteps (SD1.x, SD2.x, "
+                         f"SDXL: {', '.join(ADDED_NOISE_SAMPLINGS)}); this model's sampling is {kinds[:3]}")
+    return sampling.sigmas.detach().float().clone()
+
+
+def sample(model, positive, negative, latent, seed: int, steps: int, cfg: float):
+    """KSampler (Euler, normal schedule) from an empty latent; the noise comes from a private generator seeded
+    like ComfyUI's (same values), so the server's global generator is left alone."""
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def training_progress(total: int):
+    """``update(step, loss, preview=None)`` after each training step: moves ComfyUI's progress bar (with a preview
+    image, (H, W, 3) in [0, 1], when given), shows the step and loss as text on the node, stops cleanly on cancel."""
+    bar = comfy.utils.ProgressBar(total)
+    context = comfy_execution.utils.get_executing_context()
+
+    def update(step: int, loss: float, preview=None) -> None:
+        throw_if_interrupted()
+        image = None
+        if preview is not None:
+            image = ("PNG", Image.fromarray((preview.clamp(0, 1) * 255).round().byte().cpu().numpy()), 512)
+        bar.update_absolute(step + 1, total, image)
+        server = sys.modules.get("server")  # only a running ComfyUI server has imported it (never import it here)
+        prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+        if context is not None and prompt_server is not None:
+            prompt_server.send_progress_text(f"step {step + 1}/{total}  loss {loss:.4f}", context.node_id)
+    return update

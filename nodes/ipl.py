@@ -7,29 +7,26 @@ forwards of nodes/clip_features.py.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import numpy as np
 import torch
 from comfy_api.latest import io
-from PIL import Image
 
-from ..core.adapter import Adapter, LowRank, trainable_lowrank
+from ..core.adapter import Adapter, trainable_lowrank
 from ..core.adapter_file import path_inside
 from ..core.blocks import is_attention_projection
-from ..core.ipl import (TEMPLATES, LatentMapper, directional_loss, load_mapper, loss_curve_image, replace_marker,
-                        save_mapper, train_mapper)
+from ..core.ipl import (ADAM, TEMPLATES, LatentMapper, directional_loss, load_mapper, replace_marker, save_mapper,
+                        train_mapper)
 from ..core.layouts import generic_module_name
+from ..core.trainers import frozen_copy, trainable_parameters
+from ..core.training import loss_curve_image, optimise
 from . import comfy_compat as cc
 from .clip_features import (clip_vision_embeds, clip_vision_embeds_with_grad, clip_vision_width, projected_text_features,
                             projection_width, text_encoders, token_widths, vae_decode_with_grad)
 from .common import PackNode, schema
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
-from .training import grad_enabled, make_autograd_safe, torch_modules, vae_encode
+from .training import grad_enabled, make_autograd_safe, read_image_folder, torch_modules, vae_encode
 
 MARKER = "iplplaceholdervectors"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 ADAPTED = "ipl"
 
 
@@ -99,19 +96,8 @@ def paired_encoder(clip, clip_vision) -> str:
     return keys[0]
 
 
-def folder_images(folder: str) -> list[torch.Tensor]:
-    root = Path(cc.input_directory()).resolve()
-    directory = (root / folder).resolve()
-    if root not in (directory, *directory.parents) or not directory.is_dir():
-        raise ValueError(f"image_folder {folder!r} is not a folder inside ComfyUI's input directory")
-    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255.0)[None] for p in files]
-
-
 def source_embeddings(clip_vision, images, image_folder: str) -> torch.Tensor:
-    batches = ([images] if images is not None else []) + (folder_images(image_folder) if image_folder else [])
+    batches = ([images] if images is not None else []) + ([image for image, _ in read_image_folder(image_folder)] if image_folder else [])
     if not batches:
         raise ValueError("give source images, an image_folder, or both")
     return torch.cat([clip_vision_embeds(clip_vision, b) for b in batches])
@@ -300,18 +286,14 @@ def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iteration
     install_switched_adapters(patched, {ADAPTED: adapter}, frozenset({ADAPTED}))
     cc.load_for_direct_calls(patched)
     latents = cc.to_model_space(patched, vae_encode(vae, images).clone())
-    optimizer = torch.optim.Adam([t for f in modules.values() for t in (f.up, f.down)], lr=lr)
     low, high = cc.percent_to_sigma(patched, 0.8), cc.percent_to_sigma(patched, 0.2)
-    progress, losses = cc.progress_steps(iterations), []
-    for step in range(iterations):
+
+    def step_loss(step: int, micro: int) -> torch.Tensor:
         index = step % latents.shape[0]
         sigma = low + (high - low) * torch.rand(1, generator=generator)
-        loss = adaptation_step(patched, vae, clip_vision, latents[index:index + 1], pairs.conds[index], pairs, index,
+        return adaptation_step(patched, vae, clip_vision, latents[index:index + 1], pairs.conds[index], pairs, index,
                                sigma, generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-        progress()
-    frozen = {n: LowRank(up=f.up.detach().clone(), down=f.down.detach().clone()) for n, f in modules.items()}
-    return adapter.replace(modules=frozen), losses
+
+    state = optimise(trainable_parameters(modules), step_loss, iterations, lambda step: lr, ADAM,
+                     on_step=cc.progress_steps(iterations))
+    return adapter.replace(modules=frozen_copy(modules)), state.losses

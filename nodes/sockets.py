@@ -2,6 +2,8 @@
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
+from ..core.trainers import TrainingOptions
+from ..core.training_data import TrainingImages
 
 
 @io.comfytype(io_type="CSA_ADAPTER")
@@ -10,3 +12,17 @@ class AdapterSocket(io.ComfyTypeIO):
     (content, style, concept), method, base and strength."""
 
     Type = Adapter
+
+
+@io.comfytype(io_type="CSA_TRAINING_DATA")
+class TrainingDataSocket(io.ComfyTypeIO):
+    """Training images sized for the model, one caption each (trigger word filled in), repeats per epoch."""
+
+    Type = TrainingImages
+
+
+@io.comfytype(io_type="CSA_TRAINING_OPTIONS")
+class TrainingOptionsSocket(io.ComfyTypeIO):
+    """Settings every trainer shares: batch, accumulation, schedule, loss weighting, periodic saves and previews."""
+
+    Type = TrainingOptions

@@ -1,14 +1,34 @@
-"""The ComfyUI side of training inside a node: autograd back on, frozen models usable on a gradient path.
+"""The ComfyUI side of training inside a node: autograd, frozen models, data, and a trainer's whole run.
 
 ComfyUI runs every node under ``torch.inference_mode()`` and loads models there, so their weights are
 inference tensors; training nodes switch autograd back on and give the frozen modules that gradients
 flow through normal-tensor copies of their weights (ComfyUI's own nodes_train does the same dance).
+
+A trainer node builds a ``Job`` (its target modules, trainable factors, stages of the engine, gradient masks) and
+``run_training`` does the rest: images through the VAE and captions through CLIP (no gradient), the factors as
+runtime adapters on a clone of the model (``Trainee``: the base weights are never written), the engine
+(core/training.py) stage by stage, progress with the loss, previews, checkpoints, the final file and resume.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
+
+from ..core.adapter import Adapter, LowRank
+from ..core.adapter_file import path_inside, read_safetensors, write_safetensors
+from ..core.formats import adapter_from_tensors, adapter_metadata, tensors_from_modules
+from ..core.trainers import PRECISIONS, TrainingOptions, frozen_copy, state_file_contents, state_from_file, weights_hash
+from ..core.training import Periodic, Recipe, TrainState, loss_curve_image, train_diffusion
+from ..core.training_data import TrainingImages, split_captions, training_images
+from . import comfy_compat as cc
+from .runtime_adapters import install_switched_adapters
 
 
 def grad_enabled() -> contextlib.ExitStack:
@@ -63,3 +83,294 @@ def vae_encode(vae, images) -> torch.Tensor:
     """VAE latents of (B, H, W, C) images, no gradient (training targets)."""
     with torch.no_grad():
         return vae.encode(images[..., :3]).detach()
+
+
+# -- training images -----------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def read_image_folder(folder: str) -> list[tuple[torch.Tensor, str | None]]:
+    """(image (1, H, W, 3) in [0, 1], caption of its same-named .txt or None) for every image in a folder inside
+    ComfyUI's input directory, sorted by name (kohya's caption convention)."""
+    root = Path(cc.input_directory()).resolve()
+    directory = (root / folder).resolve()
+    if root not in (directory, *directory.parents) or not directory.is_dir():
+        raise ValueError(f"image_folder {folder!r} is not a folder inside ComfyUI's input directory")
+    files = sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    found = []
+    for path in files:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        caption = path.with_suffix(".txt")
+        found.append((torch.from_numpy(pixels)[None], caption.read_text().strip() if caption.is_file() else None))
+    return found
+
+
+def gather_training_images(images, captions: str, folder: str, repeats: int, trigger: str, size: int):
+    """An IMAGE batch (captions one per line, or one for all) and / or a folder (same-named .txt captions; a file
+    without one takes the captions text when it is a single line) as TrainingImages."""
+    pictures, texts = [], []
+    if images is not None:
+        pictures += list(images[..., :3].split(1))
+        texts += split_captions(captions, images.shape[0])
+    if folder:
+        default = split_captions(captions, 1)[0] if len(captions.strip().splitlines()) <= 1 else None
+        for image, caption in read_image_folder(folder):
+            if caption is None and default is None:
+                raise ValueError(f"an image in {folder!r} has no .txt caption and the captions text has several lines")
+            pictures.append(image)
+            texts.append(caption if caption is not None else default)
+    return training_images(pictures, texts, size, repeats, trigger)
+
+
+def encode_training_set(model, vae, clip, data: TrainingImages) -> tuple[torch.Tensor, list]:
+    """Model-space latents of the images (VAE, no gradient) and each image's conditioning (CLIP, no gradient, one
+    encoding per distinct caption), both repeated ``data.repeats`` times."""
+    latents = cc.to_model_space(model, vae_encode(vae, data.images)).clone()
+    encoded = {}
+    with torch.no_grad():
+        for caption in dict.fromkeys(data.captions):
+            conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+            encoded[caption] = cc.model_conds(model, conditioning, latents[:1])
+    rows = list(range(len(data.captions))) * data.repeats
+    return latents[rows], [encoded[data.captions[i]] for i in rows]
+
+
+# -- the model being trained -----------------------------------------------------------------------------------
+
+TRAINED = "csa.trained"
+
+
+class Trainee:
+    """A clone of the model whose target layers add the trained factors' ΔW·x at run time (the base weights are
+    never written); its x0 prediction is differentiable in those factors."""
+
+    def __init__(self, model, modules: dict[str, LowRank]):
+        self.model = model.clone()
+        install_switched_adapters(self.model, {TRAINED: Adapter(modules=modules, source="training")},
+                                  frozenset({TRAINED}))
+        cc.load_for_direct_calls(self.model)
+
+    def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {})
+
+    def preview(self, clip, vae, prompt: str, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
+        """(1, size, size, 3): the prompt sampled by the model as trained so far (Euler; a fixed seed)."""
+        with torch.no_grad():
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+            factor = vae.spacial_compression_encode()
+            channels = self.model.get_model_object("latent_format").latent_channels
+            latent = torch.zeros(1, channels, size // factor, size // factor)
+            samples = cc.sample(self.model, positive, negative, latent, seed, steps, cfg)
+            return vae.decode(samples)[..., :3].clamp(0, 1).float()
+
+
+# -- a training job: stages on the engine, checkpoints, previews, resume -------------------------------------
+
+STATE_SUFFIX = ".optimizer-state"  # safetensors beside the adapter; its own suffix keeps it out of LoRA lists
+NO_RESUME = "none"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of the engine: its recipe, the modules it trains (the others stay frozen), the modules it starts
+    afresh (ConsisLoRA's style stage re-initialises the style block)."""
+
+    recipe: Recipe
+    trainable: tuple[str, ...]
+    fresh: tuple[str, ...] = ()
+
+
+@dataclass
+class Job:
+    """What a trainer node asks for; ``run_training`` does it."""
+
+    title: str  # the node's name, for errors and metadata
+    method: str
+    role: str
+    modules: dict[str, LowRank]  # every target, freshly initialised
+    make_fresh: Callable[[str], LowRank]
+    stages: tuple[Stage, ...]
+    options: TrainingOptions
+    settings: dict  # the method's own inputs, recorded in the file
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # {module: mask on its down factor's gradient}
+    trained_parts: tuple[str, ...] = ("up", "down")
+    qr_form: bool = False
+
+
+@dataclass
+class Result:
+    adapter: Adapter
+    losses: list[float]
+    marks: list[int]  # steps where a stage began (loss plot)
+    previews: torch.Tensor
+    path: str
+
+    def loss_curve(self) -> torch.Tensor:
+        return loss_curve_image(self.losses, marks=tuple(self.marks))[None]
+
+
+def target_keys(modules) -> list[str]:
+    return [name + ".weight" for name in modules]
+
+
+def state_path(adapter_path: Path) -> Path:
+    return adapter_path.with_name(adapter_path.stem + STATE_SUFFIX)
+
+
+def resume_from_file(name: str, job: Job, base_hash: str) -> tuple[int, TrainState, list[list[float]]]:
+    """Load a saved adapter and its training state into the job's modules; (stage, its state, earlier stages'
+    losses). Refuses a file from another method, base or set of targets."""
+    path = Path(cc.adapter_file_path(name))
+    tensors, metadata = read_safetensors(path)
+    saved = adapter_from_tensors(tensors, metadata, source=name)
+    state_file = state_path(path)
+    if not state_file.is_file():
+        raise ValueError(f"resume_from {name!r}: no training state beside it ({state_file.name}); only adapters saved "
+                         f"by this pack's trainers can be resumed")
+    if sorted(saved.modules) != sorted(job.modules):
+        raise ValueError(f"resume_from {name!r} trains {len(saved.modules)} modules, this node targets "
+                         f"{len(job.modules)}; use the same targets and blocks")
+    state_tensors, state_meta = read_safetensors(state_file, suffix=STATE_SUFFIX)
+    recipe = json.loads(state_meta.get("csa.recipe", "{}"))
+    if (recipe.get("method"), recipe.get("base_hash")) != (job.method, base_hash):
+        raise ValueError(f"resume_from {name!r} was trained as {recipe.get('method')} on base {recipe.get('base_hash')}; "
+                         f"this node trains {job.method} on base {base_hash}")
+    for module, factors in saved.modules.items():
+        job.modules[module] = LowRank(up=factors.up.float().clone(), down=factors.down.float().clone(),
+                                      alpha=factors.alpha, extras={k: v.float() for k, v in factors.extras.items()})
+    stage = recipe["stage"]
+    state, _ = state_from_file(state_tensors, state_meta, state_file.name, parameter_names(job, job.stages[stage]))
+    return stage, state, recipe["earlier_losses"]
+
+
+def parameter_names(job: Job, stage: Stage) -> list[str]:
+    """'<module>.<part>' of every tensor the stage trains, in the optimiser's order."""
+    return [f"{name}.{part}" for name in stage.trainable for part in job.trained_parts]
+
+
+def parameters_of(job: Job, stage: Stage) -> dict[str, torch.Tensor]:
+    """The stage's trained tensors by name, gradients switched on for them and off for every other factor."""
+    trained = set(stage.trainable)
+    for name, factors in job.modules.items():
+        for part in job.trained_parts:
+            getattr(factors, part).requires_grad_(name in trained)
+    return {f"{name}.{part}": getattr(job.modules[name], part) for name in stage.trainable for part in job.trained_parts}
+
+
+class Checkpoints:
+    """Writes the adapter and, beside it, its training state, atomically; never overwrites unless asked (checked
+    for every file the run will write before it starts)."""
+
+    def __init__(self, job: Job, filename: str, overwrite: bool, model, record: dict):
+        self.job, self.overwrite, self.model, self.record = job, overwrite, model, record
+        self.path = path_inside(cc.lora_save_root(), "", filename) if filename.strip() else None
+
+    def step_path(self, step: int) -> Path:
+        return self.path.with_name(f"{self.path.stem}_step{step:06d}{self.path.suffix}")
+
+    def check(self, done: int) -> None:
+        """Refuse, before training, to replace any file this run will write (after ``done`` steps already done)."""
+        if self.path is None or self.overwrite:
+            return
+        every, total = self.job.options.save_every, sum(s.recipe.steps for s in self.job.stages)
+        planned = [self.path] + ([self.step_path(k) for k in range(every, total + 1, every) if k > done] if every else [])
+        for target in planned:
+            for path in (target, state_path(target)):
+                if path.exists():
+                    raise FileExistsError(f"{path} already exists; choose another filename or allow overwriting")
+
+    def adapter(self, modules: dict[str, LowRank]) -> Adapter:
+        job = self.job
+        return Adapter(modules=frozen_copy(modules), role=job.role, method=job.method, base=cc.model_name(self.model),
+                       source=job.title, metadata={"csa.base_hash": self.record["base_hash"]})
+
+    def write(self, path: Path, stage: int, state: TrainState, earlier: list[list[float]]) -> Path:
+        dtype = PRECISIONS[self.job.options.precision]
+        adapter = self.adapter(self.job.modules)
+        cast = {n: LowRank(up=f.up.to(dtype), down=f.down.to(dtype), alpha=f.alpha,
+                           extras={k: v.to(dtype) for k, v in f.extras.items()}) for n, f in adapter.modules.items()}
+        done = sum(map(len, earlier)) + state.step
+        metadata = {**adapter_metadata(adapter, self.record), "csa.base_hash": self.record["base_hash"],
+                    "csa.trigger": self.record["data"]["trigger"], "csa.steps_done": str(done)}
+        written = write_safetensors(path, tensors_from_modules(cast, {n: n for n in cast}, self.job.qr_form), metadata,
+                                    overwrite=self.overwrite)
+        state_tensors, state_meta = state_file_contents(state, parameter_names(self.job, self.job.stages[stage]),
+                                                        {**self.record, "stage": stage, "earlier_losses": earlier})
+        write_safetensors(state_path(path), state_tensors, state_meta, overwrite=self.overwrite)
+        return written
+
+    def periodic(self, stage: int, offset: int, earlier: list[list[float]]) -> Periodic:
+        def save(step: int, state: TrainState) -> None:
+            self.write(self.step_path(offset + step), stage, state, earlier)
+        return Periodic(self.job.options.save_every if self.path is not None else 0, save)
+
+
+def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str, overwrite: bool,
+                 resume_from: str = NO_RESUME) -> Result:
+    """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
+    make_autograd_safe(*torch_modules(model))
+    with grad_enabled():
+        # factors made in a node are inference tensors inside a server: train normal-tensor copies
+        job.modules.update(frozen_copy(job.modules))
+        job.masks = {name: mask.clone() for name, mask in job.masks.items()}
+        sigmas = cc.sigma_table(model)
+        latents, conds = encode_training_set(model, vae, clip, data)
+        base_hash = weights_hash(cc.base_weights(model, target_keys(job.modules)))
+        record = {"trainer": job.title, "method": job.method, "base_hash": base_hash, "data": data.describe(),
+                  "settings": job.settings, "stages": [s.recipe.describe() for s in job.stages]}
+        saver = Checkpoints(job, filename, overwrite, model, record)
+        first, state, earlier = 0, None, []
+        if resume_from and resume_from != NO_RESUME:
+            first, state, earlier = resume_from_file(resume_from, job, base_hash)
+        done = sum(map(len, earlier)) + (state.step if state else 0)
+        saver.check(done)
+        total = sum(s.recipe.steps for s in job.stages)
+        progress, previews, marks = cc.training_progress(total), [], [done] if done else []
+        for index in range(first, len(job.stages)):
+            stage = job.stages[index]
+            if state is None:
+                job.modules.update({name: job.make_fresh(name) for name in stage.fresh})
+            params = parameters_of(job, stage)
+            trainee = Trainee(model, job.modules)
+            offset = sum(map(len, earlier))
+            marks += [offset] if index > first else []
+            tasks = (saver.periodic(index, offset, earlier),
+                     preview_task(trainee, clip, vae, data.size, job.options, previews, progress, offset))
+            masks = {f"{m}.down": mask for m, mask in job.masks.items() if m in stage.trainable}
+            state = train_diffusion(trainee.predict, latents, conds, sigmas, params, stage.recipe, masks, state,
+                                    step_reporter(progress, total, offset, earlier), tasks)
+            if index + 1 < len(job.stages):
+                earlier, state = earlier + [state.losses], None
+        if job.options.preview_prompt.strip():
+            previews.append(trainee.preview(clip, vae, job.options.preview_prompt, job.options.preview_seed, data.size))
+        path = saver.write(saver.path, len(job.stages) - 1, state, earlier) if saver.path is not None else ""
+    losses = [v for stage_losses in earlier for v in stage_losses] + state.losses
+    blank = torch.ones(1, data.size, data.size, 3)
+    return Result(saver.adapter(job.modules), losses, marks, torch.cat(previews) if previews else blank, str(path))
+
+
+def step_reporter(progress, total: int, offset: int, earlier: list[list[float]]):
+    """After each step: the progress bar and the loss as text; every 1/50 of the run the loss plot as its preview."""
+    seen: list[float] = [v for losses in earlier for v in losses]
+
+    def report(step: int, loss: float) -> None:
+        seen.append(loss)
+        plot = loss_curve_image(seen, 256, 128) if (offset + step) % max(1, total // 50) == 0 else None
+        progress(offset + step, loss, plot)
+    return report
+
+
+def preview_task(trainee: Trainee, clip, vae, size: int, options: TrainingOptions, previews: list, progress,
+                 offset: int) -> Periodic:
+    """Sample the preview prompt every ``preview_every`` steps (shown on the progress bar, kept for the output)."""
+    def run(step: int, state: TrainState) -> None:
+        image = trainee.preview(clip, vae, options.preview_prompt, options.preview_seed, size)
+        previews.append(image)
+        progress(offset + step - 1, state.losses[-1], image[0])
+    every = options.preview_every if options.preview_prompt.strip() else 0
+    return Periodic(every, run)

@@ -90,12 +90,32 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
             link_or_copy(models_dir / checkpoint, base / "models" / "checkpoints" / checkpoint)
     for adapter in (names.DEMO_LORA_NAME, names.DEMO_CONTENT_NAME, *names.DEMO_BLORA_NAMES):
         link_or_copy(models_dir / adapter, base / "models" / "loras" / adapter)
+    for adapter in (name for pair in names.WORLD_DEMO_ADAPTERS.values() for name in pair):
+        if (names.WORLD_ADAPTERS_DIR / adapter).exists():
+            link_or_copy(names.WORLD_ADAPTERS_DIR / adapter, base / "models" / "loras" / adapter)
     for folder, name in (("prompt_mappers", names.DEMO_MAPPER_NAME), ("text_encoders", names.CLIP_L_NAME),
                          ("clip_vision", names.CLIP_VISION_NAME)):
         link_or_copy(models_dir / name, base / "models" / folder / name)
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    world_training_folder(base / "input" / names.WORLD_TRAINING_FOLDER)
     return base
+
+
+def world_training_folder(folder: Path, per_style: int = 2) -> None:
+    """Star pictures of the miniature world (a held-out shape) in every base style, each with a same-named .txt
+    caption 'a <style> {trigger}' (kohya's convention): the training workflow's images."""
+    if folder.is_dir():
+        return
+    sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
+    from PIL import Image
+    from world import BASE_STYLES, render
+
+    folder.mkdir(parents=True)
+    for style in BASE_STYLES:
+        for index in range(per_style):
+            Image.fromarray(render("star", style, 700 + index).image).save(folder / f"star_{style}_{index}.png")
+            (folder / f"star_{style}_{index}.txt").write_text(f"a {style} {{trigger}}\n")
 
 
 def free_loopback_port() -> int:

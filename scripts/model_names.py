@@ -9,6 +9,14 @@ DEMO_BLORA_NAMES = ("csa_demo_blora_content_image.safetensors", "csa_demo_blora_
 CLIP_L_NAME = "tiny_clip_l_with_projection.safetensors"
 CLIP_VISION_NAME = "csa_clip_vision_vit_l_random.safetensors"
 DEMO_MAPPER_NAME = "csa_demo_mapper.safetensors"
+WORLD_TRAINING_FOLDER = "csa_world_star"  # in the base directory's input/: star pictures with .txt captions
 
 # The committed world UNet + VAE (bench/world/train_world.py writes it, set-up assembles the checkpoint from it).
 WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
+
+# Trained demo adapters, committed (bench/world/train_demo_adapters.py trains them on the world model with the pack's
+# own trainers; set-up links them into models/loras): per method, (content: the held-out shape 'star', trigger
+# 'sks'; style: the held-out style 'zigzag', trigger 'zkz').
+WORLD_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "bench" / "world" / "adapters"
+WORLD_DEMO_ADAPTERS = {method: (f"csa_world_{method}_star.safetensors", f"csa_world_{method}_zigzag.safetensors")
+                       for method in ("lora", "consislora", "qr")}

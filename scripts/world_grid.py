@@ -20,14 +20,17 @@ sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
 from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
 
-def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20) -> dict:
-    """API graph: the world checkpoint, one caption, a batch of seeds, saved images."""
+def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20, model: list | None = None,
+                  model_nodes: dict | None = None) -> dict:
+    """API graph: the world checkpoint, one caption, a batch of seeds, saved images. ``model_nodes`` (ids from 20 on)
+    may change the MODEL the sampler uses (``model``, default the checkpoint's)."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT_NAME}},
+        **(model_nodes or {}),
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": text}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
-        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "seed": seed, "steps": steps, "cfg": 4.0,
+        "5": {"class_type": "KSampler", "inputs": {"model": model or ["1", 0], "seed": seed, "steps": steps, "cfg": 4.0,
                                                    "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
                                                    "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},

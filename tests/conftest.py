@@ -47,8 +47,15 @@ def tiny_sd15(comfy):
     """(model, clip, vae) of the tiny SD1.5 checkpoint, loaded by ComfyUI's checkpoint loader."""
     import comfy.sd
 
+    import torch
+
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
         str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME))
+    # SD1.5 checkpoints carry no text_projection and ComfyUI leaves that weight uninitialised: usually zeros, but
+    # leftovers of freed tensors when a process has run for a while. Zeros, as on a fresh load, keep the checks of
+    # "this CLIP has no text projection" deterministic.
+    with torch.no_grad():
+        clip.cond_stage_model.clip_l.transformer.text_projection.weight.zero_()
     return model, clip, vae
 
 

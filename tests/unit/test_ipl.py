@@ -75,7 +75,8 @@ def test_domain_regularizer_and_directional_loss_by_hand():
 def test_stage_one_training_lowers_the_loss_on_a_synthetic_set():
     """A frozen random 'text encoder' (mean of vectors + label embedding, projected): the mapper must learn to
     make each image's source prompt match that image."""
-    from core.ipl import loss_curve_image, train_mapper
+    from core.ipl import train_mapper
+    from core.training import loss_curve_image
 
     torch.manual_seed(0)
     embeds = rand(8, 16, seed=20)

@@ -1,0 +1,171 @@
+"""Training speed and memory: Train Adapter (LoRA) against ComfyUI's TrainLoraNode on the world model.
+
+    .venv/bin/python bench/train_speed.py [--steps 30] [--batch 4] [--rank 8]
+
+Same model (world_sd15), rank, batch, resolution (64 px, 8x8 latents), x0 loss (TrainLoraNode's), AdamW, fp32.
+TrainLoraNode adapts every weight of the UNet (LoRA on every matrix and conv, a diff on every bias and norm);
+Train Adapter is measured on the attention projections (its usual target) and on every linear layer (the
+nearest to equal modules: it never adapts 3x3 convs, norms or biases). Each trainer runs in a fresh child
+process under torch.inference_mode(), as inside a server: steps per second is the marginal rate between a
+short and a long run in that process (set-up excluded); peak memory is the highest resident memory sampled
+during the first (short) run minus the resident memory just before it (model loaded, images encoded). TrainLoraNode gets two latents (in 0.3.75 one
+latent input fails: multi_res unbound) and conditioning made without gradients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE / "world")]
+import harness  # noqa: E402
+from harness import comfy_host, parse_args, record  # noqa: E402
+from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
+
+TRAINERS = {
+    "ours, attention projections": "attention projections",
+    "ours, all linear layers": "all linear",
+    "TrainLoraNode (every layer)": None,
+}
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Highest resident memory above the level at entry, sampled every 2 ms by a thread."""
+
+    def __enter__(self):
+        self.base = self.peak = resident_bytes()
+        self.running = True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+    @property
+    def extra_mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def world_inputs(batch: int):
+    """The world model, `batch` training images (world generator, 64 px) with captions, their latents and conds."""
+    import numpy as np
+    import torch
+
+    import comfy.sd
+    from world import BASE_SHAPES, BASE_STYLES, render
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME))
+    samples = [render(BASE_SHAPES[i % 6], BASE_STYLES[i % 5], 300 + i) for i in range(batch)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
+    return model, clip, vae, images, [s.caption for s in samples]
+
+
+def run_ours(nodes, model, clip, vae, images, captions, steps: int, args) -> None:
+    data = nodes["CSA_TrainingImages"].execute(images=images, captions="\n".join(captions), image_folder="", repeats=1,
+                                               trigger_word="", resolution=64).args[0]
+    options = nodes["CSA_TrainingOptions"].execute(
+        batch_size=args.batch, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=0.0,
+        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
+        precision="fp32").args[0]
+    nodes["CSA_TrainAdapter"].execute(model=model, clip=clip, vae=vae, data=data, targets=args.targets, blocks="",
+                                      rank=args.rank, alpha=float(args.rank), steps=steps, lr=1e-4, loss="x0",
+                                      role="generic", seed=0, filename="", overwrite=False, resume_from="none",
+                                      options=options)
+
+
+def run_stock(nodes, model, clip, vae, images, captions, steps: int, args) -> None:
+    from comfy_extras.nodes_train import TrainLoraNode
+
+    latents = vae.encode(images)
+    conds = [clip.encode_from_tokens_scheduled(clip.tokenize(c)) for c in captions]  # made without gradients
+    TrainLoraNode.execute(
+        model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(len(captions))],
+        positive=conds, batch_size=[args.batch], steps=[steps],
+        grad_accumulation_steps=[1], learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"],
+        loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
+        gradient_checkpointing=[False], existing_lora=["[None]"])
+
+
+def child(args) -> None:
+    """One trainer in this process: a short warm-up run, then the timed long run; prints a JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    nodes, _ = harness.start_comfy()
+    with torch.inference_mode():  # as inside a server: models and conditioning are inference tensors
+        inputs = world_inputs(args.batch)
+        run = run_stock if args.targets == "stock" else run_ours
+        with PeakMemory() as memory:  # the first run in a fresh process: every allocation training makes
+            started = time.perf_counter()
+            run(nodes, *inputs, args.short, args)
+            short = time.perf_counter() - started
+        started = time.perf_counter()
+        run(nodes, *inputs, args.steps, args)
+        long = time.perf_counter() - started
+    print("RESULT " + json.dumps({"steps_per_second": (args.steps - args.short) / (long - short),
+                                  "peak_mib": memory.extra_mib, "long_seconds": long, "short_seconds": short}))
+
+
+def measure(name: str, targets: str | None, args) -> dict:
+    command = [sys.executable, __file__, "--child", "--targets", targets or "stock", "--steps", str(args.steps),
+               "--short", str(args.short), "--batch", str(args.batch), "--rank", str(args.rank),
+               "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=tempfile.gettempdir())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="steps of the timed run")
+    parser.add_argument("--short", type=int, default=5, help="steps of the warm-up run (subtracted)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--targets", default="attention projections", help=argparse.SUPPRESS)
+    args = parse_args(parser, {"steps": 3, "short": 1, "batch": 2, "rank": 2})
+    if args.child:
+        return child(args)
+    results = {name: measure(name, targets, args) for name, targets in TRAINERS.items()}
+    stock = results["TrainLoraNode (every layer)"]
+    rows = []
+    for name, result in results.items():
+        rows.append((f"{name}: steps per second", f"{result['steps_per_second']:.3f}"))
+        rows.append((f"{name}: peak extra memory", f"{result['peak_mib']:.0f} MiB"))
+    for name in list(TRAINERS)[:2]:
+        speed = results[name]["steps_per_second"] / stock["steps_per_second"]
+        memory = results[name]["peak_mib"] / max(stock["peak_mib"], 1e-9)
+        rows.append((f"{name} / TrainLoraNode", f"speed x{speed:.2f} (target >= 1.5), memory x{memory:.2f} "
+                                                f"(target <= 0.7)"))
+    record(f"Training speed: Train Adapter vs TrainLoraNode (world model, rank {args.rank}, batch {args.batch}, 64 px)",
+           rows, notes=f"Each trainer in a fresh process under inference mode, {args.threads} torch thread(s); steps "
+                       f"per second from a {args.steps}-step run minus a {args.short}-step run; memory: resident "
+                       f"memory sampled every 2 ms during the first run above the level before it. x0 loss, AdamW, fp32 for all. "
+                       f"Load average at the start: {os.getloadavg()[0]:.1f} (the machine is shared).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""The training engine: the one optimiser loop of the pack, and the diffusion loss every trainer runs on it.
+
+Pure (torch and numpy only). The ComfyUI side (nodes/training.py) supplies a ``predict`` callable and the
+model's sigma table; everything random here is drawn from generators seeded by (seed, step, micro-batch),
+so a run resumed at step k draws exactly what an uninterrupted run draws from step k on.
+
+Parameterisation: ComfyUI's k-diffusion form, used by its EPS and V_PREDICTION models::
+
+    x_σ = x0 + σ ε                              noisy model-space latent at noise level σ
+    x̂0 = predict(x_σ, σ, conds)                 the model's denoised output (BaseModel.apply_model)
+    ε̂ = (x_σ − x̂0) / σ                          the noise the model believes it sees
+    v = (ε − σ x0) / √(1 + σ²)                   DDPM's v with ᾱ = 1 / (1 + σ²) (z_t = √ᾱ x_σ)
+
+Targets and their loss, each the per-sample mean over elements:
+
+    epsilon   ||ε̂ − ε||²  = ||x̂0 − x0||² / σ²
+    x0        ||x̂0 − x0||²                       ConsisLoRA's loss (ε-MSE × (1 − ᾱ)/ᾱ); TrainLoraNode's
+    v         ||v̂ − v||²  = ||x̂0 − x0||² (1 + σ²) / σ²
+
+Min-SNR-γ weighting (Hang et al. 2023) with snr = 1/σ²: min(snr, γ)/snr for epsilon, min(snr, γ) for x0,
+min(snr, γ)/(snr + 1) for v, so every target then weighs ||x̂0 − x0||² by min(snr, γ).
+Noise offset: ε = N(0, I) + offset · N(0, 1) per (sample, channel).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+import torch
+
+TARGETS = ("epsilon", "x0", "v")
+SCHEDULES = ("constant", "cosine", "linear")
+OPTIMISERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Steps [previous phase's end, until) train toward ``target`` at learning rate ``lr`` (a hard switch)."""
+
+    until: int
+    target: str
+    lr: float
+
+
+@dataclass(frozen=True)
+class Optimiser:
+    name: str = "adamw"
+    weight_decay: float = 1e-2
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    schedule: str = "constant"  # learning-rate factor over the whole run, times the phase's lr
+    warmup_steps: int = 0  # linear warm-up from 0 before the schedule
+    accumulation: int = 1  # micro-batches per optimiser step
+
+    def check(self) -> None:
+        if self.name not in OPTIMISERS:
+            raise ValueError(f"optimiser must be one of {sorted(OPTIMISERS)}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.accumulation < 1 or self.warmup_steps < 0:
+            raise ValueError(f"accumulation must be >= 1 and warmup_steps >= 0, got {self.accumulation}, "
+                             f"{self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a diffusion training run does, step by step."""
+
+    phases: tuple[Phase, ...]
+    batch_size: int = 1
+    seed: int = 0
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0 = no weighting
+    optimiser: Optimiser = field(default_factory=Optimiser)
+
+    @property
+    def steps(self) -> int:
+        return self.phases[-1].until
+
+    def phase_at(self, step: int) -> Phase:
+        return next((p for p in self.phases if step < p.until), self.phases[-1])
+
+    def check(self) -> None:
+        self.optimiser.check()
+        ends = [p.until for p in self.phases]
+        if not ends or ends[0] < 1 or ends != sorted(set(ends)):
+            raise ValueError(f"phases must end at strictly increasing steps >= 1, got {ends}")
+        unknown = [p.target for p in self.phases if p.target not in TARGETS]
+        if unknown:
+            raise ValueError(f"loss targets must be among {TARGETS}, got {unknown}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def describe(self) -> dict:
+        """The recipe as plain data (for a saved file's metadata)."""
+        return {"phases": [vars(p) for p in self.phases], "batch_size": self.batch_size, "seed": self.seed,
+                "noise_offset": self.noise_offset, "min_snr_gamma": self.min_snr_gamma,
+                "optimiser": vars(self.optimiser)}
+
+
+@dataclass
+class TrainState:
+    """Where a run is: steps done, the loss of each, the optimiser's state (torch state_dict form)."""
+
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    optimiser: dict | None = None
+
+
+@dataclass(frozen=True)
+class Periodic:
+    """``run(step, state)`` after every ``every``-th optimiser step (previews, checkpoints); every 0 = never."""
+
+    every: int
+    run: Callable[[int, TrainState], None]
+
+
+def schedule_factor(settings: Optimiser, step: int, steps: int) -> float:
+    """Learning-rate factor at ``step`` of ``steps``: linear warm-up, then constant, cosine to 0 or linear to 0."""
+    if step < settings.warmup_steps:
+        return (step + 1) / settings.warmup_steps
+    span = max(1, steps - settings.warmup_steps)
+    progress = (step - settings.warmup_steps) / span
+    return {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1.0 - progress}[settings.schedule]
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A generator seeded by a tuple of integers (numpy's SeedSequence mixes them: no collisions by addition)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
+
+
+def optimise(params: dict[str, torch.Tensor], micro_loss: Callable[[int, int], torch.Tensor], steps: int,
+             lr_at: Callable[[int], float], settings: Optimiser, grad_masks: dict[str, torch.Tensor] | None = None,
+             state: TrainState | None = None, on_step: Callable[[int, float], None] | None = None,
+             periodic: tuple[Periodic, ...] = ()) -> TrainState:
+    """The pack's one optimiser loop. Runs optimiser steps ``state.step`` .. ``steps - 1``.
+
+    ``micro_loss(step, micro)`` returns the loss of one micro-batch (``settings.accumulation`` per step; their
+    mean is the step's loss). ``grad_masks`` zero parts of a parameter's gradient (QR-LoRA's upper triangle).
+    ``on_step(step, loss)`` runs after each step (progress; raising from it cancels). Returns the new state.
+    """
+    settings.check()
+    state = state or TrainState()
+    tensors = list(params.values())
+    optimiser = OPTIMISERS[settings.name](tensors, lr=lr_at(state.step), weight_decay=settings.weight_decay)
+    if state.optimiser is not None:
+        optimiser.load_state_dict(state.optimiser)
+    masks = [(params[name], mask) for name, mask in (grad_masks or {}).items()]
+    losses = list(state.losses)
+    for step in range(state.step, steps):
+        for group in optimiser.param_groups:
+            group["lr"] = lr_at(step)
+        total = 0.0
+        for micro in range(settings.accumulation):
+            loss = micro_loss(step, micro)
+            (loss / settings.accumulation).backward()
+            total += float(loss.detach()) / settings.accumulation
+        for tensor, mask in masks:
+            if tensor.grad is not None:
+                tensor.grad.mul_(mask)
+        if settings.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(tensors, settings.grad_clip)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        losses.append(total)
+        state = TrainState(step + 1, losses, None)
+        if on_step is not None:
+            on_step(step, total)
+        due = [p for p in periodic if p.every > 0 and (step + 1) % p.every == 0]
+        if due:
+            state.optimiser = copy.deepcopy(optimiser.state_dict())  # tasks may keep it; the loop updates in place
+            for task in due:
+                task.run(step + 1, state)
+    return replace(state, optimiser=optimiser.state_dict())
+
+
+# -- diffusion -----------------------------------------------------------------------------------------------
+
+def targets(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor, target: str):
+    """(prediction, true value) in the target's space, from the x0 prediction (see the module docstring)."""
+    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    noisy = x0 + s * noise
+    if target == "x0":
+        return x0_hat, x0
+    eps_hat = (noisy - x0_hat) / s
+    if target == "epsilon":
+        return eps_hat, noise
+    if target == "v":
+        root = (1 + s ** 2).sqrt()
+        return (eps_hat - s * x0_hat) / root, (noise - s * x0) / root
+    raise ValueError(f"loss target must be one of {TARGETS}, got {target!r}")
+
+
+def min_snr_weight(sigma: torch.Tensor, target: str, gamma: float) -> torch.Tensor:
+    """Per-sample Min-SNR-γ weight for the target's loss (1 when gamma is 0)."""
+    if gamma <= 0:
+        return torch.ones_like(sigma)
+    snr = 1.0 / sigma.double() ** 2
+    clipped = snr.clamp(max=gamma)
+    weight = {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[target]
+    return weight.to(sigma.dtype)
+
+
+def diffusion_loss(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor, target: str,
+                   min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """Weighted mean over the batch of each sample's mean squared error in the target's space."""
+    prediction, truth = targets(x0, noise, sigma, x0_hat, target)
+    per_sample = (prediction.float() - truth.float()).pow(2).flatten(1).mean(1)
+    return (per_sample * min_snr_weight(sigma.float(), target, min_snr_gamma)).mean()
+
+
+def draw_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), generator=generator)
+    return noise
+
+
+def batch_indices(count: int, batch_size: int, seed: int, position: int) -> list[int]:
+    """Dataset rows for the batch starting at sample ``position``: each epoch is one seeded permutation."""
+    rows, cache = [], {}
+    for p in range(position, position + batch_size):
+        epoch = p // count
+        if epoch not in cache:
+            cache[epoch] = torch.randperm(count, generator=seeded(seed, 1, epoch)).tolist()
+        rows.append(cache[epoch][p % count])
+    return rows
+
+
+def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.Tensor, params: dict[str, torch.Tensor],
+                    recipe: Recipe, grad_masks=None, state: TrainState | None = None, on_step=None,
+                    periodic: tuple[Periodic, ...] = ()) -> TrainState:
+    """Train ``params`` so that ``predict(x_σ, σ, [conds[i] for i in batch]) -> x̂0`` denoises ``latents``.
+
+    ``latents`` (N, C, H, W) are model-space latents, ``conds[i]`` their conditioning (passed through), ``sigmas``
+    the model's noise levels (one per discrete timestep; drawn uniformly). The loss target and learning rate
+    follow the recipe's phases.
+    """
+    recipe.check()
+    accumulation = recipe.optimiser.accumulation
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        generator = seeded(recipe.seed, 2, step, micro)
+        rows = batch_indices(len(latents), recipe.batch_size, recipe.seed,
+                             (step * accumulation + micro) * recipe.batch_size)
+        x0 = latents[rows]
+        sigma = sigmas[torch.randint(0, len(sigmas), (len(rows),), generator=generator)].to(x0.dtype)
+        noise = draw_noise(tuple(x0.shape), recipe.noise_offset, generator).to(x0.dtype)
+        x0_hat = predict(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, [conds[i] for i in rows])
+        return diffusion_loss(x0, noise, sigma, x0_hat, recipe.phase_at(step).target, recipe.min_snr_gamma)
+
+    def lr_at(step: int) -> float:
+        return recipe.phase_at(step).lr * schedule_factor(recipe.optimiser, step, recipe.steps)
+
+    return optimise(params, micro_loss, recipe.steps, lr_at, recipe.optimiser, grad_masks, state, on_step, periodic)
+
+
+# -- optimiser state as named tensors (for safetensors) -----------------------------------------------------
+
+def optimiser_state_tensors(state: dict, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a torch optimiser state_dict into named tensors ('<param name>.<slot>') and JSON-able rest."""
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for slot, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"{names[index]}.{slot}"] = value
+            else:
+                scalars[f"{names[index]}.{slot}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimiser_state_from_tensors(tensors: dict[str, torch.Tensor], rest: dict, names: list[str]) -> dict:
+    """The inverse of optimiser_state_tensors, for the parameters in ``names`` order."""
+    state: dict[int, dict] = {}
+    for index, name in enumerate(names):
+        prefix = name + "."
+        slots = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        slots.update({k[len(prefix):]: v for k, v in rest["scalars"].items() if k.startswith(prefix)})
+        if slots:
+            state[index] = slots
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+# -- loss plot ----------------------------------------------------------------------------------------------
+
+def moving_average(values: torch.Tensor, window: int) -> torch.Tensor:
+    """Trailing mean over up to ``window`` values (the first ones average what exists)."""
+    sums = torch.cat([torch.zeros(1), values.cumsum(0)])
+    ends = torch.arange(1, len(values) + 1)
+    starts = (ends - window).clamp(min=0)
+    return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def loss_curve_image(losses: list[float], width: int = 512, height: int = 256, marks: tuple[int, ...] = ()) -> torch.Tensor:
+    """(height, width, 3) picture of a loss curve, min/max scaled: each step's loss in light blue, its moving
+    average (over 1/20 of the run) in dark blue, grey vertical lines at the steps in ``marks`` (loss switches,
+    a resumed run's start). One step or a constant loss draws a flat line."""
+    image = torch.ones(height, width, 3)
+    if not losses:
+        return image
+    values = torch.tensor(losses, dtype=torch.float32)
+    low, high = float(values.min()), float(values.max())
+    span = high - low if high > low else 1.0
+    columns = torch.linspace(0, len(losses) - 1, width).round().long()
+    for step in marks:
+        if 0 < step < len(losses):
+            image[:, int((columns - step).abs().argmin()), :] = 0.75
+    curves = [(values, (0.65, 0.75, 0.95))]
+    if len(losses) >= 20:
+        curves.append((moving_average(values, max(2, len(losses) // 20)), (0.1, 0.2, 0.6)))
+    for curve, colour in curves:
+        rows = ((1 - (curve[columns] - low) / span) * (height - 9) + 4).round().long().tolist()
+        previous = rows[0]
+        for column, row in enumerate(rows):
+            top, bottom = sorted((previous, row))
+            image[top:bottom + 2, column] = torch.tensor(colour)
+            previous = row
+    return image
