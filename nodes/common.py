@@ -54,3 +54,8 @@ def schema(node: type, name: str, title: str, inputs: list, outputs: list, outpu
 def strength_input(name: str, tooltip: str, default: float = 1.0, limit: float = 10.0, step: float = 0.01):
     """A strength or λ multiplier: a float from -limit to limit (negative values subtract the adapter)."""
     return io.Float.Input(name, default=default, min=-limit, max=limit, step=step, tooltip=tooltip)
+
+
+def cfg_conditioning_inputs(positive: str, negative: str) -> list:
+    """The positive and negative CONDITIONING inputs of a node that samples with CFG."""
+    return [io.Conditioning.Input("positive", tooltip=positive), io.Conditioning.Input("negative", tooltip=negative)]

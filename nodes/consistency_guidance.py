@@ -18,15 +18,13 @@ import comfy.samplers
 from ..core.adapter import Adapter
 from ..core.blocks import select_b_lora_part
 from . import comfy_compat as cc
-from .common import PackNode, schema, strength_input
+from .common import PackNode, cfg_conditioning_inputs, schema, strength_input
 from .model_binding import apply_patch_groups, patches_by_strength
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 
 SLOTS = {"content_of_content": "cc", "style_of_content": "cs", "content_of_style": "sc", "style_of_style": "ss"}
 TERMS = {"content": ("cc", "sc"), "style": ("ss", "cs")}  # (positive prompt adapter, negative prompt adapter)
-CFG_CONDITIONINGS = {"positive": "The prompt, e.g. 'a [c] in the style of [v]'.",
-                     "negative": "The negative prompt of the CFG part."}
 DEFAULT_PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",
                    "style_positive": "in the style of {v}", "style_negative": "in the style of {c}"}
 
@@ -80,7 +78,8 @@ class ContentStyleGuider(PackNode):
         return schema(cls, "ContentStyleGuider", "Content-Style Guider", inputs=[
                 io.Model.Input("model", tooltip="The base model (without the four adapters applied)."),
                 io.Clip.Input("clip", tooltip="Encodes the guidance prompts."),
-                *[io.Conditioning.Input(name, tooltip=tip) for name, tip in CFG_CONDITIONINGS.items()],
+                *cfg_conditioning_inputs("The prompt, e.g. 'a [c] in the style of [v]'.",
+                                         "The negative prompt of the CFG part."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1,
                                tooltip="ComfyUI CFG scale (the paper's w is cfg − 1)."),
                 strength_input("lambda_content", "Content guidance strength λ_content; 0 disables the term (no extra "

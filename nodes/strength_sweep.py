@@ -24,7 +24,7 @@ from ..core.merge import INTERFERENCE_MODES, merge_layers
 from ..core.scores import (GridLayout, cell_picture, display_scale, means, parse_values, short_scores, sweep_cells,
                            sweep_table)
 from . import comfy_compat as cc
-from .common import PackNode, schema
+from .common import PackNode, cfg_conditioning_inputs, schema
 from .model_binding import apply_patch_groups, merge_input, merged_adapter, patches_by_strength, weighted_terms
 from .score_drawing import sweep_grid
 from .scoring import build_scorer, score_inputs
@@ -131,8 +131,7 @@ class StrengthSweep(PackNode):
     def define_schema(cls) -> io.Schema:
         return schema(cls, "StrengthSweep", "Strength Sweep", inputs=[
                 io.Model.Input("model", tooltip="The base model (without the two adapters)."),
-                io.Conditioning.Input("positive", tooltip="The prompt of every cell."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt of every cell."),
+                *cfg_conditioning_inputs("The prompt of every cell.", "The negative prompt of every cell."),
                 AdapterSocket.Input("content", tooltip="The content adapter: its strength (or λ_content) runs along "
                                                        "the columns."),
                 AdapterSocket.Input("style", tooltip="The style adapter: its strength (or λ_style) runs along the rows."),
