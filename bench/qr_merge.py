@@ -93,8 +93,10 @@ def sd15_rows(nodes, base, model, rank, repeats) -> list[tuple[str, str]]:
     merge = comfy_host.pack_module(base, "core.merge")
     adapters = [nodes["CSA_LoadAdapter"].execute(adapter_name=n, strength=1.0, part="whole file",
                                                  role="from file").args[0] for n in names]
-    terms, _ = comfy_host.pack_module(base, "nodes.qr_merge").merge_terms(
-        model, {"content": adapters[:1], "style": adapters[1:]}, {"content": 1.0, "style": 1.0})
+    binding = comfy_host.pack_module(base, "nodes.model_binding")
+    terms, _ = binding.weighted_terms([binding.merge_input(adapters[0], model, "content"),
+                                       binding.merge_input(adapters[1], model, "style")],
+                                      {"content": 1.0, "style": 1.0})
     t = alternating_medians({
         "stock": lambda: realise(stock_model()),
         "ours": lambda: realise(merged_model()),
