@@ -213,10 +213,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="every code path at tiny sizes (tiny SD1.5, a few SDXL layers); prints, records nothing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own; --smoke: 1); recorded with the machine")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
-    if args.smoke:  # one thread: under other processes' load, two-thread parallel regions stall on each other
-        torch.set_num_threads(1)
+    # one thread for smoke runs: under other processes' load, two-thread parallel regions stall on each other
+    threads = args.threads or (1 if args.smoke else None)
+    if threads:
+        torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     nodes, base = start_comfy()
     model = tiny_sd15()[0] if args.smoke else full_sd15_unet()
