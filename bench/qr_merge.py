@@ -234,7 +234,7 @@ def main():
     record(f"QR Merge of two rank-{sizes['rank']} adapters{' (smoke: tiny sizes)' if args.smoke else ''}", rows,
            notes="Medians of alternating runs in one process; ratios are ours / stock in the same run. Load average "
                  f"(other processes on this machine) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-                 "end. Randomized SVD: fixed-seed rank-64 sketch, two power iterations; factorisation is "
+                 f"end. Randomized SVD: fixed-seed rank-{sizes['rank']} sketch, two power iterations; factorisation is "
                  "needed only to convert ordinary LoRAs to QR-LoRA form (Convert to QR-LoRA), never for merging.",
            append=not args.smoke)
 
