@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.adapter import LowRank
 from core.ipl import LatentMapper, contrastive_loss, load_mapper
 
 pytestmark = pytest.mark.host
@@ -91,8 +92,8 @@ def test_stage_two_frozen_prediction_is_the_base_model_and_adapted_one_is_not(tr
 
     model, _, _ = tiny_sd15
     generator = torch.Generator().manual_seed(1)
-    modules = {training.generic_module_name(k): training.LowRank(up=torch.randn(s[0], 2, generator=generator),
-                                                                 down=torch.randn(2, s[1], generator=generator))
+    modules = {training.generic_module_name(k): LowRank(up=torch.randn(s[0], 2, generator=generator),
+                                                        down=torch.randn(2, s[1], generator=generator))
                for k, s in training.attention_targets(model).items()}
     adapter = training.Adapter(modules=modules, role="style", method="test", source="test")
     x, sigma = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([2.0])
