@@ -81,11 +81,11 @@ def main() -> None:
         measured[name] = (shape, texture)
         rows.append((name, f"{SHAPE} {shape:.0%}, {TEXTURE} {texture:.0%}"))
         print(f"{name}: {rows[-1][1]}", flush=True)
-    singles = {b: measured[b] for b in BLOCKS}
+    singles = {b: measured[b] for b in reversed(BLOCKS)}  # ties go to the later block (B-LoRA's are up blocks)
     content = max(singles, key=lambda b: (singles[b][0] - singles[b][1], singles[b][0]))
-    style = max((b for b in BLOCKS if b != content), key=lambda b: (singles[b][1] - singles[b][0], singles[b][1]))
+    style = max((b for b in singles if b != content), key=lambda b: (singles[b][1] - singles[b][0], singles[b][1]))
     rows.append(("content block (changes shape most, texture least)", content))
-    rows.append(("style block (of the others, changes texture most, shape least)", style))
+    rows.append(("style block (of the others, changes texture most, shape least; ties: the later block)", style))
     record(f"Block split of the world model: one LoRA per transformer block ({args.steps} steps each)", rows, notes=(
         f"Each adapter: rank {args.rank} on one block's attention projections, {args.steps} steps, lr {args.lr}, "
         f"batch 4, v loss, trained on {args.images} pictures of a {TEXTURE} {SHAPE} captioned 'a sks'; "
