@@ -11,6 +11,7 @@ spelling the pack reads (kohya, ComfyUI generic, diffusers) are compared on thei
 """
 from __future__ import annotations
 
+import json
 import re
 
 from .adapter import Adapter
@@ -43,11 +44,21 @@ def in_block(module: str, block: str) -> bool:
     return path == prefix or path.startswith(prefix + "_")
 
 
-def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
-    """Only the modules of the B-LoRA content block or style block (either spelling)."""
+BLOCK_SPLIT_KEY = "csa.block_split"  # metadata of a trained ConsisLoRA / B-LoRA file: {"content": [...], "style": [...]}
+
+
+def b_lora_blocks(adapter: Adapter, part: str) -> tuple[str, ...]:
+    """The blocks of an adapter's content or style part: the split its file records (Train ConsisLoRA writes it),
+    else B-LoRA's SDXL blocks."""
     if part not in B_LORA_BLOCKS:
         raise ValueError(f"B-LoRA part must be one of {sorted(B_LORA_BLOCKS)}, got {part!r}")
-    blocks = B_LORA_BLOCKS[part]
+    recorded = adapter.metadata.get(BLOCK_SPLIT_KEY)
+    return tuple(json.loads(recorded)[part]) if recorded else B_LORA_BLOCKS[part]
+
+
+def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
+    """Only the modules of the B-LoRA content block or style block (either spelling)."""
+    blocks = b_lora_blocks(adapter, part)
     kept = [name for name in adapter.module_names if any(in_block(name, b) for b in blocks)]
     if not kept:
         raise ValueError(f"{adapter.source}: no module in the B-LoRA {part} block ({' / '.join(blocks)}); "

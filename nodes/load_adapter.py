@@ -35,7 +35,8 @@ class LoadAdapter(PackNode):
                 strength_input("strength", "How strongly this adapter changes the model when applied or merged."),
                 io.Combo.Input("part", options=list(PARTS), default="whole file",
                                tooltip="Take the whole file, or only the B-LoRA content block (up_blocks.0.attentions.0 "
-                                       "= output_blocks.0.1) or style block (up_blocks.0.attentions.1 = output_blocks.1.1)."),
+                                       "= output_blocks.0.1) or style block (up_blocks.0.attentions.1 = output_blocks.1.1); "
+                                       "a file from Train ConsisLoRA uses the block split it records."),
                 *role_input,
             ],
             outputs=[AdapterSocket.Output(display_name="adapter", tooltip="The adapter, ready to apply, merge or inspect.")],

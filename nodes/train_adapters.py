@@ -3,11 +3,13 @@ trainers. Every trainer runs on the pack's one engine (core/training.py) through
 an ADAPTER, its loss curve, preview images and, when given a filename, the saved file's path."""
 from __future__ import annotations
 
+import json
+
 import torch
 from comfy_api.latest import io
 
 from ..core.adapter import ROLES
-from ..core.blocks import in_block
+from ..core.blocks import BLOCK_SPLIT_KEY, in_block
 from ..core.layouts import generic_module_name
 from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS, TrainingOptions,
                              consislora_phases, parse_blocks, select_targets, trainable_lora, trainable_qr)
@@ -256,7 +258,8 @@ class TrainConsisLoRA(PackNode):
                                tooltip="content image, style image (two stages), or B-LoRA (ε loss only)."),
                 io.Combo.Input("block_split", options=list(SPLIT_PRESETS), default="auto",
                                tooltip="Content / style blocks. SDXL: output_blocks.0.1 / 1.1 (B-LoRA's); world: "
-                                       "measured (bench/RESULTS.md); SD1.5: the same positions, output_blocks.3.1 / 4.1."),
+                                       "middle_block.1 / output_blocks.0.1 (measured, bench/RESULTS.md); SD1.5: the "
+                                       "same positions, middle_block.1 / output_blocks.3.1. Recorded in the file."),
                 io.String.Input("content_blocks", default="", tooltip="Content blocks for block_split 'custom'."),
                 io.String.Input("style_blocks", default="", tooltip="Style blocks for block_split 'custom'."),
                 io.Int.Input("rank", default=64, min=1, max=1024, tooltip="LoRA rank (official: 64)."),
@@ -296,7 +299,9 @@ class TrainConsisLoRA(PackNode):
         record = {**settings, "mode": mode, "content_blocks": content, "style_blocks": style, "rank": rank,
                   "alpha": alpha, "seed": seed}
         method = "b-lora" if mode == "b-lora" else "consislora"
-        job = Job("Train ConsisLoRA", method, CONSISLORA_MODES[mode], modules, fresh, stages, options, record)
+        split = {BLOCK_SPLIT_KEY: json.dumps({"content": content, "style": style})}
+        job = Job("Train ConsisLoRA", method, CONSISLORA_MODES[mode], modules, fresh, stages, options, record,
+                  metadata=split)
         result = run_training(model, vae, clip, data, job, filename, overwrite, resume_from)
         parts = {role: [n for n in result.adapter.modules if any(in_block(n, b) for b in blocks)]
                  for role, blocks in (("content", content), ("style", style))}

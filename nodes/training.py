@@ -200,6 +200,7 @@ class Job:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # {module: mask on its down factor's gradient}
     trained_parts: tuple[str, ...] = ("up", "down")
     qr_form: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)  # written with the adapter (e.g. its block split)
 
 
 @dataclass
@@ -287,7 +288,7 @@ class Checkpoints:
     def adapter(self, modules: dict[str, LowRank]) -> Adapter:
         job = self.job
         return Adapter(modules=frozen_copy(modules), role=job.role, method=job.method, base=cc.model_name(self.model),
-                       source=job.title, metadata={"csa.base_hash": self.record["base_hash"]})
+                       source=job.title, metadata={"csa.base_hash": self.record["base_hash"], **job.metadata})
 
     def write(self, path: Path, stage: int, state: TrainState, earlier: list[list[float]]) -> Path:
         dtype = PRECISIONS[self.job.options.precision]
@@ -295,7 +296,7 @@ class Checkpoints:
         cast = {n: LowRank(up=f.up.to(dtype), down=f.down.to(dtype), alpha=f.alpha,
                            extras={k: v.to(dtype) for k, v in f.extras.items()}) for n, f in adapter.modules.items()}
         done = sum(map(len, earlier)) + state.step
-        metadata = {**adapter_metadata(adapter, self.record), "csa.base_hash": self.record["base_hash"],
+        metadata = {**adapter_metadata(adapter, self.record), **adapter.metadata,
                     "csa.trigger": self.record["data"]["trigger"], "csa.steps_done": str(done)}
         written = write_safetensors(path, tensors_from_modules(cast, {n: n for n in cast}, self.job.qr_form), metadata,
                                     overwrite=self.overwrite)

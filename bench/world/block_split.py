@@ -34,11 +34,11 @@ SHAPE, TEXTURE = "star", "checkered"
 def train_block(nodes, model, clip, vae, data, blocks: str, args):
     options = nodes["CSA_TrainingOptions"].execute(
         batch_size=4, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=1.0,
-        min_snr_gamma=5.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
+        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
         precision="fp32").args[0]
     return nodes["CSA_TrainAdapter"].execute(
         model=model, clip=clip, vae=vae, data=data, targets="attention in blocks", blocks=blocks, rank=args.rank,
-        alpha=float(args.rank), steps=args.steps, lr=args.lr, loss="epsilon", role="generic", seed=0, filename="",
+        alpha=float(args.rank), steps=args.steps, lr=args.lr, loss="v", role="generic", seed=0, filename="",
         overwrite=False, resume_from="none", options=options).args[0]
 
 
@@ -55,8 +55,8 @@ def rates(nodes, model, clip, vae, adapter, evaluators, args) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=8)
@@ -81,14 +81,14 @@ def main() -> None:
         measured[name] = (shape, texture)
         rows.append((name, f"{SHAPE} {shape:.0%}, {TEXTURE} {texture:.0%}"))
         print(f"{name}: {rows[-1][1]}", flush=True)
-    singles = {b: measured[b] for b in BLOCKS}
+    singles = {b: measured[b] for b in reversed(BLOCKS)}  # ties go to the later block (B-LoRA's are up blocks)
     content = max(singles, key=lambda b: (singles[b][0] - singles[b][1], singles[b][0]))
-    style = max((b for b in BLOCKS if b != content), key=lambda b: (singles[b][1] - singles[b][0], singles[b][1]))
+    style = max((b for b in singles if b != content), key=lambda b: (singles[b][1] - singles[b][0], singles[b][1]))
     rows.append(("content block (changes shape most, texture least)", content))
-    rows.append(("style block (of the others, changes texture most, shape least)", style))
+    rows.append(("style block (of the others, changes texture most, shape least; ties: the later block)", style))
     record(f"Block split of the world model: one LoRA per transformer block ({args.steps} steps each)", rows, notes=(
         f"Each adapter: rank {args.rank} on one block's attention projections, {args.steps} steps, lr {args.lr}, "
-        f"batch 4, ε loss with Min-SNR-5, trained on {args.images} pictures of a {TEXTURE} {SHAPE} captioned 'a sks'; "
+        f"batch 4, v loss, trained on {args.images} pictures of a {TEXTURE} {SHAPE} captioned 'a sks'; "
         f"then 'a sks' sampled ({args.seeds} seeds, Euler {args.sample_steps} steps, CFG 4) with that adapter only, "
         f"labelled by the world evaluators. {time.process_time() - started:.0f} CPU seconds in all."))
 

@@ -117,3 +117,20 @@ def test_captions_and_trigger_word():
     assert data.describe()["captions"] == ["x sks", "y"]
     with pytest.raises(ValueError, match="no training images"):
         training_images([], [], 16)
+
+
+def test_b_lora_parts_follow_the_split_a_file_records():
+    import json
+
+    from core.adapter import Adapter, LowRank
+    from core.blocks import BLOCK_SPLIT_KEY, select_b_lora_part
+
+    factors = LowRank(up=torch.zeros(4, 1), down=torch.zeros(1, 4))
+    names = ["diffusion_model.middle_block.1.proj_in", "diffusion_model.output_blocks.0.1.proj_in",
+             "diffusion_model.output_blocks.1.1.proj_in"]
+    plain = Adapter(modules={n: factors for n in names})
+    assert list(select_b_lora_part(plain, "content").modules) == [names[1]]
+    split = {BLOCK_SPLIT_KEY: json.dumps({"content": ["middle_block.1"], "style": ["output_blocks.0.1"]})}
+    trained = plain.replace(metadata=split)
+    assert list(select_b_lora_part(trained, "content").modules) == [names[0]]
+    assert list(select_b_lora_part(trained, "style").modules) == [names[1]]
