@@ -118,8 +118,10 @@ def path_inside(root: str | os.PathLike, subfolder: str, filename: str, suffix: 
     name = filename if filename.endswith(suffix) else filename + suffix
     if len(Path(name).name.encode()) > 255:
         raise ValueError(f"filename is too long ({len(Path(name).name.encode())} bytes with {suffix}; at most 255)")
-    root_path = Path(root).resolve()
-    target = (root_path / (subfolder or "") / name).resolve()
+    # abspath, not resolve: a model file or subfolder that the user symlinked into the folder is still inside it
+    # ('..' and absolute names are refused above); resolving would follow the link out and refuse it.
+    root_path = Path(os.path.abspath(root))
+    target = Path(os.path.abspath(root_path / (subfolder or "") / name))
     if root_path not in target.parents:
         raise ValueError(f"{subfolder}/{name} would be written outside {root_path}")
     return target

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.adapter_file import AdapterFileError, read_safetensors, write_safetensors
+from core.adapter_file import AdapterFileError, path_inside, read_safetensors, write_safetensors
 
 
 def sample_tensors():
@@ -125,3 +125,21 @@ def test_a_header_length_that_starts_like_a_pickle_still_reads(tmp_path):
     path.write_bytes(struct.pack("<Q", 896) + header + struct.pack("<f", 1.5))
     assert path.read_bytes()[:2] == b"\x80\x03"
     assert read_safetensors(path)[0]["a.lora_up.weight"].tolist() == [1.5]
+
+
+def test_names_inside_the_folder_are_accepted_even_through_links_the_user_made(tmp_path):
+    root, elsewhere = tmp_path / "loras", tmp_path / "elsewhere"
+    (elsewhere / "shared").mkdir(parents=True)
+    root.mkdir()
+    (elsewhere / "style.safetensors").write_bytes(b"")
+    (root / "style.safetensors").symlink_to(elsewhere / "style.safetensors")
+    (root / "shared").symlink_to(elsewhere / "shared", target_is_directory=True)
+    assert path_inside(root, "", "style") == root / "style.safetensors"
+    assert path_inside(root, "shared", "style.safetensors") == root / "shared" / "style.safetensors"
+
+
+@pytest.mark.parametrize("subfolder, filename", [("..", "x"), ("", "../x"), ("a/../..", "x"), ("", "/tmp/x"),
+                                                 ("/tmp", "x"), ("", "a\x00b")])
+def test_names_that_leave_the_folder_are_refused(tmp_path, subfolder, filename):
+    with pytest.raises(ValueError, match="relative name inside the folder"):
+        path_inside(tmp_path, subfolder, filename)
