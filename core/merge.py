@@ -30,6 +30,8 @@ INTERFERENCE_MODES = ("off", "style without content directions", "content withou
 MERGE_ROLES = ("content", "style")
 CONCATENATED, JOINT_BASIS = "concatenated (fast)", "joint orthonormal basis (compact)"
 MERGED_FORMS = (CONCATENATED, JOINT_BASIS)
+OVERLAP_BOTH, OVERLAP_OUTPUT, OVERLAP_OFF = "output and input spaces", "output spaces", "off"
+OVERLAP_SPACES = (OVERLAP_BOTH, OVERLAP_OUTPUT, OVERLAP_OFF)
 
 
 @dataclass(frozen=True)
@@ -102,20 +104,27 @@ def side_by_side(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
-def layer_overlaps(terms_by_key: dict[str, list[Term]], dtype) -> dict[str, Overlap]:
-    """Every layer's Overlap, computed once for all layers (content and style factors of each role stacked)."""
+def layer_overlaps(terms_by_key: dict[str, list[Term]], dtype, spaces: str = OVERLAP_BOTH) -> dict[str, Overlap]:
+    """Every layer's Overlap in the asked ``spaces``, computed once for all layers (content and style factors of
+    each role stacked). Its cost is about (out + in) r² per layer for both spaces, out r² for the output spaces."""
+    if spaces not in OVERLAP_SPACES:
+        raise ValueError(f"overlap report must be one of {OVERLAP_SPACES}, got {spaces!r}")
+    sides = {OVERLAP_BOTH: ("out", "in"), OVERLAP_OUTPUT: ("out",), OVERLAP_OFF: ()}[spaces]
     pairs, keys = [], []
     for key, terms in terms_by_key.items():
         by_role = {role: [t.factors for t in terms if t.role == role] for role in MERGE_ROLES}
-        if not by_role["content"] or not by_role["style"]:
+        if not sides or not by_role["content"] or not by_role["style"]:
             continue
-        ups = [side_by_side([f.up.flatten(1).to(dtype) for f in by_role[r]], 1) for r in MERGE_ROLES]
-        downs = [side_by_side([f.down.flatten(1).to(dtype) for f in by_role[r]], 0).T for r in MERGE_ROLES]
-        pairs += [tuple(ups), tuple(downs)]
+        if "out" in sides:
+            pairs.append(tuple(side_by_side([f.up.flatten(1).to(dtype) for f in by_role[r]], 1) for r in MERGE_ROLES))
+        if "in" in sides:
+            pairs.append(tuple(side_by_side([f.down.flatten(1).to(dtype) for f in by_role[r]], 0).T
+                               for r in MERGE_ROLES))
         keys.append(key)
-    cosines = principal_cosines_of_pairs(pairs)
+    cosines = iter(principal_cosines_of_pairs(pairs))
     overlaps = {key: Overlap(None, None) for key in terms_by_key}
-    overlaps.update({key: Overlap(cosines[2 * i], cosines[2 * i + 1]) for i, key in enumerate(keys)})
+    for key in keys:
+        overlaps[key] = Overlap(*(next(cosines) if side in sides else None for side in ("out", "in")))
     return overlaps
 
 
@@ -176,9 +185,10 @@ def merged_factors(terms: list[Term], interference: str, form: str, q_tolerance:
 
 
 def merge_layers(terms_by_key: dict[str, list[Term]], interference: str = "off", dtype: torch.dtype = torch.float32,
-                 on_layer=None, form: str = CONCATENATED, q_tolerance: float = 1e-4) -> dict[str, MergedLayer]:
-    """Merged factors for every key, then every layer's overlap at once; ``on_layer()`` is called after each
-    layer's factors (progress, cancellation)."""
+                 on_layer=None, form: str = CONCATENATED, q_tolerance: float = 1e-4,
+                 overlap: str = OVERLAP_BOTH) -> dict[str, MergedLayer]:
+    """Merged factors for every key, then every layer's overlap (in the ``overlap`` spaces) at once; ``on_layer()``
+    is called after each layer's factors (progress, cancellation)."""
     if form not in MERGED_FORMS:
         raise ValueError(f"merged form must be one of {MERGED_FORMS}, got {form!r}")
     merged = {}
@@ -186,7 +196,7 @@ def merge_layers(terms_by_key: dict[str, list[Term]], interference: str = "off",
         merged[key] = merged_factors(terms, interference, form, q_tolerance, dtype)
         if on_layer is not None:
             on_layer()
-    overlaps = layer_overlaps(terms_by_key, dtype)
+    overlaps = layer_overlaps(terms_by_key, dtype, overlap)
     return {key: MergedLayer(factors, path, overlaps[key]) for key, (factors, path) in merged.items()}
 
 
@@ -202,10 +212,10 @@ def overlap_summary(layers: dict[str, MergedLayer]) -> list[str]:
     lines = [f"{len(layers)} layers: " + ", ".join(f"{paths.count(p)} {p}" for p in sorted(set(paths)))]
     for key, layer in layers.items():
         o = layer.overlap
-        if o.column_cosines is None:
-            lines.append(f"{key}: {layer.path}, content or style only")
+        if o.column_cosines is None and o.row_cosines is None:
+            lines.append(f"{key}: {layer.path}")
             continue
         stats = [f"{name} max {c.max():.3f} mean {c.mean():.3f}" if c.numel() else f"{name} -"
-                 for name, c in (("out", o.column_cosines), ("in", o.row_cosines))]
+                 for name, c in (("out", o.column_cosines), ("in", o.row_cosines)) if c is not None]
         lines.append(f"{key}: {layer.path}, overlap {', '.join(stats)}")
     return lines

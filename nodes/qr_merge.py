@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..core.adapter import Adapter
 from ..core.dense import carried_diffs, exact_lowrank
-from ..core.merge import CONCATENATED, INTERFERENCE_MODES, MERGED_FORMS, merge_layers, overlap_summary
+from ..core.merge import (CONCATENATED, INTERFERENCE_MODES, MERGED_FORMS, OVERLAP_OFF, OVERLAP_SPACES, merge_layers,
+                          overlap_summary)
 from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
@@ -48,6 +49,11 @@ class QRMerge(PackNode):
                                tooltip="Ordinary LoRAs: concatenated factors (fast, rank = sum of ranks) or one "
                                        "orthonormal basis (compact: shared directions kept once). Interference "
                                        "removal always uses the basis; QR-LoRAs sharing Q always merge at rank r."),
+                io.Combo.Input("overlap_report", options=list(OVERLAP_SPACES), default=OVERLAP_OFF, optional=True,
+                               tooltip="Principal-angle cosines between content and style per layer in the report, "
+                                       "in the output spaces (what the layers write) and/or the input spaces (what "
+                                       "they read; where QR-LoRA's ΔR and interference removal live). Each space "
+                                       "costs about 0.1-0.15x the merge's own time, so it is off unless asked."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the merged adapter patched in."),
@@ -61,14 +67,18 @@ class QRMerge(PackNode):
 
     @classmethod
     def execute(cls, model, content, style, lambda_content: float, lambda_style: float, interference: str,
-                merged_form: str = CONCATENATED, **extra) -> io.NodeOutput:
+                merged_form: str = CONCATENATED, overlap_report: str = OVERLAP_OFF, **extra) -> io.NodeOutput:
         adapters = {role: [first, *[extra[s] for s in slots if extra.get(s) is not None]]
                     for (role, slots), first in zip(EXTRA.items(), (content, style))}
         inputs = [merge_input(adapter, model, role) for role, listed in adapters.items() for adapter in listed]
         terms, diffs = weighted_terms(inputs, {"content": lambda_content, "style": lambda_style})
-        layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)), form=merged_form)
+        layers = merge_layers(terms, interference, on_layer=comfy_compat.progress_steps(len(terms)), form=merged_form,
+                              overlap=overlap_report)
         merged = merged_adapter(layers, diffs, "QR Merge", comfy_compat.model_name(model))
-        report = "\n".join(overlap_summary(layers) + diff_summary(diffs, "summed λ-weighted and carried") +
+        summary = overlap_summary(layers)
+        if overlap_report == OVERLAP_OFF:
+            summary.insert(1, "overlap report off (set overlap_report for content / style principal-angle cosines)")
+        report = "\n".join(summary + diff_summary(diffs, "summed λ-weighted and carried") +
                            [line for i in inputs for line in i.forms] + [i.report for i in inputs])
         if lambda_content == 0 and lambda_style == 0:
             return io.NodeOutput(model, merged, "λ_content = λ_style = 0: model unchanged\n" + report)

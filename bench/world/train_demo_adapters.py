@@ -108,6 +108,19 @@ def judged(nodes, model, clip, vae, adapter, kind: str, evaluators, args) -> tup
     return float(np.mean(hits)), notes
 
 
+def loss_summary(adapter_path: str, window: int = 100) -> str:
+    """Mean training loss per ``window`` steps, from the training state saved beside the adapter."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_path).with_suffix(".optimizer-state")), "pt") as handle:
+        metadata = handle.metadata()
+    losses = [v for stage in json.loads(metadata["csa.recipe"])["earlier_losses"] for v in stage]
+    losses += json.loads(metadata["csa.losses"])
+    return ", ".join(f"{np.mean(losses[i:i + window]):.4f}" for i in range(0, len(losses), window))
+
+
 def vae_ceiling(vae, evaluators) -> float:
     """How often the world VAE's round trip of real zigzag pictures is still labelled zigzag."""
     from evaluators import classify
@@ -153,7 +166,7 @@ def main() -> None:
         rows.append((f"{demo.name} ({demo.kind} {'content' if demo.kind == 'star' else 'style'})",
                      f"{share:.0%} {'star' if demo.kind == 'star' else 'zigzag'} ({'pass' if share >= 0.8 else 'FAIL'}"
                      f" at 80%); {cpu:.0f} CPU s, {wall:.0f} s wall (load {load_before:.1f}); {size / 1024:.0f} KiB"))
-        notes.append(f"- {demo.name}: " + "; ".join(labels))
+        notes.append(f"- {demo.name}: " + "; ".join(labels) + f"; loss per 100 steps: {loss_summary(path)}")
         print(rows[-1], flush=True)
     if any(d.kind == "zigzag" for d in chosen):
         rows.append(("world VAE round trip of real zigzag pictures, labelled zigzag (the style bar's ceiling)",

@@ -154,3 +154,24 @@ def test_cancel_stops_merging_and_conversion_and_leaves_the_model_untouched(comf
         mm.interrupt_current_processing(False)
     assert {k: len(v) for k, v in model.patches.items()} == patches_before
     assert qr_merge(comfy, model, content, style, 1.0, 1.0)[2]  # the next run works
+
+
+@pytest.mark.parametrize("spaces, shown, hidden", [("off", ["overlap report off"], ["out max", "in max"]),
+                                                   ("output spaces", ["out max"], ["in max", "report off"]),
+                                                   ("output and input spaces", ["out max", "in max"], ["report off"])])
+def test_overlap_report_shows_the_asked_spaces_and_never_changes_the_merge(comfy, tiny_sd15, files, spaces, shown,
+                                                                         hidden):
+    model, _, _ = tiny_sd15
+    content, style = load(comfy, "qr_content.safetensors", 1.0), load(comfy, "qr_style.safetensors", 0.8)
+    _, reference, _ = qr_merge(comfy, model, content, style, 0.7, 1.3)
+    _, merged, report = qr_merge(comfy, model, content, style, 0.7, 1.3, overlap_report=spaces)
+    for text in shown:
+        assert text in report, (spaces, report)
+    for text in hidden:
+        assert text not in report, (spaces, report)
+    lines = [line for line in report.splitlines() if "overlap out" in line or "overlap in" in line]
+    assert len(lines) == (0 if spaces == "off" else len(MODULES))
+    assert merged.module_names == reference.module_names
+    for name in merged.module_names:
+        assert torch.equal(merged.modules[name].up, reference.modules[name].up)
+        assert torch.equal(merged.modules[name].down, reference.modules[name].down)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from core.adapter import LowRank
-from core.merge import CONCATENATED, JOINT_BASIS, Term, merge_layer, merge_layers, overlap_summary
+from core.merge import (CONCATENATED, JOINT_BASIS, OVERLAP_BOTH, OVERLAP_OFF, OVERLAP_OUTPUT, Term, merge_layer,
+                        merge_layers, overlap_summary)
 from core.qr_lora import convert_to_qr_lora, qr_factorise
 from core.subspaces import principal_cosines
 
@@ -323,3 +324,21 @@ def test_principal_cosines_of_rank_deficient_factors_use_the_exact_path():
     assert torch.allclose(cosines, torch.tensor([1.0, 1.0, 0.0], dtype=F64), atol=1e-10)
     fast = principal_cosines(basis[:, :3] @ rand(3, 3, seed=81), basis[:, 1:4])
     assert torch.allclose(fast, torch.tensor([1.0, 1.0, 0.0], dtype=F64), atol=1e-8)
+
+
+def test_overlap_report_in_fewer_spaces_gives_the_same_cosines_and_the_same_merge():
+    terms = {"a": [Term(lora(30, 20, 3, seed=110), 0.7, "content"), Term(lora(30, 20, 2, seed=111), 1.2, "style")],
+             "b": [Term(lora(16, 40, 2, seed=112), 1.0, "content"), Term(lora(16, 40, 4, seed=113), 0.5, "style")]}
+    both, output, off = (merge_layers(terms, dtype=F64, overlap=spaces)
+                         for spaces in (OVERLAP_BOTH, OVERLAP_OUTPUT, OVERLAP_OFF))
+    for key in terms:
+        assert torch.equal(output[key].overlap.column_cosines, both[key].overlap.column_cosines)
+        assert output[key].overlap.row_cosines is None and both[key].overlap.row_cosines is not None
+        assert off[key].overlap == output[key].overlap.__class__(None, None)
+        for other in (output, off):
+            assert torch.equal(other[key].factors.up, both[key].factors.up)
+            assert torch.equal(other[key].factors.down, both[key].factors.down)
+    assert "out max" in overlap_summary(output)[1] and "in max" not in overlap_summary(output)[1]
+    assert overlap_summary(off)[1] == "a: concatenated"
+    with pytest.raises(ValueError, match="overlap report must be one of"):
+        merge_layers(terms, overlap="inputs")
