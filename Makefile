@@ -43,6 +43,7 @@ reliability: setup
 # block-split is the measurement behind ConsisLoRA's world / SD1.5 block split.
 demo-adapters: setup
 	$(PYTHON) bench/world/train_demo_adapters.py
+	$(PYTHON) bench/world/train_b4m_residual_demos.py
 
 block-split: setup
 	$(PYTHON) bench/world/block_split.py

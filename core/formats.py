@@ -156,10 +156,12 @@ def adapter_metadata(adapter: Adapter, creation: dict | None = None) -> dict[str
     return {METADATA_PREFIX + k: v for k, v in meta.items()}
 
 
-def tensors_from_modules(modules: dict[str, LowRank], names: dict[str, str], qr_form: bool = False) -> dict[str, torch.Tensor]:
+def tensors_from_modules(modules: dict[str, LowRank], names: dict[str, str], qr_form: bool = False,
+                         suffixes: dict[str, str] = SAVED_SUFFIXES) -> dict[str, torch.Tensor]:
     """File tensors for the given modules, each written under ``names[module]``.
 
-    Plain LoRAs use lora_up/lora_down/alpha; QR-LoRA adapters use the official lora.q/lora.delta_r/lora.base_r.
+    Plain LoRAs use lora_up/lora_down/alpha (or the given ``suffixes``, e.g. B4M's lora.up / lora.down); QR-LoRA
+    adapters use the official lora.q/lora.delta_r/lora.base_r.
     """
     tensors = {}
     for module, factors in modules.items():
@@ -170,10 +172,10 @@ def tensors_from_modules(modules: dict[str, LowRank], names: dict[str, str], qr_
             if "base_r" in factors.extras:
                 tensors[key + QR_SAVED_SUFFIXES["base_r"]] = factors.extras["base_r"]
             continue
-        tensors[key + SAVED_SUFFIXES["up"]] = factors.up
-        tensors[key + SAVED_SUFFIXES["down"]] = factors.down
+        tensors[key + suffixes["up"]] = factors.up
+        tensors[key + suffixes["down"]] = factors.down
         if factors.alpha is not None:
-            tensors[key + SAVED_SUFFIXES["alpha"]] = torch.tensor(float(factors.alpha))
+            tensors[key + suffixes["alpha"]] = torch.tensor(float(factors.alpha))
     return tensors
 
 

@@ -75,6 +75,8 @@ COMFY_LORA_PARTS = {"up": "lora_up.weight", "down": "lora_down.weight", "mid": "
 FACTOR_SUFFIXES = {**LORA_SUFFIXES, **KIND_SUFFIXES}
 QR_SUFFIXES: dict[str, str] = {".lora.q.weight": "q", ".lora.delta_r.weight": "delta_r", ".lora.base_r.weight": "base_r"}
 SAVED_SUFFIXES = {"up": ".lora_up.weight", "down": ".lora_down.weight", "alpha": ".alpha"}
+B4M_SAVED_SUFFIXES = {"up": ".lora.up.weight", "down": ".lora.down.weight", "alpha": ".alpha"}  # the official files'
+FORM_SUFFIXES = {"comfy": SAVED_SUFFIXES, "kohya": SAVED_SUFFIXES, "b4m": B4M_SAVED_SUFFIXES}
 QR_SAVED_SUFFIXES = {part: suffix for suffix, part in QR_SUFFIXES.items()}
 WRAPPER_PREFIXES = ("unet.", "base_model.model.")
 DIFFUSERS_NAME_PREFIXES = ("unet.", "base_model.model.", "text_encoder.", "text_encoder_2.", *DIFFUSERS_UNET_ROOTS)
@@ -118,6 +120,17 @@ def _kohya_name(model_key: str, options: list[str], two_encoders: bool) -> str |
     return te[0] if te else None
 
 
+def _b4m_name(model_key: str, options: list[str], two_encoders: bool) -> str | None:
+    """B4M's official spelling: 'unet.unet.<diffusers path>' (attention projections as 'attn1.to_q', 'to_out.0'),
+    from the key map's 'unet.<path>' names (which spell attention as 'attn1.processor.to_q', 'processor.to_out')."""
+    paths = sorted(n[len("unet."):] for n in options if n.startswith("unet.")
+                   and not n.startswith("unet.base_model."))
+    if not paths:
+        return None
+    path = paths[0].replace(".processor.to_", ".to_")
+    return "unet.unet." + (path + ".0" if path.endswith(".to_out") else path)
+
+
 @dataclass(frozen=True)
 class Layout:
     name: str
@@ -136,7 +149,7 @@ class Layout:
 
 
 NAMING_LAYOUTS: tuple[Layout, ...] = (
-    Layout("b4m", "b4m", FACTOR_SUFFIXES, lambda m: m.startswith("unet.unet."), diffusers_to_kohya),
+    Layout("b4m", "b4m", FACTOR_SUFFIXES, lambda m: m.startswith("unet.unet."), diffusers_to_kohya, _b4m_name),
     Layout("kohya", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(("lora_unet_", "lora_te")), unchanged, _kohya_name),
     Layout("comfy", "lora", FACTOR_SUFFIXES, lambda m: m.startswith(("diffusion_model.", "text_encoders.")), unchanged,
            _comfy_name),
@@ -159,6 +172,7 @@ def normalise_module_name(module: str) -> str:
 QR_LORA = Layout("qr-lora", "qr-lora", QR_SUFFIXES, lambda m: True, normalise_module_name)
 LAYOUTS: tuple[Layout, ...] = (QR_LORA, *NAMING_LAYOUTS)  # first match wins; method priority in this order
 SAVE_FORMS = {layout.name: layout for name in ("comfy", "kohya") for layout in NAMING_LAYOUTS if layout.name == name}
+WRITERS = {layout.name: layout for layout in NAMING_LAYOUTS if layout.writer is not None}  # SAVE_FORMS + b4m (trainers)
 
 
 def split_key(key: str) -> tuple[Layout, str, str] | None:
@@ -207,8 +221,8 @@ def group_by_module(tensors: dict[str, torch.Tensor]) -> FileModules:
 
 def save_names_for(model_keys, key_map: dict, form: str) -> dict[str, str]:
     """{model weight key: module name to write in save form ``form``}, inverting the model's key map."""
-    if form not in SAVE_FORMS:
-        raise ValueError(f"key form must be one of {tuple(SAVE_FORMS)}, got {form!r}")
+    if form not in WRITERS:
+        raise ValueError(f"key form must be one of {tuple(WRITERS)}, got {form!r}")
     wanted = set(model_keys)
     candidates: dict[str, list[str]] = {k: [] for k in wanted}
     for name, key in key_map.items():
@@ -217,7 +231,7 @@ def save_names_for(model_keys, key_map: dict, form: str) -> dict[str, str]:
     two_encoders = any(isinstance(k, str) and k.startswith("clip_g.") for k in key_map.values())
     names = {}
     for key, options in candidates.items():
-        chosen = SAVE_FORMS[form].writer(key, options, two_encoders)
+        chosen = WRITERS[form].writer(key, options, two_encoders)
         if chosen is None:
             raise ValueError(f"the model's key map has no {form} name for {key}")
         names[key] = chosen

@@ -160,7 +160,23 @@ METHOD_OPTIONS = {
     "consislora": TrainingOptions(weight_decay=1e-4, grad_clip=1.0),
     # QR-LoRA: batch 1 x gradient accumulation 4, AdamW
     "qr-lora": TrainingOptions(accumulation=4),
+    # B4M: batch 1 x gradient accumulation 4, AdamW weight decay 1e-2, gradient norm clipped at 1.0 (official scripts)
+    "b4m": TrainingOptions(accumulation=4, weight_decay=1e-2, grad_clip=1.0),
+    # Personalized Residuals: batch 4 (the paper; its optimiser settings are not published: AdamW's usual decay)
+    "personalized-residuals": TrainingOptions(batch_size=4),
 }
+
+RESIDUAL_CAPTION = "a photo of a {identifier} {class_word}"
+
+
+def residual_captions(template: str, identifier: str, class_word: str, count: int) -> tuple[str, ...]:
+    """Personalized Residuals' captions, 'a photo of a V* <class>', one per image."""
+    if not identifier.strip() or not class_word.strip():
+        raise ValueError("identifier and class_word must both be given (e.g. 'sks' and 'dog')")
+    if "{identifier}" not in template:
+        raise ValueError(f"caption {template!r} has no {{identifier}}: the residual must learn its word")
+    caption = template.replace("{identifier}", identifier.strip()).replace("{class_word}", class_word.strip())
+    return (caption,) * count
 
 
 def weights_hash(weights: dict[str, torch.Tensor]) -> str:

@@ -131,38 +131,83 @@ def seeded(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
 
 
-def optimise(params: dict[str, torch.Tensor], micro_loss: Callable[[int, int], torch.Tensor], steps: int,
+def backward_terms(terms, params: dict[str, torch.Tensor], divisor: float) -> float:
+    """Back-propagate one micro-batch's loss; returns its value (the sum of its terms).
+
+    ``terms`` is a loss tensor (its gradient reaches every parameter) or a sequence of (loss, parameter names or
+    None) pairs: each term's gradient reaches only the named parameters (None: all). B4M's Multi-Correspondence
+    Projection routes the main images' loss to one factor and the auxiliary data's loss to the other this way.
+    """
+    if torch.is_tensor(terms):
+        (terms / divisor).backward()
+        return float(terms.detach())
+    value = 0.0
+    for index, (loss, names) in enumerate(terms):
+        chosen = [(n, t) for n, t in params.items() if names is None or n in names]
+        grads = torch.autograd.grad(loss / divisor, [t for _, t in chosen], retain_graph=index + 1 < len(terms),
+                                    allow_unused=True)
+        for (_, tensor), grad in zip(chosen, grads):
+            if grad is not None:
+                tensor.grad = grad if tensor.grad is None else tensor.grad + grad
+        value += float(loss.detach())
+    return value
+
+
+def param_groups(names: list[str], lr_scales: dict[str, float] | None) -> list[tuple[float, list[str]]]:
+    """[(learning-rate factor, parameter names)], largest factor first: the optimiser's parameter groups. A saved
+    optimiser state numbers the parameters in this order (``grouped_names``)."""
+    factors = {name: float((lr_scales or {}).get(name, 1.0)) for name in names}
+    return [(scale, [n for n in names if factors[n] == scale]) for scale in sorted(set(factors.values()), reverse=True)]
+
+
+def grouped_names(names: list[str], lr_scales: dict[str, float] | None) -> list[str]:
+    return [n for _, group in param_groups(names, lr_scales) for n in group]
+
+
+def optimise(params: dict[str, torch.Tensor], micro_loss: Callable[[int, int], object], steps: int,
              lr_at: Callable[[int], float], settings: Optimiser, grad_masks: dict[str, torch.Tensor] | None = None,
              state: TrainState | None = None, on_step: Callable[[int, float], None] | None = None,
-             periodic: tuple[Periodic, ...] = ()) -> TrainState:
+             periodic: tuple[Periodic, ...] = (), lr_scales: dict[str, float] | None = None,
+             transform_grads: Callable[[], None] | None = None) -> TrainState:
     """The pack's one optimiser loop. Runs optimiser steps ``state.step`` .. ``steps - 1``.
 
     ``micro_loss(step, micro)`` returns the loss of one micro-batch (``settings.accumulation`` per step; their
-    mean is the step's loss). ``grad_masks`` zero parts of a parameter's gradient (QR-LoRA's upper triangle).
-    ``on_step(step, loss)`` runs after each step (progress; raising from it cancels). Returns the new state.
+    mean is the step's loss), or loss terms with the parameters each one trains (``backward_terms``).
+    ``grad_masks`` freeze parts of a parameter: where the mask is 0 the entry gets no gradient and never changes
+    (not even by weight decay; QR-LoRA's upper triangle, B4M's frozen halves). ``lr_scales`` multiply the
+    learning rate of the named parameters (B4M's auxiliary factor). ``transform_grads()`` runs after the
+    backward passes, before masking and clipping (B4M's preconditioned make stage). ``on_step(step, loss)`` runs
+    after each step (progress; raising from it cancels). Returns the new state.
     """
     settings.check()
     state = state or TrainState()
     tensors = list(params.values())
-    optimiser = OPTIMISERS[settings.name](tensors, lr=lr_at(state.step), weight_decay=settings.weight_decay)
+    grouped = param_groups(list(params), lr_scales)
+    scales = [scale for scale, _ in grouped]
+    groups = [{"params": [params[n] for n in names]} for _, names in grouped]
+    optimiser = OPTIMISERS[settings.name](groups, lr=lr_at(state.step), weight_decay=settings.weight_decay)
     if state.optimiser is not None:
         optimiser.load_state_dict(state.optimiser)
-    masks = [(params[name], mask) for name, mask in (grad_masks or {}).items()]
+    masks = [(params[name], mask.to(params[name].dtype)) for name, mask in (grad_masks or {}).items()]
     losses = list(state.losses)
     for step in range(state.step, steps):
-        for group in optimiser.param_groups:
-            group["lr"] = lr_at(step)
+        for group, scale in zip(optimiser.param_groups, scales):
+            group["lr"] = lr_at(step) * scale
         total = 0.0
         for micro in range(settings.accumulation):
-            loss = micro_loss(step, micro)
-            (loss / settings.accumulation).backward()
-            total += float(loss.detach()) / settings.accumulation
+            total += backward_terms(micro_loss(step, micro), params, settings.accumulation) / settings.accumulation
+        if transform_grads is not None:
+            transform_grads()
         for tensor, mask in masks:
             if tensor.grad is not None:
                 tensor.grad.mul_(mask)
         if settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(tensors, settings.grad_clip)
+        frozen = [(tensor, mask, tensor.detach().clone()) for tensor, mask in masks]
         optimiser.step()
+        with torch.no_grad():
+            for tensor, mask, before in frozen:  # decoupled weight decay would move frozen entries
+                tensor.copy_(torch.where(mask.bool(), tensor, before))
         optimiser.zero_grad(set_to_none=True)
         losses.append(total)
         state = TrainState(step + 1, losses, None)
@@ -229,32 +274,61 @@ def batch_indices(count: int, batch_size: int, seed: int, position: int) -> list
     return rows
 
 
+@dataclass(frozen=True)
+class SecondSet:
+    """A second data set trained in the same step: its loss uses the main batch's noise and noise levels (B4M's
+    Multi-Correspondence Projection and make stage). ``main`` / ``second``: the parameter names each loss trains
+    (None: every trained parameter)."""
+
+    latents: torch.Tensor
+    conds: list
+    main: tuple[str, ...] | None = None
+    second: tuple[str, ...] | None = None
+
+
 def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.Tensor, params: dict[str, torch.Tensor],
                     recipe: Recipe, grad_masks=None, state: TrainState | None = None, on_step=None,
-                    periodic: tuple[Periodic, ...] = ()) -> TrainState:
+                    periodic: tuple[Periodic, ...] = (), second: SecondSet | None = None,
+                    lr_scales: dict[str, float] | None = None, transform_grads=None) -> TrainState:
     """Train ``params`` so that ``predict(x_σ, σ, [conds[i] for i in batch]) -> x̂0`` denoises ``latents``.
 
     ``latents`` (N, C, H, W) are model-space latents, ``conds[i]`` their conditioning (passed through), ``sigmas``
     the model's noise levels (one per discrete timestep; drawn uniformly). The loss target and learning rate
-    follow the recipe's phases.
+    follow the recipe's phases. With a ``second`` set, each micro-batch also draws a batch of it (its own seeded
+    order) and noises it with the same noise and noise levels; one model call predicts both, and each loss trains
+    the parameters the set names. The step's loss is then the sum of both.
     """
     recipe.check()
     accumulation = recipe.optimiser.accumulation
+    if second is not None and tuple(second.latents.shape[1:]) != tuple(latents.shape[1:]):
+        raise ValueError(f"the second data set's latents are {tuple(second.latents.shape[1:])}, the main set's "
+                         f"{tuple(latents.shape[1:])}: train both at one resolution")
 
-    def micro_loss(step: int, micro: int) -> torch.Tensor:
+    def micro_loss(step: int, micro: int):
         generator = seeded(recipe.seed, 2, step, micro)
-        rows = batch_indices(len(latents), recipe.batch_size, recipe.seed,
-                             (step * accumulation + micro) * recipe.batch_size)
+        position = (step * accumulation + micro) * recipe.batch_size
+        rows = batch_indices(len(latents), recipe.batch_size, recipe.seed, position)
         x0 = latents[rows]
         sigma = sigmas[torch.randint(0, len(sigmas), (len(rows),), generator=generator)].to(x0.dtype)
         noise = draw_noise(tuple(x0.shape), recipe.noise_offset, generator).to(x0.dtype)
-        x0_hat = predict(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, [conds[i] for i in rows])
-        return diffusion_loss(x0, noise, sigma, x0_hat, recipe.phase_at(step).target, recipe.min_snr_gamma)
+        target = recipe.phase_at(step).target
+        if second is None:
+            x0_hat = predict(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, [conds[i] for i in rows])
+            return diffusion_loss(x0, noise, sigma, x0_hat, target, recipe.min_snr_gamma)
+        other = batch_indices(len(second.latents), recipe.batch_size, recipe.seed + 7919, position)
+        x1 = second.latents[other]
+        both = torch.cat([x0, x1])
+        x0_hat = predict(both + sigma.repeat(2).reshape(-1, 1, 1, 1) * noise.repeat(2, 1, 1, 1), sigma.repeat(2),
+                         [conds[i] for i in rows] + [second.conds[i] for i in other])
+        main_hat, second_hat = x0_hat.split(len(rows))
+        return ((diffusion_loss(x0, noise, sigma, main_hat, target, recipe.min_snr_gamma), second.main),
+                (diffusion_loss(x1, noise, sigma, second_hat, target, recipe.min_snr_gamma), second.second))
 
     def lr_at(step: int) -> float:
         return recipe.phase_at(step).lr * schedule_factor(recipe.optimiser, step, recipe.steps)
 
-    return optimise(params, micro_loss, recipe.steps, lr_at, recipe.optimiser, grad_masks, state, on_step, periodic)
+    return optimise(params, micro_loss, recipe.steps, lr_at, recipe.optimiser, grad_masks, state, on_step, periodic,
+                    lr_scales, transform_grads)
 
 
 # -- optimiser state as named tensors (for safetensors) -----------------------------------------------------

@@ -13,6 +13,8 @@ from .save_adapter import SaveAdapter
 from .scores import ScoreContentStylePrompt
 from .strength_sweep import GuiderStrengthSweep, StrengthSweep
 from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
+from .train_b4m import B4MMake, TrainB4MContent, TrainB4MStyle
+from .train_residual import TrainPersonalizedResidual
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -39,6 +41,10 @@ NODES: list[type[io.ComfyNode]] = [
     TrainAdapter,
     TrainConsisLoRA,
     TrainQRLoRA,
+    TrainB4MContent,
+    TrainB4MStyle,
+    B4MMake,
+    TrainPersonalizedResidual,
 ]
 
 

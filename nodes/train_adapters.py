@@ -17,48 +17,8 @@ from ..core.training import SCHEDULES, TARGETS, Phase
 from . import comfy_compat as cc
 from .common import PackNode, schema
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
-from .training import NO_RESUME, Job, Result, Stage, gather_training_images, run_training
-
-SEED_MAX = 2**31 - 1
-
-
-def shared_inputs() -> list:
-    return [
-        io.Model.Input("model", tooltip="The base model; it is never changed (the adapter trains beside it)."),
-        io.Clip.Input("clip", tooltip="Encodes the captions (and the preview prompt)."),
-        io.Vae.Input("vae", tooltip="Encodes the training images to latents (and decodes previews)."),
-        TrainingDataSocket.Input("data", tooltip="Images and captions from Training Images."),
-    ]
-
-
-def saving_inputs() -> list:
-    return [
-        io.String.Input("filename", default="", tooltip="Save the adapter to the loras folder under this name, with "
-                        "its recipe in the metadata and the optimiser state beside it (<name>.optimizer-state); "
-                        "empty: do not save."),
-        io.Boolean.Input("overwrite", default=False, tooltip="Replace files of the same name."),
-        io.Combo.Input("resume_from", options=[NO_RESUME, *cc.adapter_file_names()], default=NO_RESUME,
-                       tooltip="Continue a run saved by this trainer (same targets and base): its factors, optimiser "
-                               "state and loss curve; steps counts the whole run."),
-        TrainingOptionsSocket.Input("options", optional=True, tooltip="Batch, accumulation, schedule, loss weighting, "
-                                    "periodic saves and previews; unconnected: the method's official settings."),
-    ]
-
-
-def outputs(extra: list | None = None) -> list:
-    return [
-        AdapterSocket.Output(display_name="adapter", tooltip="The trained adapter (apply, merge or save it)."),
-        *(extra or []),
-        io.Image.Output(display_name="loss_curve", tooltip="Loss per step (light) and its moving average (dark); grey "
-                        "lines where the loss or stage switched."),
-        io.Image.Output(display_name="previews", tooltip="The preview prompt sampled during and after training."),
-        io.String.Output(display_name="path", tooltip="The saved file ('' when not saved)."),
-    ]
-
-
-def node_output(result: Result, *extra) -> io.NodeOutput:
-    return io.NodeOutput(result.adapter, *extra, result.loss_curve(), result.previews, result.path)
-
+from .training import (SEED_MAX, Job, Stage, gather_training_images, node_output, outputs, run_training,
+                       saving_inputs, shared_inputs)
 
 def lora_modules(shapes: dict[str, tuple], rank: int, alpha: float, seed: int):
     """Fresh LoRA factors on every target, and a function that draws one module afresh (same generator)."""
@@ -210,7 +170,7 @@ class TrainQRLoRA(PackNode):
         settings = {"targets": targets, "blocks": blocks, "rank": rank, "steps": steps, "lr": lr, "loss": loss,
                     "seed": seed}
         job = Job("Train QR-LoRA", "qr-lora", role, modules, lambda name: trainable_qr(weights[name + ".weight"], rank)[0],
-                  (stage,), options, settings, masks={name: mask for name, (_, mask) in factors.items()},
+                  (stage,), options, settings, masks={f"{name}.down": mask for name, (_, mask) in factors.items()},
                   trained_parts=("down",), qr_form=True)
         return node_output(run_training(model, vae, clip, data, job, filename, overwrite, resume_from))
 

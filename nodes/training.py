@@ -23,12 +23,19 @@ from PIL import Image
 
 from ..core.adapter import Adapter, LowRank
 from ..core.adapter_file import path_inside, read_safetensors, write_safetensors
+from ..core.b4m import precondition_all
 from ..core.formats import adapter_from_tensors, adapter_metadata, tensors_from_modules
+from ..core.layouts import FORM_SUFFIXES, generic_module_name, save_names_for
 from ..core.trainers import PRECISIONS, TrainingOptions, frozen_copy, state_file_contents, state_from_file, weights_hash
-from ..core.training import Periodic, Recipe, TrainState, loss_curve_image, train_diffusion
+from ..core.training import (Periodic, Recipe, SecondSet, TrainState, grouped_names, loss_curve_image,
+                             train_diffusion)
 from ..core.training_data import TrainingImages, split_captions, training_images
+from comfy_api.latest import io
+
 from . import comfy_compat as cc
+from .model_binding import bind_to_model
 from .runtime_adapters import install_switched_adapters
+from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
 
 
 def grad_enabled() -> contextlib.ExitStack:
@@ -197,10 +204,15 @@ class Job:
     stages: tuple[Stage, ...]
     options: TrainingOptions
     settings: dict  # the method's own inputs, recorded in the file
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # {module: mask on its down factor's gradient}
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # {'<module>.<part>': 0 where the factor is frozen}
     trained_parts: tuple[str, ...] = ("up", "down")
     qr_form: bool = False
     metadata: dict[str, str] = field(default_factory=dict)  # written with the adapter (e.g. its block split)
+    key_form: str = "comfy"  # the saved file's module names: comfy (generic) or b4m (unet.unet.<diffusers path>)
+    second: TrainingImages | None = None  # a second data set trained in the same steps (same noise and noise level)
+    second_routes: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None)  # parts each set's loss trains
+    part_lr_scales: dict[str, float] = field(default_factory=dict)  # {'up' / 'down': factor on the stage's lr}
+    precondition: float | None = None  # λ of B4M's preconditioned gradients (None: off)
 
 
 @dataclass
@@ -223,12 +235,15 @@ def state_path(adapter_path: Path) -> Path:
     return adapter_path.with_name(adapter_path.stem + STATE_SUFFIX)
 
 
-def resume_from_file(name: str, job: Job, base_hash: str) -> tuple[int, TrainState, list[list[float]]]:
+def resume_from_file(name: str, job: Job, base_hash: str, model) -> tuple[int, TrainState, list[list[float]]]:
     """Load a saved adapter and its training state into the job's modules; (stage, its state, earlier stages'
     losses). Refuses a file from another method, base or set of targets."""
     path = Path(cc.adapter_file_path(name))
     tensors, metadata = read_safetensors(path)
     saved = adapter_from_tensors(tensors, metadata, source=name)
+    if job.key_form != "comfy":  # back to the generic names the job uses
+        saved = saved.replace(modules={generic_module_name(key): factors
+                                       for key, (_, factors) in bind_to_model(saved, model).targets.items()})
     state_file = state_path(path)
     if not state_file.is_file():
         raise ValueError(f"resume_from {name!r}: no training state beside it ({state_file.name}); only adapters saved "
@@ -251,7 +266,24 @@ def resume_from_file(name: str, job: Job, base_hash: str) -> tuple[int, TrainSta
 
 def parameter_names(job: Job, stage: Stage) -> list[str]:
     """'<module>.<part>' of every tensor the stage trains, in the optimiser's order."""
-    return [f"{name}.{part}" for name in stage.trainable for part in job.trained_parts]
+    return grouped_names([f"{name}.{part}" for name in stage.trainable for part in job.trained_parts],
+                         lr_scales(job, stage))
+
+
+def lr_scales(job: Job, stage: Stage) -> dict[str, float]:
+    return {f"{name}.{part}": scale for name in stage.trainable for part, scale in job.part_lr_scales.items()}
+
+
+def routed(job: Job, stage: Stage, parts: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return None if parts is None else tuple(f"{name}.{part}" for name in stage.trainable for part in parts)
+
+
+def preconditioner(job: Job, stage: Stage):
+    """B4M's make stage: precondition each trained module's (up, down) gradients, or None when off."""
+    if job.precondition is None:
+        return None
+    pairs = [(job.modules[name].up, job.modules[name].down) for name in stage.trainable]
+    return lambda: precondition_all(pairs, job.precondition)
 
 
 def parameters_of(job: Job, stage: Stage) -> dict[str, torch.Tensor]:
@@ -298,12 +330,20 @@ class Checkpoints:
         done = sum(map(len, earlier)) + state.step
         metadata = {**adapter_metadata(adapter, self.record), **adapter.metadata,
                     "csa.trigger": self.record["data"]["trigger"], "csa.steps_done": str(done)}
-        written = write_safetensors(path, tensors_from_modules(cast, {n: n for n in cast}, self.job.qr_form), metadata,
-                                    overwrite=self.overwrite)
+        written = write_safetensors(path, tensors_from_modules(cast, self.names(cast), self.job.qr_form,
+                                                               FORM_SUFFIXES[self.job.key_form]),
+                                    metadata, overwrite=self.overwrite)
         state_tensors, state_meta = state_file_contents(state, parameter_names(self.job, self.job.stages[stage]),
                                                         {**self.record, "stage": stage, "earlier_losses": earlier})
         write_safetensors(state_path(path), state_tensors, state_meta, overwrite=self.overwrite)
         return written
+
+    def names(self, modules) -> dict[str, str]:
+        """{module: its name in the file}: generic names as they are, or B4M's spelling through the key map."""
+        if self.job.key_form == "comfy":
+            return {n: n for n in modules}
+        names = save_names_for([n + ".weight" for n in modules], cc.lora_key_map(self.model), self.job.key_form)
+        return {n: names[n + ".weight"] for n in modules}
 
     def periodic(self, stage: int, offset: int, earlier: list[list[float]]) -> Periodic:
         def save(step: int, state: TrainState) -> None:
@@ -321,13 +361,16 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
         job.masks = {name: mask.clone() for name, mask in job.masks.items()}
         sigmas = cc.sigma_table(model)
         latents, conds = encode_training_set(model, vae, clip, data)
+        second = encode_training_set(model, vae, clip, job.second) if job.second is not None else None
         base_hash = weights_hash(cc.base_weights(model, target_keys(job.modules)))
         record = {"trainer": job.title, "method": job.method, "base_hash": base_hash, "data": data.describe(),
                   "settings": job.settings, "stages": [s.recipe.describe() for s in job.stages]}
+        if job.second is not None:
+            record["second_data"] = job.second.describe()
         saver = Checkpoints(job, filename, overwrite, model, record)
         first, state, earlier = 0, None, []
         if resume_from and resume_from != NO_RESUME:
-            first, state, earlier = resume_from_file(resume_from, job, base_hash)
+            first, state, earlier = resume_from_file(resume_from, job, base_hash, model)
         done = sum(map(len, earlier)) + (state.step if state else 0)
         saver.check(done)
         total = sum(s.recipe.steps for s in job.stages)
@@ -342,9 +385,12 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
             marks += [offset] if index > first else []
             tasks = (saver.periodic(index, offset, earlier),
                      preview_task(trainee, clip, vae, data.size, job.options, previews, progress, offset))
-            masks = {f"{m}.down": mask for m, mask in job.masks.items() if m in stage.trainable}
+            masks = {p: mask for p, mask in job.masks.items() if p in params}
+            pair = None if second is None else SecondSet(*second, routed(job, stage, job.second_routes[0]),
+                                                         routed(job, stage, job.second_routes[1]))
             state = train_diffusion(trainee.predict, latents, conds, sigmas, params, stage.recipe, masks, state,
-                                    step_reporter(progress, total, offset, earlier), tasks)
+                                    step_reporter(progress, total, offset, earlier), tasks, pair, lr_scales(job, stage),
+                                    preconditioner(job, stage))
             if index + 1 < len(job.stages):
                 earlier, state = earlier + [state.losses], None
         if job.options.preview_prompt.strip():
@@ -353,6 +399,23 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
     losses = [v for stage_losses in earlier for v in stage_losses] + state.losses
     blank = torch.ones(1, data.size, data.size, 3)
     return Result(saver.adapter(job.modules), losses, marks, torch.cat(previews) if previews else blank, str(path))
+
+
+def save_adapter_file(adapter: Adapter, model, filename: str, overwrite: bool, key_form: str, record: dict) -> str:
+    """Write an adapter made without training (B4M Make without fine-tune) like a trainer's file: the loras folder,
+    the key form's names and suffixes, the recipe in the metadata; atomic, never overwriting unless asked."""
+    if not filename.strip():
+        return ""
+    path = path_inside(cc.lora_save_root(), "", filename)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another filename or allow overwriting")
+    keys = save_names_for([n + ".weight" for n in adapter.modules], cc.lora_key_map(model), key_form)
+    names = {n: keys[n + ".weight"] for n in adapter.modules}
+    base_hash = weights_hash(cc.base_weights(model, target_keys(adapter.modules)))
+    metadata = {**adapter_metadata(adapter, {**record, "base_hash": base_hash}), **adapter.metadata,
+                "csa.base_hash": base_hash}
+    tensors = tensors_from_modules(adapter.modules, names, suffixes=FORM_SUFFIXES[key_form])
+    return str(write_safetensors(path, tensors, metadata, overwrite=overwrite))
 
 
 def step_reporter(progress, total: int, offset: int, earlier: list[list[float]]):
@@ -375,3 +438,46 @@ def preview_task(trainee: Trainee, clip, vae, size: int, options: TrainingOption
         progress(offset + step - 1, state.losses[-1], image[0])
     every = options.preview_every if options.preview_prompt.strip() else 0
     return Periodic(every, run)
+
+
+# -- what every trainer node shares ----------------------------------------------------------------------------
+
+SEED_MAX = 2**31 - 1
+
+
+def shared_inputs() -> list:
+    return [
+        io.Model.Input("model", tooltip="The base model; it is never changed (the adapter trains beside it)."),
+        io.Clip.Input("clip", tooltip="Encodes the captions (and the preview prompt)."),
+        io.Vae.Input("vae", tooltip="Encodes the training images to latents (and decodes previews)."),
+        TrainingDataSocket.Input("data", tooltip="Images and captions from Training Images."),
+    ]
+
+
+def saving_inputs() -> list:
+    return [
+        io.String.Input("filename", default="", tooltip="Save the adapter to the loras folder under this name, with "
+                        "its recipe in the metadata and the optimiser state beside it (<name>.optimizer-state); "
+                        "empty: do not save."),
+        io.Boolean.Input("overwrite", default=False, tooltip="Replace files of the same name."),
+        io.Combo.Input("resume_from", options=[NO_RESUME, *cc.adapter_file_names()], default=NO_RESUME,
+                       tooltip="Continue a run saved by this trainer (same targets and base): its factors, optimiser "
+                               "state and loss curve; steps counts the whole run."),
+        TrainingOptionsSocket.Input("options", optional=True, tooltip="Batch, accumulation, schedule, loss weighting, "
+                                    "periodic saves and previews; unconnected: the method's official settings."),
+    ]
+
+
+def outputs(extra: list | None = None) -> list:
+    return [
+        AdapterSocket.Output(display_name="adapter", tooltip="The trained adapter (apply, merge or save it)."),
+        *(extra or []),
+        io.Image.Output(display_name="loss_curve", tooltip="Loss per step (light) and its moving average (dark); grey "
+                        "lines where the loss or stage switched."),
+        io.Image.Output(display_name="previews", tooltip="The preview prompt sampled during and after training."),
+        io.String.Output(display_name="path", tooltip="The saved file ('' when not saved)."),
+    ]
+
+
+def node_output(result: Result, *extra) -> io.NodeOutput:
+    return io.NodeOutput(result.adapter, *extra, result.loss_curve(), result.previews, result.path)

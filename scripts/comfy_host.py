@@ -99,6 +99,7 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
     for sub in ("input", "output", "temp", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     world_training_folder(base / "input" / names.WORLD_TRAINING_FOLDER)
+    world_style_folder(base / "input" / names.WORLD_STYLE_FOLDER)
     return base
 
 
@@ -116,6 +117,21 @@ def world_training_folder(folder: Path, per_style: int = 2) -> None:
         for index in range(per_style):
             Image.fromarray(render("star", style, 700 + index).image).save(folder / f"star_{style}_{index}.png")
             (folder / f"star_{style}_{index}.txt").write_text(f"a {style} {{trigger}}\n")
+
+
+def world_style_folder(folder: Path) -> None:
+    """Zigzag pictures (the held-out style) of every base shape, each captioned 'a {trigger} <shape>': the style side
+    of the B4M training workflow."""
+    if folder.is_dir():
+        return
+    sys.path.insert(0, str(REPO_ROOT / "bench" / "world"))
+    from PIL import Image
+    from world import BASE_SHAPES, render
+
+    folder.mkdir(parents=True)
+    for shape in BASE_SHAPES:
+        Image.fromarray(render(shape, "zigzag", 700).image).save(folder / f"zigzag_{shape}.png")
+        (folder / f"zigzag_{shape}.txt").write_text(f"a {{trigger}} {shape}\n")
 
 
 def free_loopback_port() -> int:

@@ -10,6 +10,7 @@ CLIP_L_NAME = "tiny_clip_l_with_projection.safetensors"
 CLIP_VISION_NAME = "csa_clip_vision_vit_l_random.safetensors"
 DEMO_MAPPER_NAME = "csa_demo_mapper.safetensors"
 WORLD_TRAINING_FOLDER = "csa_world_star"  # in the base directory's input/: star pictures with .txt captions
+WORLD_STYLE_FOLDER = "csa_world_zigzag"  # zigzag pictures of the base shapes, captions 'a {trigger} <shape>'
 
 # The committed world UNet + VAE (bench/world/train_world.py writes it, set-up assembles the checkpoint from it).
 WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"

@@ -25,6 +25,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluate.py"],
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
+    ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
 ]
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],

@@ -1,0 +1,237 @@
+"""B4M (content / style runs, make, fine-tune) and Personalized Residual training on the tiny SD1.5 model (ComfyUI
+in-process): frozen halves, seeds, the make definition, base weights, files in B4M's layout, reload, residual
+targets and ranks, cancel."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from support.weights import checkpoint_weights
+
+pytestmark = pytest.mark.host
+
+SIZE = 64
+RANK = 8
+
+
+@pytest.fixture(scope="module")
+def training(comfy, comfy_base):
+    from comfy_host import pack_module
+
+    return pack_module(comfy_base, "nodes.training")
+
+
+def images_node(comfy, images, captions):
+    return comfy["CSA_TrainingImages"].execute(images=images, captions=captions, image_folder="", repeats=1,
+                                               trigger_word="", resolution=SIZE).args[0]
+
+
+def pictures(seed: int, colour) -> torch.Tensor:
+    images = torch.rand(2, SIZE, SIZE, 3, generator=torch.Generator().manual_seed(seed)) * 0.3
+    images[:, 16:48, 16:48] = torch.tensor(colour)
+    return images
+
+
+@pytest.fixture(scope="module")
+def sets(comfy):
+    return {"content": images_node(comfy, pictures(0, [0.9, 0.2, 0.1]), "a sks square"),
+            "style": images_node(comfy, pictures(1, [0.1, 0.3, 0.9]), "a zkz block"),
+            "aux": images_node(comfy, pictures(2, [0.2, 0.9, 0.2]), "a green thing")}
+
+
+def options(comfy, **changes):
+    values = {"batch_size": 2, "accumulation": 1, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01,
+              "grad_clip": 1.0, "min_snr_gamma": 0.0, "noise_offset": 0.0, "save_every": 0, "preview_prompt": "",
+              "preview_every": 0, "preview_seed": 0, "precision": "fp32", **changes}
+    return comfy["CSA_TrainingOptions"].execute(**values).args[0]
+
+
+def b4m_run(comfy, tiny_sd15, run, data, aux, seed=0, filename="", steps=3, **extra):
+    model, clip, vae = tiny_sd15
+    node = comfy["CSA_TrainB4MContent" if run == "content" else "CSA_TrainB4MStyle"]
+    inputs = {"targets": "attention projections", "blocks": "", "rank": RANK, "steps": steps, "lr": 1e-2,
+              "lr_auxiliary": 1e-3, "orthogonal_init": True, "loss": "epsilon", "seed": seed, "filename": filename,
+              "overwrite": True, "resume_from": "none", "options": options(comfy), **extra}
+    return node.execute(model=model, clip=clip, vae=vae, data=data, auxiliary_data=aux, **inputs).args
+
+
+def halves(factors):
+    up, down = factors.up.flatten(1), factors.down.flatten(1)
+    return up[: up.shape[0] // 2], down[:, : down.shape[1] // 2]
+
+
+@pytest.fixture(scope="module")
+def runs(comfy, tiny_sd15, sets):
+    content = b4m_run(comfy, tiny_sd15, "content", sets["content"], sets["aux"], filename="host_b4m_content")
+    style = b4m_run(comfy, tiny_sd15, "style", sets["style"], sets["aux"], filename="host_b4m_style")
+    return content, style
+
+
+def test_b4m_runs_keep_frozen_halves_share_them_by_seed_and_train_the_free_halves(comfy, comfy_base, tiny_sd15, runs):
+    from core.b4m import plp_lora
+
+    model = tiny_sd15[0]
+    unet_keys = [k for k in model.model.state_dict() if k.startswith("diffusion_model.")]
+    (content, curve, _, path), (style, *_) = runs
+    assert content.method == "b4m" and content.role == "content" and style.role == "style" and len(content.modules) == 32
+    assert content.metadata["csa.b4m_seed"] == "0" and content.metadata["csa.b4m_run"] == "content"
+    shapes = {n: tuple(f.delta_shape) for n, f in content.modules.items()}
+    for name, factors in content.modules.items():
+        start = plp_lora(shapes[name], RANK, 0, name)
+        for a, b, c in zip(halves(factors), halves(style.modules[name]), halves(start)):
+            assert torch.equal(a, c) and torch.equal(b, c), f"{name}: a frozen half changed"
+        rows, cols = factors.up.shape[0] // 2, factors.down.shape[1] // 2
+        # content: down's free half on the content images, up's free half on the auxiliary data; style: the mirror
+        assert not torch.equal(factors.down[:, cols:], start.down[:, cols:])
+        assert not torch.equal(factors.up[rows:], start.up[rows:])
+        assert not torch.equal(style.modules[name].up[rows:], start.up[rows:])
+    after = model.model.state_dict()
+    file = checkpoint_weights(unet_keys)
+    assert all(torch.equal(after[k].to(file[k].dtype), file[k]) for k in unet_keys), "a base weight changed"
+    assert curve.shape == (1, 256, 512, 3) and path.endswith("host_b4m_content.safetensors")
+    with safe_open(path, "pt") as handle:
+        keys = list(handle.keys())
+        recipe = json.loads(handle.metadata()["csa.created_with"])
+    assert all(k.startswith("unet.unet.") and k.endswith((".lora.up.weight", ".lora.down.weight")) for k in keys)
+    assert "unet.unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.up.weight" in keys
+    assert recipe["settings"]["lr_auxiliary"] == 1e-3 and recipe["settings"]["auxiliary_part"] == "up"
+    assert recipe["second_data"]["captions"] == ["a green thing"]
+
+
+def test_b4m_file_reloads_and_reproduces_the_prediction(comfy, tiny_sd15, runs, training):
+    import comfy.model_management as mm
+
+    model = tiny_sd15[0]
+    content = runs[0][0]
+    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_b4m_content.safetensors", strength=1.0,
+                                              part="whole file", role="from file").args[0]
+    assert loaded.method == "b4m" and loaded.role == "content" and loaded.metadata["csa.b4m_seed"] == "0"
+    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1.5])
+    cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
+    patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=loaded, block_strengths="").args[0]
+    try:
+        with torch.no_grad():
+            expected = training.cc.denoised(training.Trainee(model, content.modules).model, x, sigma, cond, {})
+            training.cc.load_for_direct_calls(patched)
+            reloaded = training.cc.denoised(patched, x, sigma, cond, {})
+            base = training.cc.denoised(model, x, sigma, cond, {})
+    finally:
+        mm.unload_all_models()
+    assert torch.allclose(reloaded, expected, atol=1e-6) and (expected - base).abs().max() > 0
+
+
+def make(comfy, tiny_sd15, content, style, **extra):
+    inputs = {"steps": 0, "lr": 1e-3, "preconditioned": True, "reg": 1e-4, "loss": "epsilon", "seed": 0,
+              "filename": "", "overwrite": True, **extra}
+    return comfy["CSA_B4MMake"].execute(content_run=content, style_run=style, model=tiny_sd15[0], **inputs).args
+
+
+def test_make_equals_its_definition_from_memory_and_from_files_and_refuses_other_seeds(comfy, tiny_sd15, runs, sets):
+    content, style = runs[0][0], runs[1][0]
+    made, _, _, path = make(comfy, tiny_sd15, content, style, filename="host_b4m_made")
+    for name, factors in made.modules.items():
+        cols = factors.down.shape[1] // 2
+        assert torch.equal(factors.up, style.modules[name].up)
+        assert torch.equal(factors.down[:, :cols], style.modules[name].down[:, :cols])
+        assert torch.equal(factors.down[:, cols:], content.modules[name].down[:, cols:])
+    load = comfy["CSA_LoadAdapter"]
+    from_files = make(comfy, tiny_sd15, *[load.execute(adapter_name=f"host_b4m_{run}.safetensors", strength=1.0,
+                                                       part="whole file", role="from file").args[0]
+                                          for run in ("content", "style")])[0]
+    assert all(torch.equal(from_files.modules[n].delta(), f.delta()) for n, f in made.modules.items())
+    reloaded = load.execute(adapter_name="host_b4m_made.safetensors", strength=1.0, part="whole file",
+                            role="from file").args[0]
+    assert reloaded.method == "b4m" and reloaded.metadata["csa.b4m_run"] == "made" and path
+    other = b4m_run(comfy, tiny_sd15, "style", sets["style"], None, seed=7, steps=1)[0]
+    with pytest.raises(ValueError, match=r"content run \(seed 0\) and the style run \(seed 7\) have different frozen"):
+        make(comfy, tiny_sd15, content, other)
+    with pytest.raises(ValueError, match="content_run is a B4M style run"):
+        make(comfy, tiny_sd15, style, content)
+
+
+def test_make_fine_tune_keeps_frozen_halves_and_needs_both_image_sets(comfy, tiny_sd15, runs, sets):
+    content, style = runs[0][0], runs[1][0]
+    model, clip, vae = tiny_sd15
+    made = make(comfy, tiny_sd15, content, style)[0]
+    tuned, curve, *_ = make(comfy, tiny_sd15, content, style, steps=2, clip=clip, vae=vae,
+                            content_data=sets["content"], style_data=sets["style"], options=options(comfy))
+    changed = 0
+    for name, factors in tuned.modules.items():
+        assert all(torch.equal(a, b) for a, b in zip(halves(factors), halves(made.modules[name]))), name
+        changed += not torch.equal(factors.down, made.modules[name].down)
+    assert changed == len(made.modules) and curve.shape == (1, 256, 512, 3)
+    with pytest.raises(ValueError, match="needs clip, vae, content_data, style_data"):
+        make(comfy, tiny_sd15, content, style, steps=2)
+
+
+def test_b4m_cancel_leaves_no_file(comfy, comfy_base, tiny_sd15, sets):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            b4m_run(comfy, tiny_sd15, "content", sets["content"], sets["aux"], filename="host_b4m_cancelled")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert not list((comfy_base / "models" / "loras").glob("host_b4m_cancelled*"))
+
+
+def test_personalized_residual_trains_exactly_the_proj_out_residuals_at_five_percent(comfy, tiny_sd15, sets,
+                                                                                     training):
+    import comfy.model_management as mm
+
+    model, clip, vae = tiny_sd15
+    unet_keys = [k for k in model.model.state_dict() if k.startswith("diffusion_model.")]
+    proj_outs = sorted(k[: -len(".weight")] for k in unet_keys if k.endswith(".proj_out.weight"))
+    inputs = {"identifier": "sks", "class_word": "square", "caption": "a photo of a {identifier} {class_word}",
+              "rank_fraction": 0.05, "lr": 1e-2, "loss": "epsilon", "seed": 0, "filename": "host_residual",
+              "overwrite": True, "resume_from": "none", "options": options(comfy, weight_decay=0.0)}
+    node = comfy["CSA_TrainPersonalizedResidual"]
+    residual, curve, _, path = node.execute(model=model, clip=clip, vae=vae, data=sets["content"], steps=12,
+                                            **inputs).args
+    assert sorted(residual.modules) == proj_outs and len(proj_outs) == 4
+    assert all(f.rank == 16 and f.scale == 1.0 and f.up.abs().sum() > 0 for f in residual.modules.values())  # 5% of 320
+    assert residual.role == "concept" and residual.method == "personalized-residuals"
+    after, file = model.model.state_dict(), checkpoint_weights(unet_keys)
+    assert all(torch.equal(after[k].to(file[k].dtype), file[k]) for k in unet_keys), "a base weight changed"
+    with safe_open(path, "pt") as handle:
+        meta = handle.metadata()
+    recipe = json.loads(meta["csa.created_with"])
+    assert recipe["data"]["captions"] == ["a photo of a sks square"] and meta["csa.concept_words"] == "sks square"
+    assert recipe["stages"][0]["batch_size"] == 2 and recipe["stages"][0]["phases"][0]["target"] == "epsilon"
+    untrained = training.Adapter(modules={n: training.LowRank(up=torch.zeros_like(f.up), down=f.down)
+                                          for n, f in residual.modules.items()})
+    losses = []
+    for adapter in (residual, untrained):
+        trainee = training.Trainee(model, adapter.modules)
+        try:
+            with torch.no_grad():
+                latents, conds = training.encode_training_set(model, vae, clip, residual_data(sets, training))
+                sigma = torch.tensor([0.5, 2.0])
+                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(11))
+                x0_hat = trainee.predict(latents + sigma.view(-1, 1, 1, 1) * noise, sigma, conds)
+                losses.append(float((((x0_hat - latents) / sigma.view(-1, 1, 1, 1)) ** 2).mean()))
+        finally:
+            mm.unload_all_models()
+    assert losses[0] < losses[1], losses
+    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_residual.safetensors", strength=1.0,
+                                              part="whole file", role="from file").args[0]
+    patched, positive = comfy["CSA_ApplyLocalizedResidual"].execute(
+        model=model, residual=loaded, clip=clip, prompt="a photo of a sks square", concept_words="sks square",
+        lag=True, threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args
+    assert patched is not model and positive
+    assert default_steps(comfy) == (150, 1e-3)
+
+
+def residual_data(sets, training):
+    import dataclasses
+
+    return dataclasses.replace(sets["content"], captions=("a photo of a sks square",) * 2)
+
+
+def default_steps(comfy):
+    spec = comfy["CSA_TrainPersonalizedResidual"].INPUT_TYPES()["required"]
+    return spec["steps"][1]["default"], spec["lr"][1]["default"]
