@@ -1,11 +1,11 @@
 # Two commands for a fresh checkout (see README):
 #   make demo   set everything up, run the example workflows headless, draw the world grid and the trained demo
 #               adapters (base / content / style / composed), print where the images are
-#   make test   set everything up and run the whole test suite
+#   make test   set everything up and run the whole test suite (with the browser suite, tests/e2e/test_browser.py)
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit lint workflows world evaluate reliability demo-adapters block-split clean
+.PHONY: setup demo test test-unit test-browser lint workflows world evaluate reliability demo-adapters block-split clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -21,6 +21,10 @@ test: setup
 
 test-unit: setup
 	$(PYTHON) -m pytest tests/unit
+
+# The browser suite alone (make test runs it too): ComfyUI's front end in headless Chromium, screenshots to docs/.
+test-browser: setup
+	$(PYTHON) -m pytest -m browser tests/e2e/test_browser.py
 
 workflows: setup
 	$(PYTHON) scripts/workflow_formats.py --write

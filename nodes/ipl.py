@@ -17,11 +17,12 @@ from ..core.ipl import (ADAM, TEMPLATES, LatentMapper, directional_loss, load_ma
                         train_mapper)
 from ..core.layouts import generic_module_name
 from ..core.trainers import frozen_copy, trainable_parameters
-from ..core.training import loss_curve_image, optimise
+from ..core.training import optimise
 from . import comfy_compat as cc
 from .clip_features import (clip_vision_embeds, clip_vision_embeds_with_grad, clip_vision_width, projected_text_features,
                             projection_width, text_encoders, token_widths, vae_decode_with_grad)
 from .common import PackNode, schema
+from .plots import loss_plot
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 from .training import grad_enabled, make_autograd_safe, read_image_folder, torch_modules, vae_encode
@@ -201,7 +202,7 @@ class TrainPromptMapper(PackNode):
                                   lr, batch_size, seed, regularizer_weight, on_step=cc.progress_steps(iterations))
         save_mapper(mapper, target, {"csa.source_label": source_label, "csa.target_label": target_label,
                                      "csa.final_loss": f"{losses[-1]:.6f}"}, overwrite=overwrite)
-        return io.NodeOutput(target.name, loss_curve_image(losses)[None])
+        return io.NodeOutput(target.name, loss_plot(losses, title="Prompt mapper loss")[None])
 
 
 def attention_targets(model) -> dict[str, tuple[int, ...]]:
@@ -275,7 +276,7 @@ class ZeroShotAdapt(PackNode):
             pairs = PromptPairs(clip, paired_encoder(clip, clip_vision), mapper,
                                 clip_vision_embeds(clip_vision, images).clone(), source_label, target_label)
             adapter, losses = train_adapter(model, vae, clip_vision, images, pairs, iterations, lr, rank, seed)
-        return io.NodeOutput(adapter, loss_curve_image(losses)[None])
+        return io.NodeOutput(adapter, loss_plot(losses, title="Prompt mapper loss")[None])
 
 
 def train_adapter(model, vae, clip_vision, images, pairs: PromptPairs, iterations: int, lr: float, rank: int, seed: int):

@@ -9,10 +9,11 @@ from comfy_api.latest import io
 from ..core.adapter import Adapter
 from ..core.blocks import transformer_of_proj_out
 from ..core.layouts import generic_module_name
-from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, final_mask, find_token_positions,
-                              mask_grid, new_residual, residual_rank, share_conditional_mask)
+from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, evenly_spaced, final_mask,
+                              find_token_positions, mask_grid, new_residual, residual_rank, share_conditional_mask)
 from . import comfy_compat as cc
 from .common import PackNode, schema, strength_input
+from .plots import mask_grid_plot
 from .runtime_adapters import add_to_forward, check_runtime_factors, low_rank_targets, publish_call_options
 from .sockets import AdapterSocket
 
@@ -235,9 +236,11 @@ class ShowAttentionMask(PackNode):
         if not state.recorded:
             raise ValueError("no attention masks were recorded: sample with this model with LAG on first")
         grid = mask_grid(state.recorded, steps_shown, cell=64)
+        sigmas = evenly_spaced(sorted(state.recorded, reverse=True), steps_shown)  # mask_grid's columns and rows
+        blocks = sorted({block for masks in state.recorded.values() for block in masks})
         height, width = samples["samples"].shape[-2:]
         mask = final_mask(state.recorded, height * 8, width * 8)
-        return io.NodeOutput(grid[None, :, :, None].expand(-1, -1, -1, 3).contiguous(), mask)
+        return io.NodeOutput(mask_grid_plot(grid, 64, sigmas, blocks)[None], mask)
 
 
 class NewResidualAdapter(PackNode):

@@ -27,13 +27,13 @@ from ..core.b4m import precondition_all
 from ..core.formats import adapter_from_tensors, adapter_metadata, tensors_from_modules
 from ..core.layouts import FORM_SUFFIXES, generic_module_name, save_names_for
 from ..core.trainers import PRECISIONS, TrainingOptions, frozen_copy, state_file_contents, state_from_file, weights_hash
-from ..core.training import (Periodic, Recipe, SecondSet, TrainState, grouped_names, loss_curve_image,
-                             train_diffusion)
+from ..core.training import Periodic, Recipe, SecondSet, TrainState, grouped_names, train_diffusion
 from ..core.training_data import TrainingImages, split_captions, training_images
 from comfy_api.latest import io
 
 from . import comfy_compat as cc
 from .model_binding import bind_to_model
+from .plots import loss_plot
 from .runtime_adapters import install_switched_adapters
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
 
@@ -224,7 +224,7 @@ class Result:
     path: str
 
     def loss_curve(self) -> torch.Tensor:
-        return loss_curve_image(self.losses, marks=tuple(self.marks))[None]
+        return loss_plot(self.losses, marks=tuple(self.marks))[None]
 
 
 def target_keys(modules) -> list[str]:
@@ -424,7 +424,7 @@ def step_reporter(progress, total: int, offset: int, earlier: list[list[float]])
 
     def report(step: int, loss: float) -> None:
         seen.append(loss)
-        plot = loss_curve_image(seen, 256, 128) if (offset + step) % max(1, total // 50) == 0 else None
+        plot = loss_plot(seen, 384, 192) if (offset + step) % max(1, total // 50) == 0 else None
         progress(offset + step, loss, plot)
     return report
 

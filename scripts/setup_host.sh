@@ -4,6 +4,8 @@
 #   .host/ComfyUI/  a real, unmodified ComfyUI 0.3.75 source tree
 #   .cache/tiny-models/  deterministic tiny models (scripts/build_tiny_models.py)
 #   .host/base/     a ComfyUI base directory with this pack in custom_nodes and the tiny models
+#   /usr/bin/chromium  Debian's chromium for the browser tests (apt, only when it is missing; Playwright drives it and
+#                   never downloads a browser of its own)
 # A second run only checks stamps and returns in about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +22,17 @@ COMFY=$HOST/ComfyUI
 
 say() { echo "[setup] $*"; }
 
+if [ ! -x /usr/bin/chromium ]; then
+    say "installing Debian's chromium (browser tests)"
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+
 requirements_hash=$(sha256sum scripts/host-requirements.txt | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.csa-stamp" 2>/dev/null)" != "$requirements_hash" ]; then
-    say "creating $VENV (pinned requirements, takes a minute or two)"
-    "$PYTHON" -m venv "$VENV"
+    say "installing the pinned requirements into $VENV (takes a minute or two)"
+    [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -r scripts/host-requirements.txt
     echo "$requirements_hash" > "$VENV/.csa-stamp"

@@ -4,7 +4,10 @@
 - API format (workflows/api/*.json): what POST /prompt takes: {id: {class_type, inputs}}.
 
 ``api_to_ui`` generates the UI file from its API twin; ``ui_to_api`` reads it back, and the test suite
-checks that the round trip gives the twin exactly. Regenerate the UI files after editing a twin:
+checks that the round trip gives the twin exactly. The browser suite (tests/e2e/test_browser.py) checks the part that
+matters to users: ComfyUI's own front end opens each UI file and sends exactly its API twin. For that the twin lists
+every widget input (``--write`` fills in defaults the twin left out) and the UI file carries the front end's extra
+"control after generate" value after every seed. Regenerate the UI files after editing a twin:
 
     .venv/bin/python scripts/workflow_formats.py --write
 """
@@ -18,7 +21,11 @@ from comfy_host import REPO_ROOT, ComfyServer
 
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-COLUMN_WIDTH, ROW_HEIGHT = 360, 260
+# layout of generated UI files: columns by depth, nodes stacked in a column at their estimated height (the front end
+# grows a node that is too small for its widgets, but then it overlaps the next one)
+NODE_WIDTH, COLUMN_GAP, ROW_GAP, MAX_STACK = 340, 50, 40, 720
+TITLE_HEIGHT, SLOT_HEIGHT, WIDGET_HEIGHT, TEXT_BOX_HEIGHT, PREVIEW_HEIGHT = 30, 22, 24, 110, 200
+SEED_NAMES = ("seed", "noise_seed")  # INT inputs that the front end gives a control widget unless told otherwise
 
 
 def input_specs(info: dict) -> list[tuple[str, list]]:
@@ -31,10 +38,50 @@ def is_widget(spec: list) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
 
 
-def has_control_widget(spec: list) -> bool:
-    """Seed-like inputs get an extra 'control after generate' widget value in the UI format."""
+def has_control_widget(name: str, spec: list) -> bool:
+    """Seed-like inputs get an extra 'control after generate' widget value in the UI format: INT inputs that ask for
+    it, and (front end 1.32's rule) INT inputs named seed or noise_seed that do not say otherwise."""
     options = spec[1] if len(spec) > 1 else {}
-    return bool(options.get("control_after_generate"))
+    if spec[0] != "INT":
+        return False
+    flag = options.get("control_after_generate")
+    return bool(flag) if flag is not None else name in SEED_NAMES
+
+
+def default_value(spec: list):
+    options = spec[1] if len(spec) > 1 else {}
+    if "default" in options:
+        return options["default"]
+    choices = spec[0] if isinstance(spec[0], list) else options.get("options", [])
+    return choices[0] if choices else None
+
+
+def complete_widgets(graph: dict, object_info: dict) -> dict:
+    """The graph with every widget input present (defaults where the twin left one out), in schema order: what the
+    front end sends for the UI file."""
+    completed = {}
+    for node_id, node in graph.items():
+        inputs = dict(node["inputs"])
+        for name, spec in input_specs(object_info[node["class_type"]]):
+            if is_widget(spec) and name not in inputs:
+                inputs[name] = default_value(spec)
+        completed[node_id] = {"class_type": node["class_type"], "inputs": inputs}
+    return completed
+
+
+def estimated_height(info: dict, node: dict) -> int:
+    """Roughly the height the front end draws a node at (slots, widgets, text boxes, image or text previews)."""
+    specs = input_specs(info)
+    slots = sum(1 for _, spec in specs if not is_widget(spec))
+    widgets = [(name, spec) for name, spec in specs if is_widget(spec) and name in node["inputs"]
+               and not isinstance(node["inputs"][name], list)]
+    height = SLOT_HEIGHT * max(slots, len(info["output"])) + 8  # the title bar is drawn above the node's box
+    for name, spec in widgets:
+        multiline = len(spec) > 1 and spec[1].get("multiline")
+        height += TEXT_BOX_HEIGHT if multiline else WIDGET_HEIGHT * (2 if has_control_widget(name, spec) else 1)
+    if info.get("output_node"):
+        height += PREVIEW_HEIGHT
+    return height
 
 
 def column_of(graph: dict) -> dict[str, int]:
@@ -52,9 +99,31 @@ def column_of(graph: dict) -> dict[str, int]:
     return columns
 
 
+def layout(graph: dict, object_info: dict) -> dict[str, tuple[int, int, int]]:
+    """(x, y, height) of every node: columns left to right by depth, each node's column split into stacks no taller
+    than MAX_STACK so a wide fan-in (ten loaders) does not make a tall thin picture."""
+    columns = column_of(graph)
+    stacks: dict[int, list[list[tuple[str, int]]]] = {}
+    for node_id in sorted(graph, key=lambda n: (columns[n], int(n))):
+        height = estimated_height(object_info[graph[node_id]["class_type"]], graph[node_id])
+        column = stacks.setdefault(columns[node_id], [[]])
+        if column[-1] and sum(h + TITLE_HEIGHT + ROW_GAP for _, h in column[-1]) + height > MAX_STACK:
+            column.append([])
+        column[-1].append((node_id, height))
+    placed, x = {}, 40
+    for column in (stacks[c] for c in sorted(stacks)):
+        for stack in column:
+            y = 40 + TITLE_HEIGHT
+            for node_id, height in stack:
+                placed[node_id] = (x, y, height)
+                y += height + TITLE_HEIGHT + ROW_GAP
+            x += NODE_WIDTH + COLUMN_GAP
+    return placed
+
+
 def api_to_ui(graph: dict, object_info: dict) -> dict:
     columns = column_of(graph)
-    rows: dict[int, int] = {}
+    placed = layout(graph, object_info)
     nodes, links = [], []
     outputs_links: dict[tuple[str, int], list[int]] = {}
     for order, node_id in enumerate(sorted(graph, key=lambda n: (columns[n], int(n)))):
@@ -66,7 +135,7 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
             if is_widget(spec):
                 if name in node["inputs"]:
                     widgets.append(value)
-                    if has_control_widget(spec):
+                    if has_control_widget(name, spec):
                         widgets.append("fixed")
                 continue
             link_id = None
@@ -75,11 +144,10 @@ def api_to_ui(graph: dict, object_info: dict) -> dict:
                 links.append([link_id, int(value[0]), int(value[1]), int(node_id), len(inputs), spec[0]])
                 outputs_links.setdefault((value[0], int(value[1])), []).append(link_id)
             inputs.append({"name": name, "type": spec[0], "link": link_id})
-        row = rows.get(columns[node_id], 0)
-        rows[columns[node_id]] = row + 1
+        x, y, height = placed[node_id]
         nodes.append({
             "id": int(node_id), "type": node["class_type"],
-            "pos": [40 + COLUMN_WIDTH * columns[node_id], 40 + ROW_HEIGHT * row], "size": [320, 200],
+            "pos": [x, y], "size": [NODE_WIDTH, height],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": name, "type": kind, "slot_index": slot}
                         for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"]))],
@@ -110,7 +178,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                     inputs[name] = next(values)
                 except StopIteration:
                     break
-                if has_control_widget(spec):
+                if has_control_widget(name, spec):
                     next(values, None)
         graph[str(ui_node["id"])] = {"class_type": ui_node["type"], "inputs": inputs}
     return graph
@@ -135,7 +203,7 @@ def main() -> int:
     with ComfyServer(args.base) as server:
         object_info = server.get_json("/object_info")
     for ui_path, api_path in twins():
-        graph = json.loads(api_path.read_text())
+        graph = complete_widgets(json.loads(api_path.read_text()), object_info)
         ui = api_to_ui(graph, object_info)
         if args.write:
             api_path.write_text(format_api(graph))

@@ -116,7 +116,9 @@ def test_show_attention_mask_outputs(comfy, tiny_sd15, residual, negative):
     patched, positive = localized(comfy, tiny_sd15, residual)
     samples = {"samples": sample(comfy, patched, positive, negative, steps=3)}
     grid, mask = comfy["CSA_ShowAttentionMask"].execute(model=patched, samples=samples, steps_shown=8).args
-    assert grid.shape == (1, 4 * 64, 3 * 64, 3) and mask.shape == (2, 128, 128)
+    # 4 blocks x 3 steps of 64-pixel cells, with room for the title, block and step labels (nodes/plots.py)
+    assert grid.shape == (1, 4 * 64 + 90, 3 * 64 + 200, 3) and mask.shape == (2, 128, 128)
+    assert float(grid.min()) < 0.1 and float(grid.max()) == 1.0
     with pytest.raises(ValueError, match="no localized residual"):
         comfy["CSA_ShowAttentionMask"].execute(model=tiny_sd15[0], samples=samples, steps_shown=8)
 
@@ -155,4 +157,4 @@ def test_a_clone_made_downstream_keeps_its_own_masks(comfy, tiny_sd15, residual,
     assert torch.equal(again_grid, first_grid) and torch.equal(again_mask, first_mask)
     own_grid, own_mask = comfy["CSA_ShowAttentionMask"].execute(model=downstream, samples=downstream_samples,
                                                                 steps_shown=8).args
-    assert own_grid.shape == (1, 4 * 64, 2 * 64, 3) and own_mask.shape[0] == 1
+    assert own_grid.shape == (1, 4 * 64 + 90, 2 * 64 + 200, 3) and own_mask.shape[0] == 1

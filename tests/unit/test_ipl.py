@@ -76,7 +76,6 @@ def test_stage_one_training_lowers_the_loss_on_a_synthetic_set():
     """A frozen random 'text encoder' (mean of vectors + label embedding, projected): the mapper must learn to
     make each image's source prompt match that image."""
     from core.ipl import train_mapper
-    from core.training import loss_curve_image
 
     torch.manual_seed(0)
     embeds = rand(8, 16, seed=20)
@@ -91,7 +90,5 @@ def test_stage_one_training_lowers_the_loss_on_a_synthetic_set():
     losses = train_mapper(mapper, embeds, encode, "dog", "cat", templates, iterations=150, lr=0.05, batch_size=8, seed=1)
     assert len(losses) == 150 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
-    image = loss_curve_image(losses, 64, 32)
-    assert image.shape == (32, 64, 3) and image.min() < 0.5
     with pytest.raises(ValueError, match="at least 2 source images"):
         train_mapper(mapper, embeds[:1], encode, "dog", "cat", templates, 1, 0.1, 4, 0)

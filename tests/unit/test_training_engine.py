@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core.training import (Optimiser, Periodic, Phase, Recipe, TrainState, batch_indices, diffusion_loss, draw_noise,
-                           loss_curve_image, min_snr_weight, optimise, optimiser_state_from_tensors,
+                           min_snr_weight, optimise, optimiser_state_from_tensors,
                            optimiser_state_tensors, schedule_factor, seeded, train_diffusion)
 
 
@@ -189,7 +189,3 @@ def test_resume_from_saved_optimiser_state_continues_exactly():
     assert torch.allclose(resumed, whole, atol=1e-6)
 
 
-def test_loss_curve_survives_one_step_and_a_constant_loss():
-    assert loss_curve_image([0.5]).shape == (256, 512, 3)
-    flat = loss_curve_image([0.3] * 40, 64, 32, marks=(20,))
-    assert flat.shape == (32, 64, 3) and flat.min() < 0.5 and torch.isfinite(flat).all()
