@@ -83,10 +83,23 @@ def wait_idle(server, timeout: float = 1800) -> None:
     raise TimeoutError("the queue did not drain")
 
 
+def bad_input_families(object_info: dict) -> dict[str, int]:
+    """How many cases each family of the bad-input suite (tests/e2e/test_bad_inputs.py, run by make test) has for
+    this server's nodes: the suite's own case builders, counted here so the figures come with the run."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "e2e"))
+    import test_bad_inputs as suite
+
+    return {"files": len(suite.file_cases()), "parameters": len(suite.parameter_cases(object_info)),
+            "writers": len(suite.writer_cases()), "prompts": len(suite.prompt_cases())}
+
+
 def run_load(count: int) -> dict:
     base = comfy_host.make_base_directory(Path(tempfile.mkdtemp(prefix="csa-load-")))
     prompts = load_prompts(count)
     with comfy_host.ComfyServer(base) as server:
+        families = bad_input_families(server.get_json("/object_info"))
         for graph in load_prompts(len(WORKFLOWS)):  # warm-up: every model and method once
             server.run_prompt(graph)
         free_caches(server)
@@ -111,7 +124,8 @@ def run_load(count: int) -> dict:
                     not np.array_equal(a, b) for a, b in zip(pixels(alone.output_images), queued[i])):
                 mismatches.append(i)
         final_rss = resident_mib(server)
-    return {"prompts": count, "mismatches": mismatches, "queued_seconds": queued_seconds, "start_rss": start_rss,
+    return {"prompts": count, "families": families, "mismatches": mismatches, "queued_seconds": queued_seconds,
+            "start_rss": start_rss,
             "drained_rss": drained_rss, "final_rss": final_rss}
 
 
@@ -173,6 +187,13 @@ def main() -> int:
          f"({rss_change * 100:+.1f}% after draining; limit ±5%)"),
         ("fuzzed files: read as valid / refused with AdapterFileError naming the file / anything else",
          f"{fuzz['read']} / {fuzz['refused']} / {len(fuzz['escaped'])}"),
+        ("bad-input suite through the server (tests/e2e/test_bad_inputs.py, every make test): cases",
+         f"{sum(load['families'].values())} ({', '.join(f'{n} {k}' for k, n in load['families'].items())}); each "
+         f"asserts its own error text, that no file changed and that the next prompt runs"),
+        ("cancels (tests/e2e/test_cancel.py through the server; merge, conversion and trainers in tests/host)",
+         "IPL mapper training and sampling through /interrupt: idle after, no partial file, next prompt runs; QR "
+         "Merge, Convert to QR-LoRA, Train Adapter / ConsisLoRA / QR-LoRA / B4M / Personalized Residual: no file, "
+         "model untouched"),
     ], notes="Methods interleaved: " + ", ".join(WORKFLOWS) + "; seeds, strengths and λ vary per prompt. "
              "Alone runs free ComfyUI's caches first, so each one samples from scratch.")
     failed = load["mismatches"] or fuzz["escaped"] or abs(rss_change) > 0.05

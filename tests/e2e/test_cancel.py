@@ -2,12 +2,14 @@
 remains, and the next prompt works."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest
 
 import model_names as names
+from comfy_host import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -84,4 +86,29 @@ def test_cancelling_sampling_returns_to_idle(comfy_server):
     history = interrupt_and_wait(comfy_server, submit(comfy_server, graph), after=2.0)
     assert interrupted(history)
     assert not list((comfy_server.base_directory / "output" / "csa").glob("cancelled*"))
+    a_small_prompt_works(comfy_server)
+
+
+def test_cancelling_adapter_training_with_periodic_saves_leaves_only_whole_files(comfy_server):
+    """Train Adapter (the shipped workflow, made long, saving every 2 steps) cancelled mid-run: the server is idle,
+    no final file and no temporary file exist, every periodic save that does exist reads as a whole adapter."""
+    from core.adapter_file import read_safetensors
+
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / "train_adapter.json").read_text())
+    graph["4"]["inputs"].update(steps=100000, filename="cancelled_adapter", overwrite=False)
+    graph["3"]["inputs"].update(save_every=2, preview_every=0)
+    loras = comfy_server.base_directory / "models" / "loras"
+    prompt_id = submit(comfy_server, graph)
+    deadline = time.monotonic() + 300
+    while not list(loras.glob("cancelled_adapter_step*.safetensors")):  # training is under way: cancel it now
+        assert time.monotonic() < deadline, "no periodic save appeared"
+        time.sleep(0.1)
+    history = interrupt_and_wait(comfy_server, prompt_id, after=0.0)
+    assert interrupted(history)
+    left = sorted(p.name for p in loras.glob("*cancelled_adapter*"))
+    assert any(name.startswith("cancelled_adapter_step") for name in left), left
+    assert "cancelled_adapter.safetensors" not in left and not [n for n in left if n.endswith(".partial")], left
+    for name in left:
+        if name.endswith(".safetensors"):
+            read_safetensors(loras / name)  # a periodic save is complete or absent, never cut short
     a_small_prompt_works(comfy_server)
