@@ -5,7 +5,7 @@
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit test-browser lint workflows world evaluate reliability demo-adapters block-split clean
+.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters block-split clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -22,9 +22,13 @@ test: setup
 test-unit: setup
 	$(PYTHON) -m pytest tests/unit
 
-# The browser suite alone (make test runs it too): ComfyUI's front end in headless Chromium, screenshots to docs/.
+# The browser suite alone (make test runs it too): ComfyUI's front end in headless Chromium.
 test-browser: setup
 	$(PYTHON) -m pytest -m browser tests/e2e/test_browser.py
+
+# The browser suite, writing its screenshots into docs/screenshots/ (the README's pictures) and the template cards.
+screenshots: setup
+	CSA_WRITE_SCREENSHOTS=1 $(PYTHON) -m pytest -m browser tests/e2e/test_browser.py
 
 workflows: setup
 	$(PYTHON) scripts/workflow_formats.py --write
