@@ -37,7 +37,14 @@ Outputs (full runs only): the table appended to bench/RESULTS.md; bench/world/be
 one contact sheet per row (rows: pairs; columns: training seed x sampling seed, of 'a zkz sks') and, when matplotlib is
 installed, bar charts with error bars (``--charts-only`` redraws them from results.json).
 
-Cost, measured on this machine (2 cores shared, one thread): see ESTIMATE below and the timing line each run prints.
+Cost (CPU seconds on one thread of this machine, measured 2026-11-23 by a partial run: star x zigzag, one training
+seed, 150 steps, rows naive, guider and QR-LoRA; 809 CPU s in all, the machine shared at load 5-6): training 0.45 s
+per step (batch 4) for LoRA, 0.43 QR-LoRA, 0.31 ConsisLoRA / B-LoRA (two blocks); sampling 1.7 s per picture (Euler 20
+steps, CFG, decoding and judging included), 3x that under the guider with both λ on; the judge's round trips ~60 s.
+The defaults (4 pairs, 3 training seeds, 150 steps, 4 sampling seeds, 2 recontextualisation styles and 2 leakage
+shapes) come to about 2,700 s of training + 4,200 s of sampling + 60 s = 6,950 CPU s, **about 1.9 CPU hours**
+(estimate_seconds() prints this before every run; wall time is longer when the cores are shared). The smoke size
+(--smoke: one pair, one seed, 2 steps, 2 pictures per prompt, 2 sampling steps) takes about 1.5 minutes.
 """
 from __future__ import annotations
 
@@ -63,11 +70,17 @@ from world import BACKGROUND, BASE_SHAPES, BASE_STYLES, HELD_OUT_SHAPES, HELD_OU
 OUT = HERE / "benchmark"
 PAIRS = [(shape, style) for shape in HELD_OUT_SHAPES for style in HELD_OUT_STYLES]
 COMPOSED = f"a {STYLE_WORD} {CONTENT_WORD}"
+# Recontextualisation styles and leakage shapes, in the order --prompts takes them (varied first: colour, pattern).
+RECONTEXT_STYLES = ("red", "checkered", "striped", "gradient", "dotted")
+LEAKAGE_SHAPES = ("circle", "triangle", "square", "cross", "ring", "diamond")
+assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(BASE_SHAPES)
 SAMPLING = {"seed": 1000, "cfg": 4.0}
 # Learning rates per trainer (the demo adapters' recipes, bench/world/train_demo_adapters.py; ConsisLoRA / B-LoRA: lr
 # is the x0 rate, ε runs at twice it). Every trainer gets the same steps x batch.
 LEARNING_RATES = {"lora": 3e-3, "qr": 5e-3, "consislora": 3e-3, "b-lora": 3e-3}
-ESTIMATE = "filled in from the timing run; see the docstring of estimate_seconds"
+# Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
+STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31}
+PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -206,6 +219,19 @@ ROWS = [
         "text encoder and the only vision model here is an unrelated random ViT-L (600 MB, seconds per image), so a "
         "mapper trained by Train Prompt Mapper would align noise, and the world UNet never saw prompt vectors"),
 ]
+
+
+def estimate_seconds(rows: list, args) -> float:
+    """Expected CPU seconds of a run from the measured rates: every trainer's adapters (content and style targets x
+    training seeds) plus every picture (grid points on the composed prompt, then the recontextualisation and leakage
+    prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
+    measured = [row for row in rows if not row.not_yet]
+    targets = len({p[0] for p in args.pairs}) + len({p[1] for p in args.pairs})
+    training = sum(STEP_SECONDS[t] for t in {row.trainer for row in measured}) * args.steps * targets * args.seeds
+    per_cell = sum((len(row.grid) + 2 * args.prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
+                   for row in measured)
+    pictures = per_cell * args.sampling_seeds * len(args.pairs) * args.seeds
+    return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
 
 
 # -- judging --------------------------------------------------------------------------------------------------------
@@ -363,11 +389,11 @@ def measure_row(ctx, row: Row) -> dict:
         per_seed["diversity"].append((seed, diversity(pixels)))
         per_seed["background"].append((seed, background_change(pixels)))
         sample = samplers[best, shape, style, seed]
-        for base_style in BASE_STYLES[:args.prompts]:
+        for base_style in RECONTEXT_STYLES[:args.prompts]:
             shapes, styles = ctx.judge.labels(sample(f"a {base_style} {CONTENT_WORD}"))
             per_image["recontext"].append((seed, [a == shape and b == base_style for a, b in zip(shapes, styles)]))
             per_image["recontext_style"].append((seed, [b == base_style for b in styles]))
-        for base_shape in BASE_SHAPES[:args.prompts]:
+        for base_shape in LEAKAGE_SHAPES[:args.prompts]:
             shapes, _ = ctx.judge.labels(sample(f"a {STYLE_WORD} {base_shape}"))
             per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
     for seed in args.train_seeds:
@@ -462,7 +488,8 @@ def write_sheets(results: list[dict], args, folder: Path) -> list[Path]:
         width = max(line.shape[1] for line in lines)
         canvas = Image.new("RGB", (label + width, 16 + sum(line.shape[0] for line in lines)), "white")
         draw = ImageDraw.Draw(canvas)
-        draw.text((4, 2), f"{r['row']}: '{COMPOSED}'; columns: training seeds x sampling seeds", fill="black")
+        title = r["row"].replace("Δ", "delta ").replace("λ", "lambda ")
+        draw.text((4, 2), f"{title}: '{COMPOSED}'; columns: training seeds x sampling seeds", fill="black")
         y = 16
         for (shape, style), line in zip(args.pairs, lines):
             canvas.paste(Image.fromarray(line), (label, y))
@@ -517,8 +544,8 @@ def main() -> None:
     parser.add_argument("--per-pair", type=int, default=3, help="training pictures per (shape, style) pair")
     parser.add_argument("--sampling-seeds", type=int, default=4, help="pictures per prompt (one batch)")
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=5, help="base styles (recontextualisation) and base shapes "
-                        "(leakage) used, the first N of each")
+    parser.add_argument("--prompts", type=int, default=2, help="base styles (recontextualisation) and base shapes "
+                        "(leakage) used, the first N of RECONTEXT_STYLES / LEAKAGE_SHAPES")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -544,6 +571,7 @@ def main() -> None:
     chosen = [row for i, row in enumerate(ROWS, 1)
               if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
                                       for o in args.only.split(","))]
+    log(f"expected about {estimate_seconds(chosen, args) / 60:.0f} CPU minutes (measured rates of this machine)")
     results, cpu = [], time.process_time()
     for row in chosen:
         if row.not_yet:
@@ -581,8 +609,9 @@ def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
         f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "
-        f"held-out shape in that base style (in brackets: the base style alone), first {args.prompts} base styles; "
-        f"leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, first {args.prompts} base shapes. Training "
+        f"held-out shape in that base style (in brackets: the base style alone), base styles "
+        f"{', '.join(RECONTEXT_STYLES[:args.prompts])}; leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, "
+        f"base shapes {', '.join(LEAKAGE_SHAPES[:args.prompts])}. Training "
         f"CPU s and parameters: the content and the style adapter of a pair together.\n\n"
         f"Style ceilings (world VAE round trip of real pictures): strict evaluator "
         + ", ".join(f"{s} {c['strict']:.0%}" for s, c in ceiling.items() if s in HELD_OUT_STYLES)
