@@ -1,7 +1,7 @@
 """Method benchmark on the world: does each method combine a held-out content and a held-out style better than the
 naive sum of two LoRAs? One command, one table.
 
-    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 150] [--only naive,qr-merge]
+    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 250] [--only naive,guider] [--estimate]
     make benchmark
 
 For every held-out content x style pair (star, heart x zigzag, speckled) and training seed, each trainer of the pack
@@ -16,18 +16,20 @@ the best point is then measured in full: that choice is made on the measured pic
 Measures (the world evaluators, bench/world/evaluators.py):
 - both right / content / style: 'a zkz sks' with both adapters; content = the content evaluator says the held-out
   shape. The strict style evaluator cannot be satisfied on this base model: the world VAE's own round trip of real
-  zigzag and speckled pictures is labelled zigzag / speckled 0% of the time (measured each run, the ceiling row), so
+  zigzag and speckled pictures is labelled zigzag / speckled 0% of the time (measured each run, in the notes), so
   the headline uses a *VAE-drawable* style judgement: a linear probe trained on VAE round trips of real pictures of
   the seven styles (style-classifier features + colour histogram; its accuracy on fresh round trips, about 96%
   zigzag, 83% speckled, 92-100% base styles, is measured each run and printed beside it). Strict figures too.
-- recontextualisation: 'a <base style> sks' for the base styles: the held-out shape drawn in the prompted base style.
-- leakage: 'a zkz <base shape>' for the base shapes: the prompted base shape survives the style adapter.
+- recontextualisation: 'a <base style> sks' (the first --prompts of RECONTEXT_STYLES): the held-out shape drawn in
+  the prompted base style.
+- leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES): the prompted base shape survives.
 - scene fidelity: not measurable: the world generator and base model draw one object per picture.
 - change outside the object: generated pictures have no ground-truth mask, so the object is estimated (pixels further
   than 0.25 from the world's background colour, dilated 2 px) and the mean absolute difference from the background
   colour outside it is reported (0..1).
 - diversity: mean pairwise RMS distance between the 4 sampling seeds' pictures of 'a zkz sks'.
-- training CPU seconds (both adapters of the row), trainable parameters (both), sampling CPU seconds per image (process time, one thread: the machine is shared).
+- training CPU seconds (both adapters of the row), trainable parameters (both), sampling CPU seconds per picture
+  (process time on one thread: the machine is shared).
 Spreads: standard deviation over training seeds x sampling seeds (per-image rates), or over training seeds.
 
 Rows are entries of ROWS (name -> trainer + compose function); a trainer is an entry of TRAINERS. Methods without a
@@ -41,10 +43,14 @@ Cost (CPU seconds on one thread of this machine, measured 2026-11-23 by a partia
 seed, 150 steps, rows naive, guider and QR-LoRA; 809 CPU s in all, the machine shared at load 5-6): training 0.45 s
 per step (batch 4) for LoRA, 0.43 QR-LoRA, 0.31 ConsisLoRA / B-LoRA (two blocks); sampling 1.7 s per picture (Euler 20
 steps, CFG, decoding and judging included), 3x that under the guider with both λ on; the judge's round trips ~60 s.
-The defaults (4 pairs, 3 training seeds, 150 steps, 4 sampling seeds, 2 recontextualisation styles and 2 leakage
-shapes) come to about 2,700 s of training + 4,200 s of sampling + 60 s = 6,950 CPU s, **about 1.9 CPU hours**
-(estimate_seconds() prints this before every run; wall time is longer when the cores are shared). The smoke size
-(--smoke: one pair, one seed, 2 steps, 2 pictures per prompt, 2 sampling steps) takes about 1.5 minutes.
+The partial run's ConsisLoRA (+ guider) and QR-LoRA content adapters had not learnt the star at 150 steps
+(content 0%; the naive LoRAs 75%), and the demo recipes use 400-500 steps, so the defaults spend the budget on
+training: 4 pairs, 3 training seeds, 250 steps, 4 sampling seeds, 1 recontextualisation style and 1 leakage shape,
+about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, **about 2.0 CPU hours** (`--estimate` prints
+the figure for any settings: 150 steps with 2 prompts each is 1.9 h, 300 steps with 1 prompt 2.3 h, 400 steps 2.8 h).
+The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
+prints its estimate first; wall time is longer when the cores are shared. The smoke size (--smoke: one pair, one
+seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.
 """
 from __future__ import annotations
 
@@ -468,7 +474,7 @@ def verdict(result: dict, naive: dict | None) -> str:
         return f"beats it by {delta:.0f} points (more than the spread {spread:.0f})"
     if delta > 0:
         return f"+{delta:.0f} points, within the spread ({spread:.0f}): not a clear win"
-    return f"did NOT beat the naive sum ({delta:+.0f} points)"
+    return f"did NOT beat the naive sum ({'tie' if round(delta) == 0 else f'{delta:.0f} points'})"
 
 
 def write_sheets(results: list[dict], args, folder: Path) -> list[Path]:
@@ -525,6 +531,10 @@ def write_charts(results: list[dict], folder: Path) -> list[Path]:
         names = [r["row"] for r in measured]
         axis.bar(range(len(names)), [r[key]["mean"] * 100 for r in measured],
                  yerr=[r[key]["spread"] * 100 for r in measured], capsize=3, color="#4c72b0")
+        naive = next((r for r in measured if r["row"] == NAIVE), None)
+        if naive is not None:
+            axis.axhline(naive[key]["mean"] * 100, color="grey", linestyle="--", linewidth=1, label="naive sum")
+            axis.legend(fontsize=7, loc="upper right")
         axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
         axis.set_ylabel("% of pictures")
         axis.set_ylim(0, 105)
@@ -540,16 +550,17 @@ def write_charts(results: list[dict], folder: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (0..N-1)")
-    parser.add_argument("--steps", type=int, default=150, help="optimiser steps per adapter, batch 4, every trainer")
+    parser.add_argument("--steps", type=int, default=250, help="optimiser steps per adapter, batch 4, every trainer")
     parser.add_argument("--per-pair", type=int, default=3, help="training pictures per (shape, style) pair")
     parser.add_argument("--sampling-seeds", type=int, default=4, help="pictures per prompt (one batch)")
     parser.add_argument("--sample-steps", type=int, default=20)
-    parser.add_argument("--prompts", type=int, default=2, help="base styles (recontextualisation) and base shapes "
+    parser.add_argument("--prompts", type=int, default=1, help="base styles (recontextualisation) and base shapes "
                         "(leakage) used, the first N of RECONTEXT_STYLES / LEAKAGE_SHAPES")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--charts-only", action="store_true", help="redraw the charts from <out>/results.json")
+    parser.add_argument("--estimate", action="store_true", help="print the expected CPU time of these settings, exit")
     args = parse_args(parser, {"seeds": 1, "steps": 2, "per_pair": 1, "sampling_seeds": 2, "sample_steps": 2,
                                "prompts": 1, "pairs": 1})
     if harness.SMOKE:
@@ -561,6 +572,12 @@ def main() -> None:
     torch.set_num_threads(1)
     args.train_seeds = list(range(args.seeds))
     args.pairs = PAIRS[:args.pairs]
+    chosen = [row for i, row in enumerate(ROWS, 1)
+              if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
+                                      for o in args.only.split(","))]
+    if args.estimate:
+        print(f"about {estimate_seconds(chosen, args) / 3600:.2f} CPU hours on one thread of the machine measured")
+        return
     nodes, _ = harness.start_comfy()
     import comfy.sd
     from evaluate import WORLD_CHECKPOINT
@@ -568,9 +585,6 @@ def main() -> None:
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
     ctx = Context(nodes, model, clip, vae, Judge(vae, harness.SMOKE), args)
     log(f"judge ready; VAE round-trip ceilings {ctx.judge.ceiling}")
-    chosen = [row for i, row in enumerate(ROWS, 1)
-              if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
-                                      for o in args.only.split(","))]
     log(f"expected about {estimate_seconds(chosen, args) / 60:.0f} CPU minutes (measured rates of this machine)")
     results, cpu = [], time.process_time()
     for row in chosen:
@@ -584,6 +598,7 @@ def main() -> None:
     cpu = time.process_time() - cpu
     missing = [row.name for row in chosen if not any(r["row"] == row.name for r in results)]
     assert not missing, f"rows not produced: {missing}"
+    log(f"rows produced: {len(results)} of {len(chosen)} ({sum('not_yet' in r for r in results)} marked not yet)")
     sheets = write_sheets(results, args, args.out)
     charts = write_charts(results, args.out)
     serialisable = [{k: v for k, v in r.items() if k != "sheet"} for r in results]
