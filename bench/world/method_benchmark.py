@@ -183,16 +183,44 @@ def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
     return sample
 
 
+def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
+    """Personalized Residuals: the style LoRA applied (Apply Adapters), then, per prompt, Apply Localized Residual with
+    the content residual (LAG on or off). A prompt without the content word (leakage) has nothing to localise on and
+    gets the residual without LAG. Ready for a residual trainer (a TRAINERS entry); not measured until one exists."""
+    import nodes as comfy_nodes
+
+    styled = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter, block_strengths="").args[0]
+    negative = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(""))
+
+    def sample(prompt: str) -> torch.Tensor:
+        named = CONTENT_WORD in prompt.split()
+        model, positive = ctx.nodes["CSA_ApplyLocalizedResidual"].execute(
+            model=styled, residual=content.adapter, clip=ctx.clip, prompt=prompt,
+            concept_words=CONTENT_WORD if named else prompt.split()[-1], lag=variant["lag"] and named,
+            threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args[:2]
+        latent = {"samples": torch.zeros(ctx.args.sampling_seeds, 4, 8, 8)}
+        samples = comfy_nodes.common_ksampler(model, SAMPLING["seed"], ctx.args.sample_steps, SAMPLING["cfg"], "euler",
+                                              "normal", positive, negative, latent)[0]
+        with torch.no_grad():
+            return ctx.vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
+    return sample
+
+
 @dataclass(frozen=True)
 class Row:
     """One method: the trainer entry both adapters come from, how they are composed, the grid (best point measured),
     the papers' claim to compare with, or why the row is not measured yet."""
     name: str
-    trainer: str = ""
+    trainer: str = ""  # the content adapter's trainer (and the style adapter's, unless style_trainer is set)
     compose: Callable | None = None
     grid: tuple = ({},)
     claim: str = ""
     not_yet: str = ""
+    style_trainer: str = ""
+
+    @property
+    def trainers(self) -> tuple[str, str]:
+        return self.trainer, self.style_trainer or self.trainer
 
 
 NAIVE = "naive sum of two LoRAs"
@@ -216,10 +244,14 @@ ROWS = [
         claim="QR-LoRA: ΔR-only training disentangles so the merge keeps both (no numbers retrieved)"),
     Row("B4M make", not_yet="not yet: the pack has no B4M trainer (Train B4M Content / Style / Make are being written "
         "for issue 16); add a TRAINERS entry and a compose function"),
-    Row("Personalized Residual (content) + style LoRA, LAG off", not_yet="not yet: the pack has no Personalized "
-        "Residual trainer (issue 16); New Residual Adapter only initialises one"),
-    Row("Personalized Residual (content) + style LoRA, LAG on", not_yet="not yet: as above (Apply Localized Residual "
-        "exists, the residual to apply cannot be trained yet)"),
+    # When issue 16's residual trainer lands: TRAINERS["residual"] = <its train function>, and drop not_yet here.
+    Row("Personalized Residual (content) + style LoRA, LAG off", "residual", compose_residual, ({"lag": False},),
+        style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts",
+        not_yet="not yet: the pack has no Personalized Residual trainer (issue 16); New Residual Adapter only "
+        "initialises one (compose_residual is ready)"),
+    Row("Personalized Residual (content) + style LoRA, LAG on", "residual", compose_residual, ({"lag": True},),
+        style_trainer="lora", claim="Personalized Residuals: LAG changes only the concept's region",
+        not_yet="not yet: as above (Apply Localized Residual exists, the residual to apply cannot be trained yet)"),
     Row("IPL style from a reference image (Image to Prompt Vectors)", not_yet="not measurable on the world: IPL needs "
         "a CLIP vision model sharing one image-text space with the text encoder; the world's CLIP-L is a seeded random "
         "text encoder and the only vision model here is an unrelated random ViT-L (600 MB, seconds per image), so a "
@@ -232,8 +264,10 @@ def estimate_seconds(rows: list, args) -> float:
     training seeds) plus every picture (grid points on the composed prompt, then the recontextualisation and leakage
     prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
     measured = [row for row in rows if not row.not_yet]
-    targets = len({p[0] for p in args.pairs}) + len({p[1] for p in args.pairs})
-    training = sum(STEP_SECONDS[t] for t in {row.trainer for row in measured}) * args.steps * targets * args.seeds
+    contents, styles = len({p[0] for p in args.pairs}), len({p[1] for p in args.pairs})
+    jobs = {(t, role) for row in measured for t, role in zip(row.trainers, ("content", "style"))}
+    training = sum(STEP_SECONDS.get(t, 0.45) * (contents if role == "content" else styles) for t, role in jobs) \
+        * args.steps * args.seeds
     per_cell = sum((len(row.grid) + 2 * args.prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
                    for row in measured)
     pictures = per_cell * args.sampling_seeds * len(args.pairs) * args.seeds
@@ -368,8 +402,8 @@ def measure_row(ctx, row: Row) -> dict:
     grid_scores = []
     for index, variant in enumerate(row.grid):
         for (shape, style), seed in cells:
-            content = ctx.adapter(row.trainer, "content", shape, seed)
-            styled = ctx.adapter(row.trainer, "style", style, seed)
+            content = ctx.adapter(row.trainers[0], "content", shape, seed)
+            styled = ctx.adapter(row.trainers[1], "style", style, seed)
             sample = row.compose(ctx, content, styled, variant)
             started = time.process_time()
             images = sample(COMPOSED)
@@ -403,8 +437,8 @@ def measure_row(ctx, row: Row) -> dict:
             shapes, _ = ctx.judge.labels(sample(f"a {STYLE_WORD} {base_shape}"))
             per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
     for seed in args.train_seeds:
-        trained = [ctx.adapter(row.trainer, "content", s, seed) for s in {p[0] for p in args.pairs}] + \
-                  [ctx.adapter(row.trainer, "style", s, seed) for s in {p[1] for p in args.pairs}]
+        trained = [ctx.adapter(row.trainers[0], "content", s, seed) for s in {p[0] for p in args.pairs}] + \
+                  [ctx.adapter(row.trainers[1], "style", s, seed) for s in {p[1] for p in args.pairs}]
         per_seed["cpu"].append((seed, sum(t.cpu_seconds for t in trained) / (len(trained) / 2)))
         per_seed["parameters"].append((seed, sum(t.parameters for t in trained) / (len(trained) / 2)))
     result = {"row": row.name, "chosen": row.grid[best], "grid": [{"variant": v, "both": s[0], "content": s[1]}
