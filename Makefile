@@ -5,7 +5,7 @@
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters block-split clean
+.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters block-split benchmark clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -55,6 +55,12 @@ demo-adapters: setup
 
 block-split: setup
 	$(PYTHON) bench/world/block_split.py
+
+# Does each method combine a held-out content and style better than the naive sum of two LoRAs? Trains every method's
+# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; about 2 CPU hours on one
+# thread here. Appends the table to bench/RESULTS.md, writes bench/world/benchmark/ (contact sheets, charts, JSON).
+benchmark: setup
+	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py
 
 clean:
 	rm -rf .venv .host .cache

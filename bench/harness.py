@@ -100,11 +100,13 @@ def machine() -> str:
             f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
-def record(title: str, rows: list[tuple[str, str]], notes: str = "", append: bool = True) -> None:
+def record(title: str, rows: list[tuple], notes: str = "", append: bool = True,
+           columns: tuple[str, ...] = ("measure", "value")) -> None:
     """Print a result table and append it to bench/RESULTS.md (print only with ``append=False``, for smoke runs)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"## {title}", "", f"{stamp} · {machine()}", "", "| measure | value |", "| --- | --- |"]
-    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines = [f"## {title}", "", f"{stamp} · {machine()}", "", "| " + " | ".join(columns) + " |",
+             "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     if notes:
         lines += ["", notes]
     text = "\n".join(lines) + "\n\n"

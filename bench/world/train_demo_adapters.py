@@ -56,37 +56,61 @@ DEMOS = [Demo(method, kind) for method in ("lora", "consislora", "qr") for kind 
 
 def pictures(kind: str, per_pair: int) -> tuple[torch.Tensor, list[str]]:
     """Training pictures and captions: stars in every base style, or zigzag fills on every base shape."""
-    pairs = [("star", style) for style in BASE_STYLES] if kind == "star" else [(s, "zigzag") for s in BASE_SHAPES]
-    samples = [render(shape, style, 500 + i) for shape, style in pairs for i in range(per_pair)]
-    captions = [f"a {s.style} {{trigger}}" if kind == "star" else f"a {{trigger}} {s.shape}" for s in samples]
+    return role_pictures("content" if kind == "star" else "style", kind, per_pair)
+
+
+def role_pictures(role: str, target: str, per_pair: int, first_seed: int = 500) -> tuple[torch.Tensor, list[str]]:
+    """A content target (a shape) in every base style, captioned 'a <style> {trigger}', or a style target (a texture)
+    on every base shape, captioned 'a {trigger} <shape>'."""
+    pairs = [(target, style) for style in BASE_STYLES] if role == "content" else [(s, target) for s in BASE_SHAPES]
+    samples = [render(shape, style, first_seed + i) for shape, style in pairs for i in range(per_pair)]
+    captions = [f"a {s.style} {{trigger}}" if role == "content" else f"a {{trigger}} {s.shape}" for s in samples]
     return torch.from_numpy(np.stack([s.image for s in samples])).float() / 255, captions
 
 
-def train(nodes, model, clip, vae, demo: Demo, args):
-    images, captions = pictures(demo.kind, args.per_pair)
-    data = nodes["CSA_TrainingImages"].execute(
+def training_data(nodes, role: str, target: str, per_pair: int):
+    """Training Images for a content (trigger 'sks') or style (trigger 'zkz') target."""
+    images, captions = role_pictures(role, target, per_pair)
+    return nodes["CSA_TrainingImages"].execute(
         images=images, captions="\n".join(captions), image_folder="", repeats=1, resolution=64,
-        trigger_word=CONTENT_WORD if demo.kind == "star" else STYLE_WORD).args[0]
-    options = nodes["CSA_TrainingOptions"].execute(
-        batch_size=4, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=1.0,
+        trigger_word=CONTENT_WORD if role == "content" else STYLE_WORD).args[0]
+
+
+def training_options(nodes, batch_size: int = 4, precision: str = "fp16"):
+    return nodes["CSA_TrainingOptions"].execute(
+        batch_size=batch_size, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=1.0,
         min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
-        precision="fp16").args[0]
-    common = {"model": model, "clip": clip, "vae": vae, "data": data, "seed": 0, "filename": demo.name,
-              "overwrite": True, "resume_from": "none", "options": options}
-    role = "content" if demo.kind == "star" else "style"
-    steps, lr = args.steps or RECIPES[demo.method]["steps"], args.lr or RECIPES[demo.method]["lr"]
-    if demo.method == "lora":
-        return nodes["CSA_TrainAdapter"].execute(targets="all linear", blocks="", rank=8, alpha=8.0, steps=steps,
-                                                 lr=lr, loss="v", role=role, **common).args
-    if demo.method == "qr":
-        return nodes["CSA_TrainQRLoRA"].execute(targets="all linear", blocks="", rank=8, steps=steps, lr=lr,
+        precision=precision).args[0]
+
+
+def run_trainer(nodes, model, clip, vae, method: str, role: str, data, options, steps: int, lr: float, seed: int = 0,
+                filename: str = "", rank: int = 8) -> tuple:
+    """One of the pack's trainer nodes on world data: method lora / qr (every linear layer, v loss), consislora
+    (the world block split; content mode: ε loss then x0 from a third of the run; style mode: half the steps, then a
+    fresh style block with x0 loss) or b-lora (ConsisLoRA's B-LoRA mode, ε loss at 2 lr, both blocks). Returns the
+    node's outputs."""
+    common = {"model": model, "clip": clip, "vae": vae, "data": data, "seed": seed, "filename": filename,
+              "overwrite": bool(filename), "resume_from": "none", "options": options}
+    if method == "lora":
+        return nodes["CSA_TrainAdapter"].execute(targets="all linear", blocks="", rank=rank, alpha=float(rank),
+                                                 steps=steps, lr=lr, loss="v", role=role, **common).args
+    if method == "qr":
+        return nodes["CSA_TrainQRLoRA"].execute(targets="all linear", blocks="", rank=rank, steps=steps, lr=lr,
                                                 loss="v", role=role, **common).args
-    mode = "content" if demo.kind == "star" else "style"
-    first = steps if mode == "content" else steps // 2
+    mode = "b-lora" if method == "b-lora" else role
+    first = steps // 2 if mode == "style" else steps
     return nodes["CSA_TrainConsisLoRA"].execute(
-        mode=mode, block_split="world", content_blocks="", style_blocks="", rank=8, alpha=8.0, steps=first,
-        switch_step=first // 3, lr_epsilon=2 * lr, lr_x0=lr, style_steps=steps - first, style_lr=lr,
-        style_noise_offset=0.03, **common).args
+        mode=mode, block_split="world", content_blocks="", style_blocks="", rank=rank, alpha=float(rank), steps=first,
+        switch_step=first // 3 if mode != "b-lora" else first, lr_epsilon=2 * lr, lr_x0=lr,
+        style_steps=steps - first, style_lr=lr, style_noise_offset=0.03, **common).args
+
+
+def train(nodes, model, clip, vae, demo: Demo, args):
+    role = "content" if demo.kind == "star" else "style"
+    data = training_data(nodes, role, demo.kind, args.per_pair)
+    steps, lr = args.steps or RECIPES[demo.method]["steps"], args.lr or RECIPES[demo.method]["lr"]
+    return run_trainer(nodes, model, clip, vae, demo.method, role, data, training_options(nodes), steps, lr,
+                       filename=demo.name)
 
 
 def judged(nodes, model, clip, vae, adapter, kind: str, evaluators, args) -> tuple[float, list[str]]:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "bench").glob("*.py")
                        if p.name != "harness.py")
-# make target -> its scripts (Makefile): world, evaluate, demo-adapters, block-split
+# make target -> its scripts (Makefile): world, evaluate, demo-adapters, block-split, benchmark
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
@@ -26,6 +26,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
+    ["bench/world/method_benchmark.py"],  # make benchmark (the smoke also checks that every row is produced)
 ]
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
@@ -38,7 +39,8 @@ def repository_state() -> dict[str, str]:
     """Hashes of every file a bench or training script may write in the repository."""
     watched = [REPO_ROOT / "bench" / "RESULTS.md", *sorted((REPO_ROOT / "bench" / "world").rglob("*.png")),
                *sorted((REPO_ROOT / "bench" / "world" / "weights").iterdir()),
-               *sorted((REPO_ROOT / "bench" / "world" / "adapters").glob("*"))]
+               *sorted((REPO_ROOT / "bench" / "world" / "adapters").glob("*")),
+               *sorted((REPO_ROOT / "bench" / "world" / "benchmark").glob("*"))]
     return {str(p.relative_to(REPO_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
 
 

@@ -1,0 +1,693 @@
+"""Method benchmark on the world: does each method combine a held-out content and a held-out style better than the
+naive sum of two LoRAs? One command, one table.
+
+    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 250] [--only naive,guider] [--estimate]
+    make benchmark
+
+For every held-out content x style pair (star, heart x zigzag, speckled) and training seed, each trainer of the pack
+learns the content (the shape in every base style, captioned 'a <style> sks') and the style (the texture on every
+base shape, captioned 'a zkz <shape>') from the same world pictures with the same budget (steps x batch 4; ConsisLoRA's
+style mode splits its steps between its two stages). Each row composes them with the pack's nodes (Apply Adapters,
+QR Merge, Compose Content and Style, the Content-Style Guider) and samples with ComfyUI's own samplers
+(common_ksampler, or CFGGuider.sample for the guider: what SamplerCustomAdvanced runs), Euler, CFG 4, 4 sampling seeds
+(one batch). Rows with a grid (naive strengths, guider λ) are judged on the composed prompt for every grid point and
+the best point is then measured in full: that choice is made on the measured pictures and is reported as such.
+
+Measures (the world evaluators, bench/world/evaluators.py):
+- both right / content / style: 'a zkz sks' with both adapters; content = the content evaluator says the held-out
+  shape. The strict style evaluator cannot be satisfied on this base model: the world VAE's own round trip of real
+  zigzag and speckled pictures is labelled zigzag / speckled 0% of the time (measured each run, in the notes), so
+  the headline uses a *VAE-drawable* style judgement: a linear probe trained on VAE round trips of real pictures of
+  the seven styles (style-classifier features + colour histogram; its accuracy on fresh round trips, about 96%
+  zigzag, 83% speckled, 92-100% base styles, is measured each run and printed beside it). Strict figures too.
+- recontextualisation: 'a <base style> sks' (the first --prompts of RECONTEXT_STYLES): the held-out shape drawn in
+  the prompted base style.
+- leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES): the prompted base shape survives.
+- scene fidelity: not measurable: the world generator and base model draw one object per picture.
+- change outside the object: generated pictures have no ground-truth mask, so the object is estimated (pixels further
+  than 0.25 from the world's background colour, dilated 2 px) and the mean absolute difference from the background
+  colour outside it is reported (0..1).
+- diversity: mean pairwise RMS distance between the 4 sampling seeds' pictures of 'a zkz sks'.
+- training CPU seconds (both adapters of the row), trainable parameters (both), sampling CPU seconds per picture
+  (process time on one thread: the machine is shared).
+Spreads: standard deviation over training seeds x sampling seeds (per-image rates), or over training seeds.
+
+Rows are entries of ROWS (name -> trainer + compose function); a trainer is an entry of TRAINERS. Methods without a
+trainer in the pack yet (B4M, Personalized Residuals) are rows marked "not yet" with the reason.
+
+Outputs (full runs only): the table appended to bench/RESULTS.md; bench/world/benchmark/: results.json (every figure),
+one contact sheet per row (rows: pairs; columns: training seed x sampling seed, of 'a zkz sks') and, when matplotlib is
+installed, bar charts with error bars (``--charts-only`` redraws them from results.json).
+
+Cost (CPU seconds on one thread of this machine, measured 2026-11-23 by a partial run: star x zigzag, one training
+seed, 150 steps, rows naive, guider and QR-LoRA; 809 CPU s in all, the machine shared at load 5-6): training 0.45 s
+per step (batch 4) for LoRA, 0.43 QR-LoRA, 0.31 ConsisLoRA / B-LoRA (two blocks); sampling 1.7 s per picture (Euler 20
+steps, CFG, decoding and judging included), 3x that under the guider with both λ on; the judge's round trips ~60 s.
+The partial run's ConsisLoRA (+ guider) and QR-LoRA content adapters had not learnt the star at 150 steps
+(content 0%; the naive LoRAs 75%), and the demo recipes use 400-500 steps, so the defaults spend the budget on
+training: 4 pairs, 3 training seeds, 250 steps, 4 sampling seeds, 1 recontextualisation style and 1 leakage shape,
+about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, **about 2.0 CPU hours** (`--estimate` prints
+the figure for any settings: 150 steps with 2 prompts each is 1.9 h, 300 steps with 1 prompt 2.3 h, 400 steps 2.8 h).
+The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
+prints its estimate first; wall time is longer when the cores are shared. The smoke size (--smoke: one pair, one
+seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+import harness  # noqa: E402
+from harness import parse_args, record  # noqa: E402
+from train_demo_adapters import CONTENT_WORD, STYLE_WORD, run_trainer, training_data, training_options  # noqa: E402
+from world import BACKGROUND, BASE_SHAPES, BASE_STYLES, HELD_OUT_SHAPES, HELD_OUT_STYLES, STYLES, render  # noqa: E402
+
+OUT = HERE / "benchmark"
+PAIRS = [(shape, style) for shape in HELD_OUT_SHAPES for style in HELD_OUT_STYLES]
+COMPOSED = f"a {STYLE_WORD} {CONTENT_WORD}"
+# Recontextualisation styles and leakage shapes, in the order --prompts takes them (varied first: colour, pattern).
+RECONTEXT_STYLES = ("red", "checkered", "striped", "gradient", "dotted")
+LEAKAGE_SHAPES = ("circle", "triangle", "square", "cross", "ring", "diamond")
+assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(BASE_SHAPES)
+SAMPLING = {"seed": 1000, "cfg": 4.0}
+# Learning rates per trainer (the demo adapters' recipes, bench/world/train_demo_adapters.py; ConsisLoRA / B-LoRA: lr
+# is the x0 rate, ε runs at twice it). Every trainer gets the same steps x batch.
+LEARNING_RATES = {"lora": 3e-3, "qr": 5e-3, "consislora": 3e-3, "b-lora": 3e-3}
+# Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
+STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31}
+PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    """One trained adapter (ConsisLoRA / B-LoRA: also its two blocks) and what it cost."""
+    adapter: object
+    blocks: dict = field(default_factory=dict)  # 'content' / 'style' -> block adapters (ConsisLoRA, B-LoRA)
+    cpu_seconds: float = 0.0
+    parameters: int = 0
+
+
+def trainable_count(adapter) -> int:
+    """Trained parameters: every factor, except QR-LoRA, where only ΔR's upper triangle trains (Q is frozen)."""
+    if adapter.method != "qr-lora":
+        return adapter.parameter_count
+    return sum(sum(max(m.down.flatten(1).shape[1] - i, 0) for i in range(m.rank)) for m in adapter.modules.values())
+
+
+def pack_trainer(method: str):
+    """A trainer entry: (ctx, role, target, seed) -> Trained, through the pack's trainer node for ``method``."""
+    def train(ctx, role: str, target: str, seed: int) -> Trained:
+        data = training_data(ctx.nodes, role, target, ctx.args.per_pair)
+        cpu = time.process_time()
+        out = run_trainer(ctx.nodes, ctx.model, ctx.clip, ctx.vae, method, role, data, training_options(ctx.nodes),
+                          ctx.args.steps, LEARNING_RATES[method], seed=seed)
+        cpu = time.process_time() - cpu
+        blocks = {"content": out[1], "style": out[2]} if method in ("consislora", "b-lora") else {}
+        return Trained(out[0], blocks, cpu, trainable_count(out[0]))
+    return train
+
+
+TRAINERS: dict[str, Callable] = {method: pack_trainer(method) for method in LEARNING_RATES}
+
+
+# -- composing and sampling -----------------------------------------------------------------------------------------
+
+def ksampler(ctx, model) -> Callable[[str], torch.Tensor]:
+    """prompt -> (seeds, 3, 64, 64) pictures in [0, 1] through ComfyUI's common_ksampler (Euler, normal)."""
+    from evaluate import sample_caption
+
+    return lambda prompt: sample_caption(model, ctx.clip, ctx.vae, prompt, ctx.args.sampling_seeds,
+                                         ctx.args.sample_steps, SAMPLING["cfg"], SAMPLING["seed"])
+
+
+def compose_naive(ctx, content: Trained, style: Trained, variant: dict):
+    model = ctx.nodes["CSA_ApplyAdapters"].execute(
+        model=ctx.model, adapter=content.adapter.replace(strength=variant["content"]),
+        adapter_2=style.adapter.replace(strength=variant["style"]), block_strengths="").args[0]
+    return ksampler(ctx, model)
+
+
+def compose_qr_merge(ctx, content: Trained, style: Trained, variant: dict):
+    model = ctx.nodes["CSA_QRMerge"].execute(model=ctx.model, content=content.adapter, style=style.adapter,
+                                             lambda_content=1.0, lambda_style=1.0,
+                                             interference=variant["interference"]).args[0]
+    return ksampler(ctx, model)
+
+
+def compose_blocks(ctx, content: Trained, style: Trained, variant: dict):
+    model = ctx.nodes["CSA_ComposeContentAndStyle"].execute(
+        model=ctx.model, content_image_adapter=content.adapter, style_image_adapter=style.adapter).args[0]
+    return ksampler(ctx, model)
+
+
+GUIDANCE_PROMPTS = {"content_positive": "a {c}", "content_negative": "a {v}",  # the world's caption form 'a <word>'
+                    "style_positive": "a {v}", "style_negative": "a {c}"}
+
+
+def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
+    """Content-Style Guider with the four ConsisLoRA blocks, sampled as SamplerCustomAdvanced samples."""
+    import comfy.sample
+    import comfy.samplers
+
+    blocks = {"content_of_content": content.blocks["content"], "style_of_content": content.blocks["style"],
+              "content_of_style": style.blocks["content"], "style_of_style": style.blocks["style"]}
+    negative = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(""))
+
+    def sample(prompt: str) -> torch.Tensor:
+        positive = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(prompt))
+        guider = ctx.nodes["CSA_ContentStyleGuider"].execute(
+            model=ctx.model, clip=ctx.clip, positive=positive, negative=negative, cfg=SAMPLING["cfg"],
+            lambda_content=variant["lambda"], lambda_style=variant["lambda"], content_token=CONTENT_WORD,
+            style_token=STYLE_WORD, **GUIDANCE_PROMPTS, **blocks).args[0]
+        latent = torch.zeros(ctx.args.sampling_seeds, 4, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, SAMPLING["seed"])
+        sigmas = comfy.samplers.calculate_sigmas(ctx.model.get_model_object("model_sampling"), "normal",
+                                                 ctx.args.sample_steps).cpu()
+        samples = guider.sample(noise, latent, comfy.samplers.sampler_object("euler"), sigmas, disable_pbar=True,
+                                seed=SAMPLING["seed"])
+        with torch.no_grad():
+            return ctx.vae.decode(samples).movedim(-1, 1).clamp(0, 1)
+    return sample
+
+
+def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
+    """Personalized Residuals: the style LoRA applied (Apply Adapters), then, per prompt, Apply Localized Residual with
+    the content residual (LAG on or off). A prompt without the content word (leakage) has nothing to localise on and
+    gets the residual without LAG. Ready for a residual trainer (a TRAINERS entry); not measured until one exists."""
+    import nodes as comfy_nodes
+
+    styled = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter, block_strengths="").args[0]
+    negative = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(""))
+
+    def sample(prompt: str) -> torch.Tensor:
+        named = CONTENT_WORD in prompt.split()
+        model, positive = ctx.nodes["CSA_ApplyLocalizedResidual"].execute(
+            model=styled, residual=content.adapter, clip=ctx.clip, prompt=prompt,
+            concept_words=CONTENT_WORD if named else prompt.split()[-1], lag=variant["lag"] and named,
+            threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args[:2]
+        latent = {"samples": torch.zeros(ctx.args.sampling_seeds, 4, 8, 8)}
+        samples = comfy_nodes.common_ksampler(model, SAMPLING["seed"], ctx.args.sample_steps, SAMPLING["cfg"], "euler",
+                                              "normal", positive, negative, latent)[0]
+        with torch.no_grad():
+            return ctx.vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
+    return sample
+
+
+@dataclass(frozen=True)
+class Row:
+    """One method: the trainer entry both adapters come from, how they are composed, the grid (best point measured),
+    the papers' claim to compare with, or why the row is not measured yet."""
+    name: str
+    trainer: str = ""  # the content adapter's trainer (and the style adapter's, unless style_trainer is set)
+    compose: Callable | None = None
+    grid: tuple = ({},)
+    claim: str = ""
+    not_yet: str = ""
+    style_trainer: str = ""
+
+    @property
+    def trainers(self) -> tuple[str, str]:
+        return self.trainer, self.style_trainer or self.trainer
+
+
+NAIVE = "naive sum of two LoRAs"
+ROWS = [
+    Row(NAIVE, "lora", compose_naive,
+        tuple({"content": c, "style": s} for c in (1.0, 0.75) for s in (1.0, 0.75)),
+        claim="the baseline every paper compares against"),
+    Row("QR Merge of the plain LoRAs", "lora", compose_qr_merge, ({"interference": "off"},),
+        claim="exactly the weighted sum at λ = 1 (concatenated factors): should equal the naive sum at strengths 1"),
+    Row("QR Merge of the plain LoRAs, interference removed", "lora", compose_qr_merge,
+        ({"interference": "style without content directions"},),
+        claim="QR-LoRA's authors: disentanglement alone does not guarantee a good merge"),
+    Row("B-LoRA block split (composed)", "b-lora", compose_blocks,
+        claim="ConsisLoRA Table 1 (SDXL): B-LoRA style CLIP 0.654, content DINO 0.536; ZipLoRA 0.643 / 0.488"),
+    Row("ConsisLoRA (composed)", "consislora", compose_blocks,
+        claim="ConsisLoRA Table 1 (SDXL): style CLIP 0.659, content DINO 0.629, above B-LoRA's 0.536 content"),
+    Row("ConsisLoRA + Content-Style Guider", "consislora", compose_guider,
+        tuple({"lambda": lam} for lam in (0.5, 1.0)),
+        claim="ConsisLoRA: the guidance terms strengthen content and style beyond plain composition"),
+    Row("QR-LoRA (trained ΔR) merged", "qr", compose_qr_merge, ({"interference": "off"},),
+        claim="QR-LoRA: ΔR-only training disentangles so the merge keeps both (no numbers retrieved)"),
+    Row("B4M make", not_yet="not yet: the pack has no B4M trainer (Train B4M Content / Style / Make are being written "
+        "for issue 16); add a TRAINERS entry and a compose function"),
+    # When issue 16's residual trainer lands: TRAINERS["residual"] = <its train function>, and drop not_yet here.
+    Row("Personalized Residual (content) + style LoRA, LAG off", "residual", compose_residual, ({"lag": False},),
+        style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts",
+        not_yet="not yet: the pack has no Personalized Residual trainer (issue 16); New Residual Adapter only "
+        "initialises one (compose_residual is ready)"),
+    Row("Personalized Residual (content) + style LoRA, LAG on", "residual", compose_residual, ({"lag": True},),
+        style_trainer="lora", claim="Personalized Residuals: LAG changes only the concept's region",
+        not_yet="not yet: as above (Apply Localized Residual exists, the residual to apply cannot be trained yet)"),
+    Row("IPL style from a reference image (Image to Prompt Vectors)", not_yet="not measurable on the world: IPL needs "
+        "a CLIP vision model sharing one image-text space with the text encoder; the world's CLIP-L is a seeded random "
+        "text encoder and the only vision model here is an unrelated random ViT-L (600 MB, seconds per image), so a "
+        "mapper trained by Train Prompt Mapper would align noise, and the world UNet never saw prompt vectors"),
+]
+
+
+def estimate_seconds(rows: list, args) -> float:
+    """Expected CPU seconds of a run from the measured rates: every trainer's adapters (content and style targets x
+    training seeds) plus every picture (grid points on the composed prompt, then the recontextualisation and leakage
+    prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
+    measured = [row for row in rows if not row.not_yet]
+    contents, styles = len({p[0] for p in args.pairs}), len({p[1] for p in args.pairs})
+    jobs = {(t, role) for row in measured for t, role in zip(row.trainers, ("content", "style"))}
+    training = sum(STEP_SECONDS.get(t, 0.45) * (contents if role == "content" else styles) for t, role in jobs) \
+        * args.steps * args.seeds
+    per_cell = sum((len(row.grid) + 2 * args.prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
+                   for row in measured)
+    pictures = per_cell * args.sampling_seeds * len(args.pairs) * args.seeds
+    return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
+
+
+# -- judging --------------------------------------------------------------------------------------------------------
+
+class Judge:
+    """The world evaluators plus the VAE-drawable style judgement: a linear probe, trained on VAE round trips of real
+    pictures of all seven styles, over the style classifier's penultimate features and a colour histogram of the
+    object's pixels. Its accuracy on fresh round trips is the 'drawable' ceiling (the strict evaluator's is 0% for
+    zigzag and speckled)."""
+
+    def __init__(self, vae, smoke: bool):
+        from evaluators import load
+
+        self.models, _ = load()
+        train, test = (4, 2) if smoke else (48, 24)
+        features = torch.cat([self.probe_features(self.round_trip(vae, style, 3000, train)) for style in STYLES])
+        classes = torch.arange(len(STYLES)).repeat_interleave(train)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.probe = torch.nn.Linear(features.shape[1], len(STYLES))
+        optimiser = torch.optim.Adam(self.probe.parameters(), lr=0.05)
+        for _ in range(300):
+            loss = (torch.nn.functional.cross_entropy(self.probe(features), classes)
+                    + 1e-3 * self.probe.weight.pow(2).sum())
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        fresh = {style: self.round_trip(vae, style, 5000, test) for style in (*HELD_OUT_STYLES, *BASE_STYLES)}
+        self.ceiling = {style: {"strict": float(np.mean([s == style for s in self.labels(images)[1]])),
+                                "drawable": float(np.mean([s == style for s in self.drawable(images)]))}
+                        for style, images in fresh.items()}
+
+    @staticmethod
+    def round_trip(vae, style: str, first_seed: int, count: int) -> torch.Tensor:
+        shapes = (*BASE_SHAPES, *HELD_OUT_SHAPES)
+        images = torch.stack([torch.from_numpy(render(shapes[i % len(shapes)], style, first_seed + i).image)
+                              for i in range(count)]).float() / 255
+        with torch.no_grad():
+            return vae.decode(vae.encode(images)).movedim(-1, 1).clamp(0, 1)
+
+    @torch.no_grad()
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The style classifier's penultimate features (unit length) beside a 4x4x4 colour histogram of the pixels
+        further than 0.25 from the background (all pixels when none is)."""
+        import torch.nn.functional as F
+
+        style = self.models["style"]
+        deep = F.normalize(style.head[:-1](style.features(F.avg_pool2d(images, 2) * 2 - 1)), dim=1)
+        background = torch.tensor(BACKGROUND, dtype=torch.float32) / 255
+        histograms = []
+        for picture in images.movedim(1, -1).reshape(images.shape[0], -1, 3):
+            chosen = picture[(picture - background).abs().max(-1).values > 0.25]
+            chosen = chosen if len(chosen) else picture
+            bins = (chosen * 3.999).long().clamp(0, 3)
+            counts = torch.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64).float()
+            histograms.append(counts / counts.sum())
+        return torch.cat([deep, 2 * torch.stack(histograms)], dim=1)
+
+    def labels(self, images: torch.Tensor) -> tuple[list[str], list[str]]:
+        from evaluators import classify
+
+        return classify(self.models, images)
+
+    @torch.no_grad()
+    def drawable(self, images: torch.Tensor) -> list[str]:
+        return [STYLES[i] for i in self.probe(self.probe_features(images)).argmax(1)]
+
+
+def background_change(pixels: np.ndarray) -> float:
+    """Mean |pixel - background| (0..1) outside the estimated object: pixels further than 0.25 from the background
+    colour (max over channels), dilated by 2 px."""
+    difference = np.abs(pixels.astype(np.float32) - np.array(BACKGROUND, np.float32)) / 255
+    obj = torch.from_numpy((difference.max(-1) > 0.25).astype(np.float32))[:, None]
+    grown = torch.nn.functional.max_pool2d(obj, 5, stride=1, padding=2)[:, 0].numpy() > 0
+    outside = ~grown
+    return float(difference.mean(-1)[outside].mean()) if outside.any() else 1.0
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    return (images.movedim(1, -1).numpy() * 255).round().astype(np.uint8)
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Context:
+    nodes: dict
+    model: object
+    clip: object
+    vae: object
+    judge: Judge
+    args: argparse.Namespace
+    trained: dict = field(default_factory=dict)  # (trainer, role, target, seed) -> Trained
+
+    def adapter(self, trainer: str, role: str, target: str, seed: int) -> Trained:
+        key = (trainer, role, target, seed)
+        if key not in self.trained:
+            started = time.time()
+            self.trained[key] = TRAINERS[trainer](self, role, target, seed)
+            log(f"trained {trainer} {role} {target} seed {seed}: {self.trained[key].cpu_seconds:.0f} CPU s, "
+                f"{time.time() - started:.0f} s wall")
+        return self.trained[key]
+
+
+STARTED = time.time()
+
+
+def log(text: str) -> None:
+    print(f"[{time.time() - STARTED:6.0f} s] {text}", flush=True)
+
+
+def judge_composed(ctx, images: torch.Tensor, shape: str, style: str) -> dict:
+    shapes, strict = ctx.judge.labels(images)
+    drawable = ctx.judge.drawable(images)
+    content = [s == shape for s in shapes]
+    return {"content": content, "style": [s == style for s in drawable], "style_strict": [s == style for s in strict],
+            "both": [c and s == style for c, s in zip(content, drawable)],
+            "both_strict": [c and s == style for c, s in zip(content, strict)]}
+
+
+def measure_row(ctx, row: Row) -> dict:
+    """Every measure of one row over pairs x training seeds (grid: best point on the composed prompt)."""
+    from evaluators import diversity
+
+    args = ctx.args
+    cells = [(pair, seed) for seed in args.train_seeds for pair in args.pairs]
+    samplers, composed = {}, {}
+    grid_scores = []
+    for index, variant in enumerate(row.grid):
+        for (shape, style), seed in cells:
+            content = ctx.adapter(row.trainers[0], "content", shape, seed)
+            styled = ctx.adapter(row.trainers[1], "style", style, seed)
+            sample = row.compose(ctx, content, styled, variant)
+            started = time.process_time()
+            images = sample(COMPOSED)
+            elapsed = time.process_time() - started
+            samplers[index, shape, style, seed] = sample
+            composed[index, shape, style, seed] = (images, elapsed)
+        hits = [judge_composed(ctx, composed[index, s, t, seed][0], s, t) for (s, t), seed in cells]
+        grid_scores.append((float(np.mean([h["both"] for h in hits])), float(np.mean([h["content"] for h in hits]))))
+        log(f"{row.name} {variant}: both right {grid_scores[-1][0]:.0%}, content {grid_scores[-1][1]:.0%}")
+    best = max(range(len(row.grid)), key=lambda i: grid_scores[i])
+    per_image = {k: [] for k in ("both", "content", "style", "both_strict", "style_strict", "recontext",
+                                 "recontext_style", "leakage")}
+    per_seed = {k: [] for k in ("diversity", "background", "cpu", "parameters")}
+    seconds, pictures, sheet = 0.0, 0, {}
+    for (shape, style), seed in cells:
+        images, elapsed = composed[best, shape, style, seed]
+        seconds, pictures = seconds + elapsed, pictures + images.shape[0]
+        judged = judge_composed(ctx, images, shape, style)
+        for key, values in judged.items():
+            per_image[key].append((seed, values))
+        pixels = to_pixels(images)
+        sheet[shape, style, seed] = pixels
+        per_seed["diversity"].append((seed, diversity(pixels)))
+        per_seed["background"].append((seed, background_change(pixels)))
+        sample = samplers[best, shape, style, seed]
+        for base_style in RECONTEXT_STYLES[:args.prompts]:
+            shapes, styles = ctx.judge.labels(sample(f"a {base_style} {CONTENT_WORD}"))
+            per_image["recontext"].append((seed, [a == shape and b == base_style for a, b in zip(shapes, styles)]))
+            per_image["recontext_style"].append((seed, [b == base_style for b in styles]))
+        for base_shape in LEAKAGE_SHAPES[:args.prompts]:
+            shapes, _ = ctx.judge.labels(sample(f"a {STYLE_WORD} {base_shape}"))
+            per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
+    for seed in args.train_seeds:
+        trained = [ctx.adapter(row.trainers[0], "content", s, seed) for s in {p[0] for p in args.pairs}] + \
+                  [ctx.adapter(row.trainers[1], "style", s, seed) for s in {p[1] for p in args.pairs}]
+        per_seed["cpu"].append((seed, sum(t.cpu_seconds for t in trained) / (len(trained) / 2)))
+        per_seed["parameters"].append((seed, sum(t.parameters for t in trained) / (len(trained) / 2)))
+    result = {"row": row.name, "chosen": row.grid[best], "grid": [{"variant": v, "both": s[0], "content": s[1]}
+                                                                  for v, s in zip(row.grid, grid_scores)],
+              "sampling_seconds_per_image": seconds / max(pictures, 1)}
+    for key, entries in per_image.items():
+        result[key] = image_rate(entries, args.train_seeds)
+    for key, entries in per_seed.items():
+        values = [v for _, v in entries]
+        result[key] = {"mean": float(np.mean(values)), "spread": float(np.std(values))}
+    result["sheet"] = sheet
+    return result
+
+
+def image_rate(entries: list[tuple[int, list[bool]]], seeds) -> dict:
+    """Mean and spread of a per-image rate: one cell per (training seed, sampling seed), averaged over prompts/pairs."""
+    cells = []
+    for seed in seeds:
+        lists = [values for s, values in entries if s == seed]
+        for column in range(len(lists[0]) if lists else 0):
+            cells.append(float(np.mean([values[column] for values in lists])))
+    return {"mean": float(np.mean(cells)) if cells else 0.0, "spread": float(np.std(cells)) if cells else 0.0}
+
+
+# -- outputs --------------------------------------------------------------------------------------------------------
+
+def fmt(measure: dict, percent: bool = True) -> str:
+    if percent:
+        return f"{measure['mean']:.0%} ± {measure['spread'] * 100:.0f}"
+    return f"{measure['mean']:.3f} ± {measure['spread']:.3f}"
+
+
+COLUMNS = ("method", "both right (drawable style)", "content", "style (drawable)", "both right (strict)",
+           "recontextualisation", "leakage: base shape kept", "scene fidelity", "change outside object",
+           "diversity", "training CPU s", "trainable parameters", "sampling CPU s / image", "vs naive (both right)")
+
+
+def table_rows(results: list[dict]) -> list[tuple]:
+    naive = next((r for r in results if r["row"] == NAIVE and "both" in r), None)
+    rows = []
+    for r in results:
+        if "not_yet" in r:
+            rows.append((r["row"], *["—"] * (len(COLUMNS) - 2), r["not_yet"]))
+            continue
+        name = r["row"] + (f" (best of {len(r['grid'])}: {describe(r['chosen'])})" if len(r["grid"]) > 1 else "")
+        rows.append((name, fmt(r["both"]), fmt(r["content"]), fmt(r["style"]), fmt(r["both_strict"]),
+                     f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})", fmt(r["leakage"]),
+                     "not measurable (one object per world picture)", fmt(r["background"], False),
+                     fmt(r["diversity"], False), f"{r['cpu']['mean']:.0f} ± {r['cpu']['spread']:.0f}",
+                     f"{r['parameters']['mean']:,.0f}", f"{r['sampling_seconds_per_image']:.2f}",
+                     verdict(r, naive)))
+    return rows
+
+
+def describe(variant: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in variant.items())
+
+
+def verdict(result: dict, naive: dict | None) -> str:
+    if naive is None:
+        return "no naive row in this run"
+    if result is naive:
+        return "the baseline"
+    delta = (result["both"]["mean"] - naive["both"]["mean"]) * 100
+    spread = max(result["both"]["spread"], naive["both"]["spread"]) * 100
+    if delta > spread:
+        return f"beats it by {delta:.0f} points (more than the spread {spread:.0f})"
+    if delta > 0:
+        return f"+{delta:.0f} points, within the spread ({spread:.0f}): not a clear win"
+    return f"did NOT beat the naive sum ({'tie' if round(delta) == 0 else f'{delta:.0f} points'})"
+
+
+def write_sheets(results: list[dict], args, folder: Path) -> list[Path]:
+    """One contact sheet per measured row: rows pairs, columns training seed x sampling seed ('a zkz sks')."""
+    from PIL import Image, ImageDraw
+
+    written = []
+    label = 110
+    for r in results:
+        if "sheet" not in r:
+            continue
+        lines = []
+        for shape, style in args.pairs:
+            strip = np.concatenate([np.pad(r["sheet"][shape, style, seed], ((0, 0), (1, 1), (1, 1), (0, 0)),
+                                           constant_values=255) for seed in args.train_seeds], axis=0)
+            lines.append(np.concatenate(list(strip), axis=1))
+        width = max(line.shape[1] for line in lines)
+        canvas = Image.new("RGB", (label + width, 16 + sum(line.shape[0] for line in lines)), "white")
+        draw = ImageDraw.Draw(canvas)
+        title = r["row"].replace("Δ", "delta ").replace("λ", "lambda ")
+        draw.text((4, 2), f"{title}: '{COMPOSED}'; columns: training seeds x sampling seeds", fill="black")
+        y = 16
+        for (shape, style), line in zip(args.pairs, lines):
+            canvas.paste(Image.fromarray(line), (label, y))
+            draw.text((4, y + line.shape[0] // 2 - 6), f"{shape} x {style}", fill="black")
+            y += line.shape[0]
+        path = folder / f"{slug(r['row'])}.png"
+        canvas.save(path)
+        written.append(path)
+    return written
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isascii() and c.isalnum() else "_" for c in name.lower()).strip("_")[:60]
+
+
+CHARTS = (("both", "both right (drawable style)"), ("content", "content right"), ("recontext", "recontextualisation"),
+          ("leakage", "leakage: base shape kept"))
+
+
+def write_charts(results: list[dict], folder: Path) -> list[Path]:
+    """Bar charts with error bars (one per measure); skipped with a message when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed in .venv: no bar charts (run --charts-only later to draw them)")
+        return []
+    measured = [r for r in results if "both" in r]
+    written = []
+    for key, title in CHARTS:
+        figure, axis = plt.subplots(figsize=(8, 3.6))
+        names = [r["row"] for r in measured]
+        axis.bar(range(len(names)), [r[key]["mean"] * 100 for r in measured],
+                 yerr=[r[key]["spread"] * 100 for r in measured], capsize=3, color="#4c72b0")
+        naive = next((r for r in measured if r["row"] == NAIVE), None)
+        if naive is not None:
+            axis.axhline(naive[key]["mean"] * 100, color="grey", linestyle="--", linewidth=1, label="naive sum")
+            axis.legend(fontsize=7, loc="upper right")
+        axis.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        axis.set_ylabel("% of pictures")
+        axis.set_ylim(0, 105)
+        axis.set_title(f"{title} (mean ± std over training x sampling seeds)", fontsize=9)
+        figure.tight_layout()
+        path = folder / f"chart_{key}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds (0..N-1)")
+    parser.add_argument("--steps", type=int, default=250, help="optimiser steps per adapter, batch 4, every trainer")
+    parser.add_argument("--per-pair", type=int, default=3, help="training pictures per (shape, style) pair")
+    parser.add_argument("--sampling-seeds", type=int, default=4, help="pictures per prompt (one batch)")
+    parser.add_argument("--sample-steps", type=int, default=20)
+    parser.add_argument("--prompts", type=int, default=1, help="base styles (recontextualisation) and base shapes "
+                        "(leakage) used, the first N of RECONTEXT_STYLES / LEAKAGE_SHAPES")
+    parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
+    parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--charts-only", action="store_true", help="redraw the charts from <out>/results.json")
+    parser.add_argument("--estimate", action="store_true", help="print the expected CPU time of these settings, exit")
+    args = parse_args(parser, {"seeds": 1, "steps": 2, "per_pair": 1, "sampling_seeds": 2, "sample_steps": 2,
+                               "prompts": 1, "pairs": 1})
+    if harness.SMOKE:
+        args.out = Path(tempfile.mkdtemp(prefix="csa-benchmark-smoke-"))
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.charts_only:
+        write_charts(json.loads((args.out / "results.json").read_text())["rows"], args.out)
+        return
+    torch.set_num_threads(1)
+    args.train_seeds = list(range(args.seeds))
+    args.pairs = PAIRS[:args.pairs]
+    chosen = [row for i, row in enumerate(ROWS, 1)
+              if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
+                                      for o in args.only.split(","))]
+    if args.estimate:
+        print(f"about {estimate_seconds(chosen, args) / 3600:.2f} CPU hours on one thread of the machine measured")
+        return
+    nodes, _ = harness.start_comfy()
+    import comfy.sd
+    from evaluate import WORLD_CHECKPOINT
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
+    ctx = Context(nodes, model, clip, vae, Judge(vae, harness.SMOKE), args)
+    log(f"judge ready; VAE round-trip ceilings {ctx.judge.ceiling}")
+    log(f"expected about {estimate_seconds(chosen, args) / 60:.0f} CPU minutes (measured rates of this machine)")
+    results, cpu = [], time.process_time()
+    for row in chosen:
+        if row.not_yet:
+            results.append({"row": row.name, "not_yet": row.not_yet})
+            continue
+        started, cpu_started = time.time(), time.process_time()
+        results.append(measure_row(ctx, row))
+        log(f"{row.name}: measured in {time.process_time() - cpu_started:.0f} CPU s, {time.time() - started:.0f} s "
+            f"wall (training included when first needed)")
+    cpu = time.process_time() - cpu
+    missing = [row.name for row in chosen if not any(r["row"] == row.name for r in results)]
+    assert not missing, f"rows not produced: {missing}"
+    log(f"rows produced: {len(results)} of {len(chosen)} ({sum('not_yet' in r for r in results)} marked not yet)")
+    sheets = write_sheets(results, args, args.out)
+    charts = write_charts(results, args.out)
+    serialisable = [{k: v for k, v in r.items() if k != "sheet"} for r in results]
+    (args.out / "results.json").write_text(json.dumps({"rows": serialisable, "ceiling": ctx.judge.ceiling,
+                                                        "settings": settings(args)}, indent=1))
+    record_table(results, ctx, args, cpu, sheets, charts)
+
+
+def settings(args) -> dict:
+    return {"pairs": [list(p) for p in args.pairs], "training_seeds": args.train_seeds, "steps": args.steps,
+            "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
+            "sample_steps": args.sample_steps, "prompts": args.prompts, "learning_rates": LEARNING_RATES}
+
+
+def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
+    rows = table_rows(results)
+    ceiling = ctx.judge.ceiling
+    notes = (
+        f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
+        f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
+        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8; learning "
+        f"rates {LEARNING_RATES}. Sampling: Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
+        f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
+        f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
+        f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "
+        f"held-out shape in that base style (in brackets: the base style alone), base styles "
+        f"{', '.join(RECONTEXT_STYLES[:args.prompts])}; leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, "
+        f"base shapes {', '.join(LEAKAGE_SHAPES[:args.prompts])}. Training "
+        f"CPU s and parameters: the content and the style adapter of a pair together.\n\n"
+        f"Style ceilings (world VAE round trip of real pictures): strict evaluator "
+        + ", ".join(f"{s} {c['strict']:.0%}" for s, c in ceiling.items() if s in HELD_OUT_STYLES)
+        + "; the drawable-style judgement on fresh round trips "
+        + ", ".join(f"{s} {c['drawable']:.0%}" for s, c in ceiling.items()) + ". "
+        "Grid rows were chosen on the measured pictures (optimistic for them). Where a row did not beat the naive sum "
+        "the last column says so.\n\n" + paper_notes(results) +
+        f"\n\nContact sheets: {', '.join(relative(p) for p in sheets)}. "
+        + (f"Charts: {', '.join(relative(p) for p in charts)}. " if charts else
+           "No charts: matplotlib is not installed in .venv (`--charts-only` draws them from results.json). ")
+        + f"{cpu:.0f} CPU s in all.")
+    record(f"Method benchmark on the world: held-out content x style ({len(args.pairs)} pairs x {len(args.train_seeds)} "
+           f"training seeds)", rows, notes=notes, columns=COLUMNS)
+
+
+def relative(path: Path) -> str:
+    try:
+        return path.relative_to(harness.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def paper_notes(results) -> str:
+    claims = {row.name: row.claim for row in ROWS}
+    return "Papers' claims beside these rows:\n\n" + "\n".join(
+        f"- {r['row']}: {claims.get(r['row']) or '—'}" for r in results if "not_yet" not in r)
+
+
+if __name__ == "__main__":
+    main()

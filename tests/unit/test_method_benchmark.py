@@ -1,0 +1,83 @@
+"""The method benchmark's bookkeeping (bench/world/method_benchmark.py): spreads, verdicts against the naive sum, the
+table's rows, the measures that need no model, and the run-time estimate the docstring states."""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+WORLD = Path(__file__).resolve().parents[2] / "bench" / "world"
+sys.path[:0] = [str(WORLD), str(WORLD.parent)]
+
+import method_benchmark as mb  # noqa: E402
+from world import render  # noqa: E402
+
+from core.adapter import Adapter, LowRank  # noqa: E402
+
+
+def test_rates_are_averaged_per_training_and_sampling_seed():
+    entries = [(0, [True, False]), (0, [True, True]), (1, [False, False]), (1, [True, False])]
+    rate = mb.image_rate(entries, [0, 1])
+    cells = [1.0, 0.5, 0.5, 0.0]  # seed 0: columns (T,T), (F,T); seed 1: (F,T), (F,F)
+    assert rate["mean"] == pytest.approx(np.mean(cells)) and rate["spread"] == pytest.approx(np.std(cells))
+
+
+def result(both: float, spread: float = 0.05) -> dict:
+    return {"both": {"mean": both, "spread": spread}}
+
+
+def test_verdicts_say_plainly_where_the_naive_sum_was_not_beaten():
+    naive = result(0.5)
+    assert mb.verdict(naive, naive) == "the baseline"
+    assert mb.verdict(result(0.7), naive).startswith("beats it by 20 points")
+    assert "not a clear win" in mb.verdict(result(0.53), naive)
+    assert mb.verdict(result(0.3), naive) == "did NOT beat the naive sum (-20 points)"
+    assert mb.verdict(result(0.5), naive) == "did NOT beat the naive sum (tie)"
+    assert mb.verdict(result(0.9), None) == "no naive row in this run"
+
+
+def measured(name: str) -> dict:
+    rate = {"mean": 0.5, "spread": 0.1}
+    return {"row": name, "chosen": {"content": 1.0}, "grid": [{}, {}], "sampling_seconds_per_image": 1.5,
+            **{k: rate for k in ("both", "content", "style", "both_strict", "recontext", "recontext_style", "leakage",
+                                 "diversity", "background", "cpu", "parameters")}}
+
+
+def test_every_row_gets_a_table_line_and_not_yet_rows_give_their_reason():
+    results = [measured(row.name) if not row.not_yet else {"row": row.name, "not_yet": row.not_yet}
+               for row in mb.ROWS]
+    lines = mb.table_rows(results)
+    assert len(lines) == len(mb.ROWS) and all(len(line) == len(mb.COLUMNS) for line in lines)
+    for row, line in zip(mb.ROWS, lines):
+        assert line[0].startswith(row.name)
+        if row.not_yet:
+            assert line[-1] == row.not_yet
+    assert "best of 2" in lines[0][0] and lines[0][-1] == "the baseline"
+    names = [row.name for row in mb.ROWS]
+    assert {"B4M make", mb.NAIVE} <= set(names) and len(set(names)) == len(names)
+    assert all(row.not_yet or (row.trainers[0] in mb.TRAINERS and row.trainers[1] in mb.TRAINERS) for row in mb.ROWS)
+
+
+def test_change_outside_the_object_is_zero_on_a_clean_world_picture():
+    clean = np.stack([render("star", "striped", seed).image for seed in range(3)])
+    assert mb.background_change(clean) < 1e-3  # white stripes near the edge may count as outside: tiny
+    hazy = clean.astype(np.int16)
+    hazy[:, :4] -= 20  # a darker band along the top, far from the object
+    assert mb.background_change(np.clip(hazy, 0, 255).astype(np.uint8)) > 0.005
+
+
+def test_qr_lora_counts_only_the_upper_triangle_of_delta_r():
+    qr = Adapter(modules={"m": LowRank(up=torch.zeros(5, 2), down=torch.zeros(2, 4))}, method="qr-lora")
+    assert mb.trainable_count(qr) == 4 + 3
+    lora = qr.replace(method="lora")
+    assert mb.trainable_count(lora) == 5 * 2 + 2 * 4
+
+
+def test_the_estimate_matches_the_measured_partial_run_and_the_stated_budget():
+    partial = argparse.Namespace(pairs=mb.PAIRS[:1], seeds=1, steps=150, prompts=5, sampling_seeds=4, sample_steps=20)
+    rows = [r for r in mb.ROWS if r.name in (mb.NAIVE, "ConsisLoRA + Content-Style Guider", "QR-LoRA (trained ΔR) merged")]
+    assert mb.estimate_seconds(rows, partial) == pytest.approx(832, rel=0.02)  # it took 809 CPU s
+    defaults = argparse.Namespace(pairs=mb.PAIRS, seeds=3, steps=250, prompts=1, sampling_seeds=4, sample_steps=20)
+    assert 1.8 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 2.2 * 3600
