@@ -83,9 +83,9 @@ assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(
 SAMPLING = {"seed": 1000, "cfg": 4.0}
 # Learning rates per trainer (the demo adapters' recipes, bench/world/train_demo_adapters.py; ConsisLoRA / B-LoRA: lr
 # is the x0 rate, ε runs at twice it). Every trainer gets the same steps x batch.
-LEARNING_RATES = {"lora": 3e-3, "qr": 5e-3, "consislora": 3e-3, "b-lora": 3e-3}
+LEARNING_RATES = {"lora": 3e-3, "qr": 5e-3, "consislora": 3e-3, "b-lora": 3e-3, "b4m": 3e-3, "residual": 3e-3}
 # Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
-STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31}
+STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31, "b4m": 0.6, "residual": 0.3}
 PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
 
 
@@ -120,7 +120,49 @@ def pack_trainer(method: str):
     return train
 
 
-TRAINERS: dict[str, Callable] = {method: pack_trainer(method) for method in LEARNING_RATES}
+def auxiliary_data(ctx):
+    """B4M's auxiliary sets (the other half's data): base-world pictures, every base shape in every base style with
+    their own captions, the same for every pair (drawn once)."""
+    if "b4m auxiliary" not in ctx.trained:
+        samples = [render(shape, style, 700 + i) for shape in BASE_SHAPES for style in BASE_STYLES
+                   for i in range(ctx.args.per_pair)]
+        images = torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
+        ctx.trained["b4m auxiliary"] = ctx.nodes["CSA_TrainingImages"].execute(
+            images=images, captions="\n".join(s.caption for s in samples), image_folder="", repeats=1, resolution=64,
+            trigger_word="").args[0]
+    return ctx.trained["b4m auxiliary"]
+
+
+def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
+    """Train B4M Content / Style (attention projections, rank 8, ε loss; the auxiliary factor at a tenth of the lr, as
+    the official 1e-4 / 1e-5). One training seed gives both runs the same frozen halves, so B4M Make accepts them."""
+    data, auxiliary = training_data(ctx.nodes, role, target, ctx.args.per_pair), auxiliary_data(ctx)
+    node = ctx.nodes["CSA_TrainB4MContent" if role == "content" else "CSA_TrainB4MStyle"]
+    cpu = time.process_time()
+    out = node.execute(model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, auxiliary_data=auxiliary,
+                       targets="attention projections", blocks="", rank=8, steps=ctx.args.steps,
+                       lr=LEARNING_RATES["b4m"], lr_auxiliary=LEARNING_RATES["b4m"] / 10, orthogonal_init=True,
+                       loss="epsilon", seed=seed, filename="", overwrite=False, resume_from="none",
+                       options=training_options(ctx.nodes)).args
+    cpu = time.process_time() - cpu
+    return Trained(out[0], {}, cpu, out[0].parameter_count // 2)  # half of each factor is frozen
+
+
+def residual_trainer(ctx, role: str, target: str, seed: int) -> Trained:
+    """Train Personalized Residual on the content pictures with their own captions ('a <style> sks': the world's
+    caption form; the paper's 'a photo of a V* <class>' would name a class word the world never learnt)."""
+    data = training_data(ctx.nodes, role, target, ctx.args.per_pair)
+    cpu = time.process_time()
+    out = ctx.nodes["CSA_TrainPersonalizedResidual"].execute(
+        model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, identifier=CONTENT_WORD, class_word=target, caption="",
+        rank_fraction=0.05, steps=ctx.args.steps, lr=LEARNING_RATES["residual"], loss="epsilon", seed=seed,
+        filename="", overwrite=False, resume_from="none", options=training_options(ctx.nodes)).args
+    cpu = time.process_time() - cpu
+    return Trained(out[0], {}, cpu, out[0].parameter_count)
+
+
+TRAINERS: dict[str, Callable] = {method: pack_trainer(method) for method in ("lora", "qr", "consislora", "b-lora")}
+TRAINERS.update(b4m=b4m_trainer, residual=residual_trainer)
 
 
 # -- composing and sampling -----------------------------------------------------------------------------------------
@@ -183,10 +225,19 @@ def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
     return sample
 
 
+def compose_b4m(ctx, content: Trained, style: Trained, variant: dict):
+    """B4M Make of the content run and the style run (no joint fine-tune: the benchmark's budget is the runs')."""
+    made = ctx.nodes["CSA_B4MMake"].execute(content_run=content.adapter, style_run=style.adapter, model=ctx.model,
+                                            steps=0, lr=1e-4, preconditioned=True, reg=1e-4, loss="epsilon", seed=0,
+                                            filename="", overwrite=False).args[0]
+    model = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=made, block_strengths="").args[0]
+    return ksampler(ctx, model)
+
+
 def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
     """Personalized Residuals: the style LoRA applied (Apply Adapters), then, per prompt, Apply Localized Residual with
     the content residual (LAG on or off). A prompt without the content word (leakage) has nothing to localise on and
-    gets the residual without LAG. Ready for a residual trainer (a TRAINERS entry); not measured until one exists."""
+    gets the residual without LAG."""
     import nodes as comfy_nodes
 
     styled = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter, block_strengths="").args[0]
@@ -242,16 +293,13 @@ ROWS = [
         claim="ConsisLoRA: the guidance terms strengthen content and style beyond plain composition"),
     Row("QR-LoRA (trained ΔR) merged", "qr", compose_qr_merge, ({"interference": "off"},),
         claim="QR-LoRA: ΔR-only training disentangles so the merge keeps both (no numbers retrieved)"),
-    Row("B4M make", not_yet="not yet: the pack has no B4M trainer (Train B4M Content / Style / Make are being written "
-        "for issue 16); add a TRAINERS entry and a compose function"),
-    # When issue 16's residual trainer lands: TRAINERS["residual"] = <its train function>, and drop not_yet here.
+    Row("B4M make", "b4m", compose_b4m,
+        claim="B4M: content and style in separate halves recombine without overwriting each other (numbers not "
+              "retrieved)"),
     Row("Personalized Residual (content) + style LoRA, LAG off", "residual", compose_residual, ({"lag": False},),
-        style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts",
-        not_yet="not yet: the pack has no Personalized Residual trainer (issue 16); New Residual Adapter only "
-        "initialises one (compose_residual is ready)"),
+        style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts"),
     Row("Personalized Residual (content) + style LoRA, LAG on", "residual", compose_residual, ({"lag": True},),
-        style_trainer="lora", claim="Personalized Residuals: LAG changes only the concept's region",
-        not_yet="not yet: as above (Apply Localized Residual exists, the residual to apply cannot be trained yet)"),
+        style_trainer="lora", claim="Personalized Residuals: LAG changes only the concept's region"),
     Row("IPL style from a reference image (Image to Prompt Vectors)", not_yet="not measurable on the world: IPL needs "
         "a CLIP vision model sharing one image-text space with the text encoder; the world's CLIP-L is a seeded random "
         "text encoder and the only vision model here is an unrelated random ViT-L (600 MB, seconds per image), so a "
