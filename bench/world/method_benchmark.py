@@ -46,8 +46,10 @@ steps, CFG, decoding and judging included), 3x that under the guider with both Î
 The partial run's ConsisLoRA (+ guider) and QR-LoRA content adapters had not learnt the star at 150 steps
 (content 0%; the naive LoRAs 75%), and the demo recipes use 400-500 steps, so the defaults spend the budget on
 training: 4 pairs, 3 training seeds, 250 steps, 4 sampling seeds, 1 recontextualisation style and 1 leakage shape,
-about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, **about 2.0 CPU hours** (`--estimate` prints
-the figure for any settings: 150 steps with 2 prompts each is 1.9 h, 300 steps with 1 prompt 2.3 h, 400 steps 2.8 h).
+about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, about 2.0 CPU hours for the rows measured
+then; with the B4M make and Personalized Residual rows (their step costs estimated, not yet measured at full size:
+B4M 0.6 s, two data sets per step; residual 0.3 s) **about 2.8 CPU hours** (`--estimate` prints the figure for any
+settings: 200 steps with 12 sampling steps is 2.1 h).
 The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
 prints its estimate first; wall time is longer when the cores are shared. The smoke size (--smoke: one pair, one
 seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.

@@ -80,4 +80,4 @@ def test_the_estimate_matches_the_measured_partial_run_and_the_stated_budget():
     rows = [r for r in mb.ROWS if r.name in (mb.NAIVE, "ConsisLoRA + Content-Style Guider", "QR-LoRA (trained ΔR) merged")]
     assert mb.estimate_seconds(rows, partial) == pytest.approx(832, rel=0.02)  # it took 809 CPU s
     defaults = argparse.Namespace(pairs=mb.PAIRS, seeds=3, steps=250, prompts=1, sampling_seeds=4, sample_steps=20)
-    assert 1.8 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 2.2 * 3600
+    assert 2.6 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 3.0 * 3600  # the docstring's 2.8 CPU hours
