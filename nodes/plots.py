@@ -53,7 +53,7 @@ def eight_bit(image: torch.Tensor) -> np.ndarray:
 
 def wrap_text(text, room: float) -> int:
     """Break a text artist's lines between words so each spans at most ``room`` pixels; returns the line count."""
-    renderer = text.get_figure(root=True).canvas.get_renderer()
+    renderer = text.figure.canvas.get_renderer()  # a top-level Figure (no subfigures)
     lines = []
     for paragraph in text.get_text().splitlines():
         line = ""
@@ -72,7 +72,7 @@ def wrap_text(text, room: float) -> int:
 def fit_font(text, size: float, room: float, smallest: float = 5.0) -> None:
     """Shrink a text artist's font (from ``size`` points) until it spans at most ``room`` pixels along its direction
     (its width, or its height when rotated 90°), not below ``smallest``."""
-    renderer = text.get_figure(root=True).canvas.get_renderer()
+    renderer = text.figure.canvas.get_renderer()  # a top-level Figure (no subfigures)
     text.set_fontsize(size)
     while size > smallest:
         box = text.get_window_extent(renderer)
