@@ -96,27 +96,53 @@ def sweep_table(x_name: str, y_name: str, cells: list[tuple[int, int, float, flo
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Where a sweep grid puts its cells: a label column on the left, a label row on top, a caption under each cell."""
+    """Where a sweep grid puts its cells, in pixels: room on the left for the row axis (ticks, tick labels, axis
+    label), room on top for the title, a note and the column axis, a caption strip under each cell, a gap between
+    cells; a grid narrower than ``min_width`` is centred in that width (room for the title). The picture is exactly
+    ``size``; each cell image sits at ``cell_origin`` 1:1 (nodes/plots.py draws the frame around them and pastes
+    them there)."""
 
     rows: int
     cols: int
     cell_width: int
     cell_height: int
-    left: int = 96
-    top: int = 56
-    caption: int = 18
-    gap: int = 6
+    left: int = 84
+    top: int = 108
+    caption: int = 20
+    gap: int = 8
+    min_width: int = 400
+
+    @property
+    def grid_width(self) -> int:
+        """Width of the label column and the cells (each with the gap after it)."""
+        return self.left + self.cols * (self.cell_width + self.gap)
+
+    @property
+    def indent(self) -> int:
+        """Extra room on both sides when the grid is narrower than min_width."""
+        return max(0, self.min_width - self.grid_width) // 2
 
     def cell_origin(self, row: int, col: int) -> tuple[int, int]:
         """(x, y) of the top-left pixel of a cell's image."""
-        return (self.left + col * (self.cell_width + self.gap),
+        return (self.indent + self.left + col * (self.cell_width + self.gap),
                 self.top + row * (self.cell_height + self.caption + self.gap))
+
+    def cell_centre(self, row: int, col: int) -> tuple[float, float]:
+        """(x, y) of the centre of a cell's image: where its column and row ticks point."""
+        left, top = self.cell_origin(row, col)
+        return left + self.cell_width / 2, top + self.cell_height / 2
 
     @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the whole grid image."""
-        return (self.left + self.cols * (self.cell_width + self.gap),
-                self.top + self.rows * (self.cell_height + self.caption + self.gap))
+        return (self.grid_width + 2 * self.indent, self.top + self.rows * (self.cell_height + self.caption + self.gap))
+
+    @property
+    def frame(self) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the axes box: every cell and caption with half a gap around them."""
+        half = self.gap // 2
+        return (self.indent + self.left - half, self.top - half, self.indent + self.grid_width - self.gap + half,
+                self.size[1] - self.gap + half)
 
 
 def display_scale(height: int, width: int, min_side: int = 128) -> int:

@@ -7,15 +7,22 @@ from comfy_api.latest import io
 
 from ..core.scores import METRICS, means, score_table
 from .common import PackNode, schema
-from .score_drawing import table_image
+from .plots import score_table_plot
 from .scoring import build_scorer, check_batch, preprocessing, score_inputs
 
 
-def table_rows(scores: dict, count: int) -> tuple[list[str], list[list[str]]]:
+SCORED_BY = {"content": "content: DINOv2 cosine with the content images", "style": "style: CLIP image cosine with "
+             "the style images", "prompt": "prompt: CLIP text score"}
+
+
+def table_image(scores: dict, count: int):
+    """(1, H, W, 3): the per-image and mean scores as a titled table."""
     header = ["image", *scores]
     rows = [[str(i), *(f"{float(values[i]):.4f}" for values in scores.values())] for i in range(count)]
     rows.append(["mean", *(f"{value:.4f}" for value in means(scores).values())])
-    return header, rows
+    note = "\n".join(SCORED_BY[metric] for metric in scores)
+    return score_table_plot(header, rows, f"Scores of {count} image{'s' * (count != 1)} (cosines in [-1, 1])",
+                            note)[None]
 
 
 class ScoreContentStylePrompt(PackNode):
@@ -52,4 +59,4 @@ class ScoreContentStylePrompt(PackNode):
         return io.NodeOutput(*[mean.get(metric, math.nan) for metric in METRICS],
                              *[[float(v) for v in scores[metric]] if metric in scores else [math.nan] * count
                                for metric in METRICS],
-                             "\n".join([score_table(scores), *encoders]), table_image(*table_rows(scores, count)))
+                             "\n".join([score_table(scores), *encoders]), table_image(scores, count))

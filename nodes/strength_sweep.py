@@ -26,13 +26,17 @@ from ..core.scores import (GridLayout, cell_picture, display_scale, means, parse
 from . import comfy_compat as cc
 from .common import PackNode, cfg_conditioning_inputs, schema
 from .model_binding import apply_patch_groups, merge_input, merged_adapter, patches_by_strength, weighted_terms
-from .score_drawing import sweep_grid
+from .plots import sweep_grid_plot
 from .scoring import build_scorer, score_inputs
 from .sockets import AdapterSocket
 
 MODES = {"adapter strengths": ("content strength", "style strength"),
          "QR Merge lambdas": ("lambda_content", "lambda_style")}
 GUIDER_AXES = ("lambda_content", "lambda_style")
+AXIS_LABELS = {"content strength": "content adapter strength", "style strength": "style adapter strength",
+               "lambda_content": "λ_content", "lambda_style": "λ_style"}
+TITLES = {"adapter strengths": "adapter strengths", "QR Merge lambdas": "QR Merge λ", "guider": "Content-Style Guider λ"}
+SCORE_KEY = {"content": "c = content", "style": "s = style", "prompt": "p = prompt"}
 
 
 def sampling_inputs() -> list:
@@ -54,8 +58,10 @@ def sampling_inputs() -> list:
 
 def sweep_outputs() -> list:
     return [
-        io.Image.Output(display_name="grid", tooltip="The cells with axis labels (strengths) and each cell's mean "
-                                                     "scores under it (c= content, s= style, p= prompt)."),
+        io.Image.Output(display_name="grid", tooltip="A titled figure: the cells at display size with the two "
+                                                     "strengths as labelled axes (a tick at each value) and each "
+                                                     "cell's mean scores under it (c = content, s = style, "
+                                                     "p = prompt)."),
         io.Image.Output(display_name="images", tooltip="Every cell's images at full size, row by row (the cell order "
                                                        "of the grid), each cell's batch together."),
         io.String.Output(display_name="report", tooltip="One line per cell: its strengths and mean scores."),
@@ -63,7 +69,7 @@ def sweep_outputs() -> list:
 
 
 def run_grid(axes: tuple[str, str], x_values: list[float], y_values: list[float], steps: int, sample_cell, vae,
-             scorer) -> io.NodeOutput:
+             scorer, title: str) -> io.NodeOutput:
     """Sample, decode and score every cell in order; one progress bar over all steps; stops on cancel."""
     cells = sweep_cells(x_values, y_values)
     bar = cc.progress_bar(len(cells) * steps)
@@ -78,7 +84,11 @@ def run_grid(axes: tuple[str, str], x_values: list[float], y_values: list[float]
     pictures = [cell_picture(batch, scale) for batch in batches]
     layout = GridLayout(rows=len(y_values), cols=len(x_values), cell_width=pictures[0].shape[1],
                         cell_height=pictures[0].shape[0])
-    grid = sweep_grid(pictures, layout, axes[0], x_values, axes[1], y_values, [short_scores(m) for m in cell_means])
+    scored = [metric for metric in SCORE_KEY if metric in cell_means[0]]
+    note = ("under each cell its mean scores (cosines in [-1, 1]):\n" + ", ".join(SCORE_KEY[m] for m in scored)
+            if scored else "no scores: connect the score inputs to print them under each cell")
+    grid = sweep_grid_plot(pictures, layout, AXIS_LABELS[axes[0]], x_values, AXIS_LABELS[axes[1]], y_values,
+                           [short_scores(m) for m in cell_means], title, note)[None]
     return io.NodeOutput(grid, torch.cat(batches), sweep_table(axes[0], axes[1], cells, cell_means))
 
 
@@ -159,7 +169,8 @@ class StrengthSweep(PackNode):
         def sample_cell(x, y, callback):
             return cc.sample_like_ksampler(cell_model(x, y), seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, callback)
-        return run_grid(MODES[mode], xs, ys, steps, sample_cell, vae, scorer)
+        return run_grid(MODES[mode], xs, ys, steps, sample_cell, vae, scorer,
+                        f"Strength Sweep: {TITLES[mode]}, seed {seed}")
 
 
 class GuiderStrengthSweep(PackNode):
@@ -187,7 +198,8 @@ class GuiderStrengthSweep(PackNode):
         def sample_cell(x, y, callback):
             return cc.sample_like_sampler_custom_advanced(with_lambdas(guider, x, y), seed, steps, sampler_name, scheduler, latent_image,
                                  callback)
-        return run_grid(GUIDER_AXES, xs, ys, steps, sample_cell, vae, scorer)
+        return run_grid(GUIDER_AXES, xs, ys, steps, sample_cell, vae, scorer,
+                        f"Strength Sweep: {TITLES['guider']}, seed {seed}")
 
 
 # -- the Content-Style Guider's λ (nodes/consistency_guidance.py keeps them in guider.lambdas) -----------------------

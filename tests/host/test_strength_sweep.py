@@ -127,7 +127,9 @@ def test_scores_of_each_cell_are_the_score_nodes_and_printed_under_it(comfy, com
                                                                **references).args
         assert line.endswith(f": content {scores[0]:.4f}  style {scores[1]:.4f}"), line
         assert float(caption_of(grid, layout, index).min()) < 0.5, "no score printed under the cell"
-    assert float(caption_of(plain_grid, layout, 0).min()) == 1.0, "a caption without scores"
+    plain_layout = GridLayout(rows=1, cols=1, cell_width=128, cell_height=128)
+    assert plain_grid.shape == (1, plain_layout.size[1], plain_layout.size[0], 3)
+    assert float(caption_of(plain_grid, plain_layout, 0).min()) == 1.0, "a caption without scores"
 
 
 def caption_of(grid, layout, col):

@@ -8,9 +8,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NODES = REPO_ROOT / "nodes"
 # what node files may import from nodes/: the seam, the binding, runtime adapters, training, CLIP features, the
-# scorer and its drawing, names and sockets, plots (matplotlib)
+# scorer, names and sockets, plots (matplotlib: loss curves, masks, score tables, the sweep grid)
 SUPPORT_MODULES = {"comfy_compat", "model_binding", "runtime_adapters", "training", "clip_features", "scoring",
-                   "score_drawing", "common", "sockets", "plots"}
+                   "common", "sockets", "plots"}
 
 
 def node_classes(path: Path) -> list[ast.ClassDef]:

@@ -101,3 +101,21 @@ def test_cell_picture_puts_the_batch_side_by_side_and_repeats_pixels():
     assert torch.equal(picture[::2, ::2], torch.cat([images[0, ..., :3], images[1, ..., :3]], dim=1))
     assert torch.equal(picture[1::2, 1::2], picture[::2, ::2])
     assert display_scale(64, 64) == 2 and display_scale(512, 300) == 1 and display_scale(50, 100) == 3
+
+
+def test_grid_layout_frames_the_cells_and_centres_a_narrow_grid():
+    wide = GridLayout(rows=2, cols=3, cell_width=140, cell_height=30)
+    assert wide.size[0] == wide.left + 3 * (140 + wide.gap) >= wide.min_width and wide.indent == 0
+    narrow = GridLayout(rows=1, cols=1, cell_width=40, cell_height=30)
+    assert narrow.size[0] in (narrow.min_width, narrow.min_width - 1)
+    assert narrow.cell_origin(0, 0)[0] == narrow.indent + narrow.left and narrow.indent > 0
+    for layout in (wide, narrow):
+        left, top, right, bottom = layout.frame
+        width, height = layout.size
+        assert 0 < left and 0 < top and right < width and bottom < height
+        for row in range(layout.rows):
+            for col in range(layout.cols):
+                x, y = layout.cell_origin(row, col)
+                assert left < x and x + layout.cell_width < right and top < y
+                assert y + layout.cell_height + layout.caption < bottom
+                assert layout.cell_centre(row, col) == (x + layout.cell_width / 2, y + layout.cell_height / 2)
