@@ -18,22 +18,19 @@ Files go to bench/world/adapters/ in fp16. Time is the training's process CPU ti
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-import harness  # noqa: E402
-from harness import parse_args, record  # noqa: E402
-from train_demo_adapters import ADAPTERS, CONTENT_WORD, SAMPLING, STYLE_WORD, judged, pictures  # noqa: E402
+from harness import record  # noqa: E402
+from train_demo_adapters import (CONTENT_WORD, SAMPLING, STYLE_WORD, demo_arguments, judged, pictures,  # noqa: E402
+                                 world_session)
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); rank 8 as the
@@ -146,26 +143,8 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="b4m,residual", help="b4m, residual or both")
-    parser.add_argument("--steps", type=int, default=0, help="override the steps (0: RECIPES)")
-    parser.add_argument("--lr", type=float, default=0.0, help="override the learning rate (0: RECIPES)")
-    parser.add_argument("--per-pair", type=int, default=3, help="pictures per (shape, style) pair")
-    parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--prompts", type=int, default=6, help="judge with the first N prompts")
-    parser.add_argument("--sample-steps", type=int, default=SAMPLING["steps"])
-    parser.add_argument("--out", type=Path, default=ADAPTERS)
-    args = parse_args(parser, {"steps": 2, "per_pair": 1, "seeds": 1, "prompts": 1, "sample_steps": 2})
-    if harness.SMOKE:
-        args.out = Path(tempfile.mkdtemp(prefix="csa-b4m-residual-smoke-"))
-    torch.set_num_threads(1)
-    nodes, _ = harness.start_comfy()
-    import comfy.sd
-    from evaluate import WORLD_CHECKPOINT
-    from evaluators import load
-
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
-    evaluators, _ = load()
+    args = demo_arguments(__doc__.splitlines()[0], "b4m, residual or both", "b4m,residual")
+    nodes, model, clip, vae, evaluators = world_session()
     rows, notes = [], []
     chosen = args.only.split(",")
     if "b4m" in chosen:

@@ -156,9 +156,11 @@ def vae_ceiling(vae, evaluators) -> float:
     return float(np.mean([s == "zigzag" for s in classify(evaluators, round_trip)[1]]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated adapter names (method-kind, e.g. lora-star)")
+def demo_arguments(description: str, only_help: str, only_default: str = "") -> argparse.Namespace:
+    """The options every world demo-adapter script shares (what to train, training size, judging, where the files
+    go), parsed; a smoke run trains 2 steps, judges one prompt and writes to a scratch folder."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--only", default=only_default, help=only_help)
     parser.add_argument("--steps", type=int, default=0, help="override every method's steps (0: RECIPES)")
     parser.add_argument("--lr", type=float, default=0.0, help="override every method's learning rate (0: RECIPES)")
     parser.add_argument("--per-pair", type=int, default=3, help="pictures per (shape, style) pair")
@@ -169,14 +171,24 @@ def main() -> None:
     args = parse_args(parser, {"steps": 2, "per_pair": 1, "seeds": 1, "prompts": 1, "sample_steps": 2})
     if harness.SMOKE:
         args.out = Path(tempfile.mkdtemp(prefix="csa-demo-adapters-smoke-"))
+    return args
+
+
+def world_session() -> tuple:
+    """(nodes, model, clip, vae, evaluators): the pack's nodes in-process, the world checkpoint, its evaluators."""
     torch.set_num_threads(1)
-    nodes, base = harness.start_comfy()
+    nodes, _ = harness.start_comfy()
     import comfy.sd
     from evaluate import WORLD_CHECKPOINT
     from evaluators import load
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
-    evaluators, _ = load()
+    return nodes, model, clip, vae, load()[0]
+
+
+def main() -> None:
+    args = demo_arguments(__doc__.splitlines()[0], "comma-separated adapter names (method-kind, e.g. lora-star)")
+    nodes, model, clip, vae, evaluators = world_session()
     chosen = [d for d in DEMOS if not args.only or f"{d.method}-{d.kind}" in args.only.split(",")]
     rows, notes = [], []
     for demo in chosen:
