@@ -48,8 +48,9 @@ def run(command: list[str], *extra: str) -> None:
     before = repository_state()
     done = subprocess.run([sys.executable, *command, *extra], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=900)
-    assert done.returncode == 0, f"{' '.join(command)} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert repository_state() == before, f"{' '.join(command)} --smoke changed files in the repository"
+    said = " ".join([*command, *extra])
+    assert done.returncode == 0, f"{said} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert repository_state() == before, f"{said} changed files in the repository"
 
 
 @pytest.mark.parametrize("script", BENCH_SCRIPTS)
