@@ -191,7 +191,8 @@ def main() -> int:
          f"{sum(load['families'].values())} ({', '.join(f'{n} {k}' for k, n in load['families'].items())}); each "
          f"asserts its own error text, that no file changed and that the next prompt runs"),
         ("cancels (tests/e2e/test_cancel.py through the server; merge, conversion and trainers in tests/host)",
-         "IPL mapper training and sampling through /interrupt: idle after, no partial file, next prompt runs; QR "
+         "IPL mapper training, Train Adapter (cancelled once a periodic save exists) and sampling through "
+         "/interrupt: idle after, no final or partial file, periodic saves whole, next prompt runs; QR "
          "Merge, Convert to QR-LoRA, Train Adapter / ConsisLoRA / QR-LoRA / B4M / Personalized Residual: no file, "
          "model untouched"),
     ], notes="Methods interleaved: " + ", ".join(WORKFLOWS) + "; seeds, strengths and λ vary per prompt. "
