@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import weakref
 
 import torch
 
@@ -162,11 +163,19 @@ def weight_with_patch(patch, weight: torch.Tensor, key: str) -> torch.Tensor:
     return result
 
 
+_SHAPES_BY_MODULE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def weight_shapes(model=None, clip=None) -> dict[str, tuple[int, ...]]:
+    """{state-dict key: shape} of the MODEL's diffusion model and the CLIP's text encoders. A loaded module's
+    shapes never change, so each module's are read once (state_dict() walks every submodule) and kept while it
+    lives."""
     shapes = {}
     for module in (model.model if model is not None else None, clip.cond_stage_model if clip is not None else None):
         if module is not None:
-            shapes.update({k: tuple(v.shape) for k, v in module.state_dict().items()})
+            if module not in _SHAPES_BY_MODULE:
+                _SHAPES_BY_MODULE[module] = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+            shapes.update(_SHAPES_BY_MODULE[module])
     return shapes
 
 

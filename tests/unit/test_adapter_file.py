@@ -143,3 +143,14 @@ def test_names_inside_the_folder_are_accepted_even_through_links_the_user_made(t
 def test_names_that_leave_the_folder_are_refused(tmp_path, subfolder, filename):
     with pytest.raises(ValueError, match="relative name inside the folder"):
         path_inside(tmp_path, subfolder, filename)
+
+
+def test_huge_finite_values_whose_sum_overflows_still_read(tmp_path):
+    huge = torch.full((4, 4), 3e38)  # finite in float32, but their sum is inf
+    save_file({"lora_unet_x.lora_up.weight": huge}, str(tmp_path / "huge.safetensors"))
+    tensors, _ = read_safetensors(tmp_path / "huge.safetensors")
+    assert torch.equal(tensors["lora_unet_x.lora_up.weight"], huge)
+    huge[2, 3] = float("nan")
+    save_file({"lora_unet_x.lora_up.weight": huge}, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(AdapterFileError, match="'lora_unet_x.lora_up.weight' contains NaN"):
+        read_safetensors(tmp_path / "nan.safetensors")
