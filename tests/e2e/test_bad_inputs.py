@@ -201,10 +201,21 @@ BAD_NAMES = {
 }
 
 
+def train_graph(filename: str) -> dict:
+    """The shipped Train Adapter workflow cut to one training step and its report (an empty name means 'no file')."""
+    graph = json.loads((REPO_ROOT / "workflows" / "api" / "train_adapter.json").read_text())
+    graph = {k: graph[k] for k in ("1", "2", "3", "4", "14")}
+    graph["3"]["inputs"].update(preview_every=0, save_every=0)
+    graph["4"]["inputs"].update(steps=1, filename=filename, overwrite=False)
+    return graph
+
+
 def writer_cases() -> list[Case]:
     cases = []
     for label, (bad, expected) in BAD_NAMES.items():
         cases.append(Case(f"save-filename-{label}", save_graph(bad), expected))
+        if label not in ("empty", "blank"):  # a trainer with no name saves no file: not an error
+            cases.append(Case(f"train-filename-{label}", train_graph(bad), expected))
         if label not in ("empty", "blank", "too_long"):
             cases.append(Case(f"save-subfolder-{label}", save_graph("fine", subfolder=bad),
                               expected.replace("filename is empty", "subfolder")))
@@ -221,6 +232,9 @@ def writer_cases() -> list[Case]:
     existing = "csa_existing_adapter"
     cases.append(Case("save-existing-file", save_graph(existing), rf"{existing}\.safetensors already exists",
                       {f"models/loras/{existing}.safetensors": b"user's precious adapter"}))
+    trained = "csa_existing_trained"
+    cases.append(Case("train-existing-file", train_graph(trained), rf"{trained}\.safetensors already exists",
+                      {f"models/loras/{trained}.safetensors": b"user's precious trained adapter"}))
     return cases
 
 
