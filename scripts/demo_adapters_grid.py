@@ -14,15 +14,13 @@ Writes the grid to the server's output folder and prints its path.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from comfy_host import REPO_ROOT, ComfyServer
+from comfy_host import ComfyServer
 from model_names import WORLD_DEMO_ADAPTERS
-from world_grid import caption_graph
+from world_grid import caption_graph, grid_arguments, pictures_side_by_side
 
 PROMPTS = {"base": "a zkz sks", "content": "a checkered sks", "style": "a zkz circle", "composed": "a zkz sks"}
 
@@ -62,22 +60,14 @@ def cell_graph(method: str, cell: str, seeds: int, steps: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--base", type=Path, default=REPO_ROOT / ".host" / "base")
-    parser.add_argument("--smoke", action="store_true", help="one seed, two steps (what make test runs)")
-    args = parser.parse_args()
-    if args.smoke:
-        args.seeds, args.steps = 1, 2
+    args = grid_arguments(__doc__.splitlines()[0], 2, "one seed, two steps")
     rows = []
     with ComfyServer(args.base) as server:
         for method in WORLD_DEMO_ADAPTERS:
             cells = []
             for cell in PROMPTS:
-                result = server.run_prompt(cell_graph(method, cell, args.seeds, args.steps))
-                pictures = [np.asarray(Image.open(p).convert("RGB")) for p in result.output_images]
-                cells.append(np.pad(np.concatenate(pictures, 1), ((0, 0), (0, 8), (0, 0)), constant_values=255))
+                pictures = pictures_side_by_side(server.run_prompt(cell_graph(method, cell, args.seeds, args.steps)))
+                cells.append(np.pad(pictures, ((0, 0), (0, 8), (0, 0)), constant_values=255))
             rows.append(np.concatenate(cells, 1))
     grid = args.base / "output" / "csa" / "demo_adapters.png"
     Image.fromarray(np.concatenate(rows, 0)).save(grid)

@@ -38,22 +38,34 @@ def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=4)
+def grid_arguments(description: str, seeds: int, smoke_help: str) -> argparse.Namespace:
+    """The options of a script that draws a grid through a real server; --smoke: one seed, two steps."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, default=seeds)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--base", type=Path, default=REPO_ROOT / ".host" / "base")
-    parser.add_argument("--smoke", action="store_true", help="one caption, one seed, two steps (what make test runs)")
+    parser.add_argument("--smoke", action="store_true", help=f"{smoke_help} (what make test runs)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.steps = 1, 2
+    return args
+
+
+def pictures_side_by_side(result) -> np.ndarray:
+    """A prompt's saved images (one per seed) as one row of pixels."""
+    return np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in result.output_images], 1)
+
+
+def main() -> int:
+    args = grid_arguments(__doc__.splitlines()[0], 4, "one caption, one seed, two steps")
     pairs = [(shape, style) for shape in BASE_SHAPES for style in BASE_STYLES]
     if args.smoke:
-        pairs, args.seeds, args.steps = pairs[:1], 1, 2
+        pairs = pairs[:1]
     rows = []
     with ComfyServer(args.base) as server:
         for shape, style in pairs:
             graph = caption_graph(caption(shape, style), 1000, args.seeds, f"csa/world/{shape}_{style}", args.steps)
-            result = server.run_prompt(graph)
-            rows.append(np.concatenate([np.asarray(Image.open(p).convert("RGB")) for p in result.output_images], 1))
+            rows.append(pictures_side_by_side(server.run_prompt(graph)))
     grid = args.base / "output" / "csa" / "world_grid.png"
     Image.fromarray(np.concatenate(rows, 0)).save(grid)
     print(f"world grid ({len(rows)} captions x {args.seeds} seeds, rows: {', '.join(BASE_STYLES)} per shape): {grid}")

@@ -125,14 +125,14 @@ def pack_trainer(method: str):
 def auxiliary_data(ctx):
     """B4M's auxiliary sets (the other half's data): base-world pictures, every base shape in every base style with
     their own captions, the same for every pair (drawn once)."""
-    if "b4m auxiliary" not in ctx.trained:
+    if ctx.b4m_auxiliary is None:
         samples = [render(shape, style, 700 + i) for shape in BASE_SHAPES for style in BASE_STYLES
                    for i in range(ctx.args.per_pair)]
         images = torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
-        ctx.trained["b4m auxiliary"] = ctx.nodes["CSA_TrainingImages"].execute(
+        ctx.b4m_auxiliary = ctx.nodes["CSA_TrainingImages"].execute(
             images=images, captions="\n".join(s.caption for s in samples), image_folder="", repeats=1, resolution=64,
             trigger_word="").args[0]
-    return ctx.trained["b4m auxiliary"]
+    return ctx.b4m_auxiliary
 
 
 def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
@@ -415,6 +415,7 @@ class Context:
     judge: Judge
     args: argparse.Namespace
     trained: dict = field(default_factory=dict)  # (trainer, role, target, seed) -> Trained
+    b4m_auxiliary: object = None  # B4M's auxiliary Training Images, drawn once per run
 
     def adapter(self, trainer: str, role: str, target: str, seed: int) -> Trained:
         key = (trainer, role, target, seed)

@@ -29,8 +29,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from harness import record  # noqa: E402
-from train_demo_adapters import (CONTENT_WORD, SAMPLING, STYLE_WORD, demo_arguments, judged, pictures,  # noqa: E402
-                                 world_session)
+from train_demo_adapters import (CONTENT_WORD, SAMPLING, demo_arguments, judged, training_data,  # noqa: E402
+                                 training_options, world_session)
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); rank 8 as the
@@ -39,17 +39,8 @@ RECIPES = {"b4m": {"steps": 400, "lr": 3e-3, "rank": 8}, "residual": {"steps": 3
 
 
 def data_node(nodes, kind: str, per_pair: int):
-    images, captions = pictures(kind, per_pair)
-    return nodes["CSA_TrainingImages"].execute(images=images, captions="\n".join(captions), image_folder="",
-                                               repeats=1, resolution=64,
-                                               trigger_word=CONTENT_WORD if kind == "star" else STYLE_WORD).args[0]
-
-
-def options_node(nodes, accumulation: int = 1):
-    return nodes["CSA_TrainingOptions"].execute(
-        batch_size=4, accumulation=accumulation, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=1.0,
-        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
-        precision="fp16").args[0]
+    """Training Images of the held-out star (content) or zigzag (style), as the other demo adapters train on."""
+    return training_data(nodes, "content" if kind == "star" else "style", kind, per_pair)
 
 
 def timed(run):
@@ -75,7 +66,7 @@ def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets="attention projections",
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
             loss="epsilon", seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
-            options=options_node(nodes)).args)
+            options=training_options(nodes)).args)
         runs[run] = outputs[0]
         size = keep(outputs[-1], args.out)
         share, labels = judged(nodes, model, clip, vae, outputs[0], kind, evaluators, args)
@@ -108,7 +99,7 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
         model=model, clip=clip, vae=vae, data=data_node(nodes, "star", args.per_pair), identifier=CONTENT_WORD,
         class_word="star", caption="", rank_fraction=0.05, steps=args.steps or recipe["steps"],
         lr=args.lr or recipe["lr"], loss="epsilon", seed=0, filename="csa_world_residual_star", overwrite=True,
-        resume_from="none", options=options_node(nodes)).args)
+        resume_from="none", options=training_options(nodes)).args)
     residual, size = outputs[0], keep(outputs[-1], args.out)
     prompts = [f"a {style} {CONTENT_WORD}" for style in BASE_STYLES][:args.prompts]
 

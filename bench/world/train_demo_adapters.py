@@ -54,11 +54,6 @@ class Demo:
 DEMOS = [Demo(method, kind) for method in ("lora", "consislora", "qr") for kind in ("star", "zigzag")]
 
 
-def pictures(kind: str, per_pair: int) -> tuple[torch.Tensor, list[str]]:
-    """Training pictures and captions: stars in every base style, or zigzag fills on every base shape."""
-    return role_pictures("content" if kind == "star" else "style", kind, per_pair)
-
-
 def role_pictures(role: str, target: str, per_pair: int, first_seed: int = 500) -> tuple[torch.Tensor, list[str]]:
     """A content target (a shape) in every base style, captioned 'a <style> {trigger}', or a style target (a texture)
     on every base shape, captioned 'a {trigger} <shape>'."""
