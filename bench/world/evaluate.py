@@ -1,17 +1,23 @@
-"""How well the world base model obeys its prompts: sample every base caption, label the pictures.
+"""How well the world base model obeys its prompts, draws two objects, and where its words' attention lands.
 
-    .venv/bin/python bench/world/evaluate.py [--seeds 4] [--steps 20] [--cfg 4]
+    .venv/bin/python bench/world/evaluate.py [--seeds 4] [--steps 20] [--pairs 30] [--attention-seeds 2]
 
-Samples "a <style> <shape>" for the 30 base captions with ComfyUI's own loader and KSampler (Euler),
-decodes with the checkpoint's VAE, and labels every image with the evaluators. Prints and records the
-content and style accuracy (the reference later method benchmarks compare against), writes a contact
-sheet of the generations to bench/world/generations.png.
+Everything goes through ComfyUI's own loader, KSampler and VAE, and the pack's Apply Localized Residual:
+(a) prompt forms x samplers: every base caption in five phrasings (the last never used in training), sampled with
+    Euler / normal at CFG 4 and dpmpp_2m / karras at CFG 6; cells: content / style / both right;
+(b) two-object scenes: "a <style> <shape> and a <style> <shape>"; right when each object, judged in its own region,
+    is one of the two prompted (shape, style) pairs and together they are both;
+(c) attention: the concept (shape) word's LAG masks per block (median threshold, the node's default) with a
+    zero residual, so nothing changes in the picture: the share of the mask on the named object, on the other object
+    (two-object prompts), and its IoU with the named object, at the last step and over all steps. The object is the
+    drawn one (the generated picture's foreground), so the measure needs no ground truth the model did not draw.
+Records a table in bench/RESULTS.md and writes the contact sheets bench/world/generations.png (form x sampler
+rows for the first caption of each shape) and bench/world/two_objects.png.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,67 +26,194 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from evaluators import classify, diversity, load  # noqa: E402
+from evaluators import classify, diversity, foreground, judge_regions, load, split_two  # noqa: E402
 import harness  # noqa: E402
 from harness import comfy_host, parse_args, record  # noqa: E402  (puts scripts/ on the path)
 from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
-from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
+from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two  # noqa: E402
 
 WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME
+SAMPLERS = {"Euler / normal, CFG 4": ("euler", "normal", 4.0), "dpmpp_2m / karras, CFG 6": ("dpmpp_2m", "karras", 6.0)}
+TABLE_FORMS = ("a <style> <shape>", "no article", "with a pattern", "plain background", *HELD_OUT_FORM)
+LOCALIZED_RESIDUAL_STATE = "csa.localized_residual"  # nodes/localized_residual.py STATE_KEY
 
 
-def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: float, seed: int) -> torch.Tensor:
+def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: float, seed: int,
+                   sampler: str = "euler", scheduler: str = "normal", positive=None) -> torch.Tensor:
     """(seeds, 3, 64, 64) images in [0, 1] for one caption, through ComfyUI's KSampler."""
     import nodes
 
-    positive = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    positive = positive if positive is not None else clip.encode_from_tokens_scheduled(clip.tokenize(text))
     negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
-    samples = nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)[0]
+    samples = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
     with torch.no_grad():
         return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
+
+
+def to_pixels(images: torch.Tensor) -> np.ndarray:
+    return (images.movedim(1, -1).numpy() * 255).round().astype(np.uint8)
+
+
+def two_object_pairs(count: int, seed: int = 5) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """``count`` prompts of two base objects with different shapes and different styles, deterministic."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(count):
+        shapes, styles = rng.choice(len(BASE_SHAPES), 2, replace=False), rng.choice(len(BASE_STYLES), 2, replace=False)
+        pairs.append(((BASE_SHAPES[shapes[0]], BASE_STYLES[styles[0]]), (BASE_SHAPES[shapes[1]], BASE_STYLES[styles[1]])))
+    return pairs
+
+
+def prompt_forms(model, clip, vae, evaluators, args) -> tuple[list[tuple], list[np.ndarray]]:
+    """Table (a): rows (form, sampler, content, style, both, diversity); and contact-sheet rows."""
+    rows, sheet = [], []
+    pairs = [(shape, style) for shape in BASE_SHAPES for style in BASE_STYLES][:args.captions]
+    for form in TABLE_FORMS:
+        for sampler_name, (sampler, scheduler, cfg) in SAMPLERS.items():
+            content, style, spreads = [], [], []
+            for index, (shape, style_word) in enumerate(pairs):
+                images = sample_caption(model, clip, vae, phrase(shape, style_word, form), args.seeds, args.steps, cfg,
+                                        args.seed, sampler, scheduler)
+                shapes, styles = classify(evaluators, images)
+                content += [s == shape for s in shapes]
+                style += [s == style_word for s in styles]
+                pixels = to_pixels(images)
+                spreads.append(diversity(pixels))
+                if index % len(BASE_STYLES) == 0:
+                    sheet.append(np.concatenate(list(pixels), axis=1))
+            both = float(np.mean([a and b for a, b in zip(content, style)]))
+            rows.append((form, sampler_name, float(np.mean(content)), float(np.mean(style)), both, float(np.mean(spreads))))
+            print(f"(a) {form} | {sampler_name}: content {rows[-1][2]:.0%} style {rows[-1][3]:.0%} both {both:.0%}",
+                  flush=True)
+    return rows, sheet
+
+
+def two_objects(model, clip, vae, evaluators, args) -> tuple[dict[str, float], list[str], np.ndarray]:
+    """(b): share of pictures whose two judged objects are the two prompted ones, per sampler; notes; a sheet."""
+    rates, notes, sheet = {}, [], []
+    for sampler_name, (sampler, scheduler, cfg) in SAMPLERS.items():
+        hits = []
+        for first, second in two_object_pairs(args.pairs):
+            text = phrase_two(first, second, "a <style> <shape> and a <style> <shape>")
+            images = sample_caption(model, clip, vae, text, args.seeds, args.steps, cfg, args.seed, sampler, scheduler)
+            pixels = to_pixels(images)
+            judged = judge_regions(evaluators, pixels)
+            hits += [sorted(j) == sorted([first, second]) for j in judged]
+            if sampler == "euler":
+                sheet.append(np.concatenate(list(pixels), axis=1))
+                notes.append(f"{text}: {['; '.join(f'{a} {b}' for b, a in j) or 'no objects' for j in judged]}")
+        rates[sampler_name] = float(np.mean(hits))
+        print(f"(b) two objects | {sampler_name}: {rates[sampler_name]:.0%}", flush=True)
+    return rates, notes, np.concatenate(sheet, axis=0)
+
+
+def object_masks(pixels: np.ndarray, shape_word: str, other_word: str | None, evaluators):
+    """(named object, other object or None) pixel masks of one generated picture, or None when the picture does not
+    show the named shape where the evaluators can find it."""
+    from scipy.ndimage import binary_closing
+
+    if other_word is None:
+        return binary_closing(foreground(pixels), np.ones((5, 5), bool)), None
+    regions = split_two(pixels)
+    if len(regions) < 2:
+        return None
+    from evaluators import box_around, isolate, to_tensor
+    shapes, _ = classify(evaluators, to_tensor(np.stack([isolate(pixels, box_around(r)) for r in regions])))
+    if shapes.count(shape_word) != 1 or other_word not in shapes:
+        return None
+    named = shapes.index(shape_word)
+    closed = [binary_closing(r, np.ones((5, 5), bool)) & box_around(r, 0) for r in regions]
+    return closed[named], closed[1 - named]
+
+
+def attention(nodes, model, clip, vae, evaluators, args) -> tuple[list[tuple], dict[str, int]]:
+    """(c): per (prompt kind, block, step set): share of the concept word's mask on the named object, on the other
+    object, IoU with the named object, the named object's area; and how many pictures were judged."""
+    import nodes as comfy_nodes
+
+    residual = nodes["CSA_NewResidualAdapter"].execute(model=model, rank_fraction=0.05, init_scale=0.0, seed=0).args[0]
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    prompts = [("one object", phrase(shape, style, "a <style> <shape>"), shape, None)
+               for shape in BASE_SHAPES for style in BASE_STYLES][:args.captions]
+    prompts += [("two objects", phrase_two(a, b, "a <style> <shape> and a <style> <shape>"), a[0], b[0])
+                for a, b in two_object_pairs(args.pairs)]
+    sums: dict[tuple, list[np.ndarray]] = {}
+    counted = {"one object": 0, "two objects": 0}
+    for kind, text, word, other in prompts:
+        patched, positive = nodes["CSA_ApplyLocalizedResidual"].execute(
+            model=model, residual=residual, clip=clip, prompt=text, concept_words=word, lag=True,
+            threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args[:2]
+        latent = {"samples": torch.zeros(args.attention_seeds, 4, 8, 8)}
+        samples = comfy_nodes.common_ksampler(patched, args.seed, args.steps, 4.0, "euler", "normal", positive, negative,
+                                              latent)[0]
+        with torch.no_grad():
+            pixels = to_pixels(vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1))
+        recorded = patched.model_options["transformer_options"][LOCALIZED_RESIDUAL_STATE].recorded
+        last = min(recorded)
+        for i, picture in enumerate(pixels):
+            masks = object_masks(picture, word, other, evaluators)
+            if masks is None:
+                continue
+            counted[kind] += 1
+            named, second = masks
+            for block in recorded[last]:
+                for steps_name, sigmas in (("last step", [last]), ("all steps", list(recorded))):
+                    values = []
+                    for sigma in sigmas:
+                        lag = recorded[sigma][block][i].float()[None, None]
+                        lag = torch.nn.functional.interpolate(lag, size=named.shape, mode="nearest")[0, 0].numpy() > 0.5
+                        on_named, on_other = (lag & named).sum(), (lag & second).sum() if second is not None else 0
+                        values.append((on_named / max(1, lag.sum()), on_other / max(1, lag.sum()),
+                                       on_named / max(1, (lag | named).sum()), named.mean()))
+                    sums.setdefault((kind, ".".join(map(str, block)), steps_name), []).append(np.mean(values, axis=0))
+    rows = [(*key, *np.mean(values, axis=0)) for key, values in sorted(sums.items())]
+    for row in rows:
+        print(f"(c) {row[0]} | {row[1]} | {row[2]}: on named {row[3]:.2f}, on other {row[4]:.2f}, IoU {row[5]:.2f}, "
+              f"object area {row[6]:.2f}", flush=True)
+    return rows, counted
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--captions", type=int, default=len(BASE_SHAPES) * len(BASE_STYLES),
                         help="how many base captions (in order)")
-    args = parse_args(parser, {"seeds": 1, "steps": 2, "captions": 2})
-    comfy_host.import_comfyui(base_directory=Path(tempfile.mkdtemp()))
+    parser.add_argument("--pairs", type=int, default=30, help="two-object prompts")
+    parser.add_argument("--attention-seeds", type=int, default=2)
+    parser.add_argument("--checkpoint", type=Path, default=WORLD_CHECKPOINT)
+    args = parse_args(parser, {"seeds": 1, "steps": 2, "captions": 2, "pairs": 2, "attention_seeds": 1})
+    nodes, _ = harness.start_comfy()
     import comfy.sd
     from PIL import Image
 
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint))
     evaluators, metadata = load()
     started = time.time()
-    rows, sheet, content_hits, style_hits, spreads = [], [], [], [], []
-    pairs = [(shape, style) for shape in BASE_SHAPES for style in BASE_STYLES][:args.captions]
-    for shape, style in pairs:
-        images = sample_caption(model, clip, vae, caption(shape, style), args.seeds, args.steps, args.cfg, args.seed)
-        shapes, styles = classify(evaluators, images)
-        content_hits += [s == shape for s in shapes]
-        style_hits += [s == style for s in styles]
-        pixels = (images.movedim(1, -1).numpy() * 255).round().astype(np.uint8)
-        spreads.append(diversity(pixels))
-        sheet.append(np.concatenate(list(pixels), axis=1))
-        rows.append(f"{caption(shape, style)}: shapes {shapes}, styles {styles}")
+    table, sheet = prompt_forms(model, clip, vae, evaluators, args)
+    two, two_notes, two_sheet = two_objects(model, clip, vae, evaluators, args)
+    attention_rows, counted = attention(nodes, model, clip, vae, evaluators, args)
     if not harness.SMOKE:
         Image.fromarray(np.concatenate(sheet, axis=0)).save(HERE / "generations.png")
-    content, style = float(np.mean(content_hits)), float(np.mean(style_hits))
-    both = float(np.mean([a and b for a, b in zip(content_hits, style_hits)]))
-    record(f"World base model obeys its prompts ({len(content_hits)} images: {len(pairs)} base captions x {args.seeds} seeds)", [
-        ("content accuracy (evaluator says the prompted shape)", f"{content:.1%}"),
-        ("style accuracy (evaluator says the prompted style)", f"{style:.1%}"),
-        ("both right", f"{both:.1%}"),
-        ("mean diversity across seeds (RMS pixel distance)", f"{np.mean(spreads):.3f}"),
-        ("evaluators' held-out accuracy on generator images",
-         f"content {metadata.get('accuracy.content')}, style {metadata.get('accuracy.style')}"),
-        ("sampling", f"Euler, {args.steps} steps, CFG {args.cfg}, 64x64, {time.time() - started:.0f} s in all"),
-    ], notes="Per caption:\n\n" + "\n".join(f"- {r}" for r in rows))
+        Image.fromarray(two_sheet).save(HERE / "two_objects.png")
+    images = args.captions * args.seeds
+    rows = [(f"(a) {form} · {sampler}", f"content {c:.1%}, style {s:.1%}, **both {b:.1%}**, diversity {d:.3f}")
+            for form, sampler, c, s, b, d in table]
+    rows += [(f"(b) two objects, each right in its region · {sampler}", f"{rate:.1%} of {args.pairs * args.seeds}")
+             for sampler, rate in two.items()]
+    rows += [(f"(c) {kind} · block {block} · {steps}", f"on the named object {named:.2f}, on the other {other:.2f}, "
+              f"IoU {iou:.2f} (object area {area:.2f})") for kind, block, steps, named, other, iou, area in attention_rows]
+    rows += [("evaluators' held-out accuracy on generator images",
+              ", ".join(f"{k[len('accuracy.'):]} {v}" for k, v in sorted(metadata.items()) if k.startswith("accuracy."))),
+             ("sampling", f"{args.steps} steps, 64x64, {time.time() - started:.0f} s in all; {args.checkpoint.name}")]
+    record(f"World base model: prompt forms, two objects, attention ({images} images per cell of (a))", rows, notes=(
+        f"(a) every one of {args.captions} base captions x {args.seeds} seeds per cell; the form "
+        f"'{next(iter(HELD_OUT_FORM))}' was never used in training. (c) median-threshold LAG masks of the shape word "
+        "(the mask is half of the 8x8 positions, so its share on an object can reach at most twice the object's area); "
+        f"pictures judged: {counted['one object']} one-object, {counted['two objects']} two-object (those where the "
+        "evaluators found the named shape).\n\nTwo-object pictures, Euler:\n\n" + "\n".join(f"- {n}" for n in two_notes)))
 
 
 if __name__ == "__main__":

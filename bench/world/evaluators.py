@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from world import SHAPES, STYLES, render  # noqa: E402
+from world import BACKGROUND, SHAPES, STYLES, render, render_scene  # noqa: E402
 
 WEIGHTS = HERE / "weights" / "evaluators.safetensors"
 TRAIN_SEEDS = range(0, 10_000_000, 7)  # training draws seeds 7k; held-out checks use seeds 7k + 3
@@ -63,11 +63,75 @@ def augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def random_batch(size: int, generator: torch.Generator, seed_offset: int = 0):
+    """Half single objects, half one object of a two-object scene as judge_regions() sees it (the other painted out)."""
     shapes = torch.randint(0, len(SHAPES), (size,), generator=generator)
     styles = torch.randint(0, len(STYLES), (size,), generator=generator)
     seeds = torch.randint(0, 1_000_000, (size,), generator=generator) * 7 + seed_offset
-    images = np.stack([render(SHAPES[a], STYLES[b], int(s)).image for a, b, s in zip(shapes, styles, seeds)])
-    return to_tensor(images), shapes, styles
+    images = []
+    for i, (a, b, s) in enumerate(zip(shapes.tolist(), styles.tolist(), seeds.tolist())):
+        if i % 2 == 0:
+            images.append(render(SHAPES[a], STYLES[b], s).image)
+            continue
+        other = ((SHAPES[(a + 1 + s % (len(SHAPES) - 1)) % len(SHAPES)], STYLES[(b + 1 + s % (len(STYLES) - 1)) % len(STYLES)]))
+        scene = render_scene(((SHAPES[a], STYLES[b]), other), s)
+        images.append(isolate(scene.image, box_around(scene.masks[0])))
+    return to_tensor(np.stack(images)), shapes, styles
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """(64, 64) bool: pixels that differ from the plain background (the light stripes of some styles do not)."""
+    return np.abs(image.astype(np.int16) - np.array(BACKGROUND, np.int16)).max(-1) > 30
+
+
+def box_around(mask: np.ndarray, margin: int = 2) -> np.ndarray:
+    """The mask's bounding box grown by ``margin`` pixels, as a bool mask."""
+    box = np.zeros_like(mask)
+    rows, cols = np.nonzero(mask)
+    if len(rows):
+        box[max(0, rows.min() - margin):rows.max() + margin + 1, max(0, cols.min() - margin):cols.max() + margin + 1] = True
+    return box
+
+
+def isolate(image: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The picture with everything outside ``region`` painted background."""
+    out = np.broadcast_to(np.array(BACKGROUND, np.uint8), image.shape).copy()
+    out[region] = image[region]
+    return out
+
+
+def split_two(image: np.ndarray, iterations: int = 20) -> list[np.ndarray]:
+    """The foreground split into two objects (2-means on pixel positions): [(64, 64) bool, (64, 64) bool], or fewer
+    when there is too little foreground. A picture of one object comes back as two halves of it (judged wrong)."""
+    points = np.argwhere(foreground(image)).astype(np.float32)
+    if len(points) < 8:
+        return []
+    axis = int(np.argmax(points.std(0)))
+    order = np.argsort(points[:, axis])
+    centres = np.stack([points[order[: len(order) // 2]].mean(0), points[order[len(order) // 2:]].mean(0)])
+    for _ in range(iterations):
+        nearest = np.argmin(((points[:, None] - centres[None]) ** 2).sum(-1), 1)
+        centres = np.stack([points[nearest == k].mean(0) if (nearest == k).any() else centres[k] for k in range(2)])
+    masks = []
+    for k in range(2):
+        mask = np.zeros(image.shape[:2], bool)
+        chosen = points[nearest == k].astype(int)
+        mask[chosen[:, 0], chosen[:, 1]] = True
+        masks.append(mask)
+    return masks
+
+
+def judge_regions(models, images: np.ndarray) -> list[list[tuple[str, str]]]:
+    """Per (64, 64, 3) uint8 picture of two objects: [(shape, style) of each object, judged in its own region]."""
+    found = []
+    for image in images:
+        regions = split_two(image)
+        if not regions:
+            found.append([])
+            continue
+        isolated = to_tensor(np.stack([isolate(image, box_around(r)) for r in regions]))
+        shapes, styles = classify(models, isolated)
+        found.append(list(zip(shapes, styles)))
+    return found
 
 
 def train(steps: int = 800, batch: int = 32, seed: int = 0) -> dict[str, Classifier]:
@@ -119,11 +183,14 @@ def classify(models: dict[str, Classifier], images: torch.Tensor) -> tuple[list[
 
 
 def held_out_accuracy(models, count: int = 400, seed: int = 123) -> dict[str, float]:
+    """Accuracy on fresh generator images: all of them, and the scene objects (odd indices) alone."""
     generator = torch.Generator().manual_seed(seed)
     images, shapes, styles = random_batch(count, generator, seed_offset=HELD_OUT_OFFSET)
     got_shapes, got_styles = classify(models, images)
-    return {"content": float(np.mean([SHAPES[i] == g for i, g in zip(shapes, got_shapes)])),
-            "style": float(np.mean([STYLES[i] == g for i, g in zip(styles, got_styles)]))}
+    content = np.array([SHAPES[i] == g for i, g in zip(shapes, got_shapes)])
+    style = np.array([STYLES[i] == g for i, g in zip(styles, got_styles)])
+    return {"content": float(content.mean()), "style": float(style.mean()),
+            "content_scene_objects": float(content[1::2].mean()), "style_scene_objects": float(style[1::2].mean())}
 
 
 def change_outside_mask(image_a: np.ndarray, image_b: np.ndarray, mask: np.ndarray) -> float:

@@ -30,9 +30,11 @@ import comfy_host  # noqa: E402
 import harness  # noqa: E402
 from harness import parse_args  # noqa: E402
 import model_names as names  # noqa: E402
-from build_tiny_models import clip_hash  # noqa: E402  (also puts the repository root on the path)
+from build_tiny_models import (WORLD_TEXT_ENCODER, WORLD_TEXT_ENCODER_KEY, clip_hash,  # noqa: E402  (puts the repository
+                               scale_to_world_text_encoder_)  # root on the path)
 from core.adapter_file import write_safetensors  # noqa: E402
-from world import BASE_SHAPES, BASE_STYLES, caption, dataset  # noqa: E402
+from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, SHAPES, STYLES,  # noqa: E402
+                   TWO_OBJECT_FORMS, dataset, phrase, phrase_two, two_object_scenes)
 
 WEIGHTS = names.WORLD_WEIGHTS
 LOSSES = HERE / "weights" / "losses.json"
@@ -74,13 +76,19 @@ def cosine_tail(step: int, steps: int) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - start) / max(1, steps - start)))
 
 
-def train_vae(pool: torch.Tensor, steps: int, batch: int, generator: torch.Generator):
+def train_vae(pool: torch.Tensor, steps: int, batch: int, generator: torch.Generator, start: Path | None = None):
+    """A TAESD trained on ``pool``: from a fresh init, or fine-tuned from the VAE inside world weights ``start``."""
     from comfy.taesd.taesd import TAESD
+    from safetensors.torch import load_file
 
     taesd = TAESD(latent_channels=4)
     init_vae_(taesd, generator)
+    if start is not None:
+        prefix = "first_stage_model."
+        taesd.load_state_dict({k[len(prefix):]: v.float() for k, v in load_file(str(start)).items() if k.startswith(prefix)})
     params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    # A fine-tune at 1e-3 wrecked the trained VAE within 20 steps (round-trip content accuracy 99% -> 12%); 2e-4 kept it.
+    optimizer = torch.optim.Adam(params, lr=1e-3 if start is None else 2e-4)
     # Constant rate, then a cosine decay over the last third. A latent L2 penalty with OneCycle (run 2) left the
     # MSE at 0.058 and every style brownish; without it the MSE was 0.024 after 100 steps.
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_tail(step, steps))
@@ -112,7 +120,8 @@ def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
         return torch.cat([taesd.encode(pool[i:i + 256] * 2 - 1) for i in range(0, len(pool), 256)]) * SD15_SCALE
 
 
-def train_unet(latents, conds, empty, steps: int, batch: int, generator: torch.Generator):
+def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, generator: torch.Generator):
+    """conds: (captions, 77, 768), one per distinct caption; caption_index: (images, CAPTIONS_PER_IMAGE) rows of it."""
     import comfy.ops
     from build_tiny_models import TINY_SD15_UNET_CONFIG, init_weights_
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -131,7 +140,8 @@ def train_unet(latents, conds, empty, steps: int, batch: int, generator: torch.G
     losses = []
     for step in range(steps):
         index = torch.randint(0, len(latents), (batch,), generator=generator)
-        x0, context = latents[index], conds[index].clone()
+        pick = torch.randint(0, caption_index.shape[1], (batch,), generator=generator)
+        x0, context = latents[index], conds[caption_index[index, pick]].clone()
         drop = torch.rand(batch, generator=generator) < 0.1  # classifier-free guidance dropout
         context[drop] = empty
         t = torch.randint(0, 1000, (batch,), generator=generator)
@@ -155,13 +165,39 @@ def train_unet(latents, conds, empty, steps: int, batch: int, generator: torch.G
     return ema, losses
 
 
+CAPTIONS_PER_IMAGE = 4
+
+
+def training_captions(singles, scenes, generator: np.random.Generator) -> list[list[str]]:
+    """CAPTIONS_PER_IMAGE captions per image, one drawn per step: single objects in every CAPTION_FORMS form (the
+    one-word forms half as often), two-object scenes in every TWO_OBJECT_FORMS form with the objects in either order."""
+    forms = list(CAPTION_FORMS)
+    weights = np.array([0.5 if form in ("shape alone", "style alone") else 1.0 for form in forms])
+    captions = [[phrase(s.shape, s.style, forms[i]) for i in generator.choice(len(forms), CAPTIONS_PER_IMAGE,
+                                                                           p=weights / weights.sum())] for s in singles]
+    two_forms = list(TWO_OBJECT_FORMS)
+    for scene in scenes:
+        rows = []
+        for _ in range(CAPTIONS_PER_IMAGE):
+            first, second = scene.objects[::-1] if generator.integers(0, 2) else scene.objects
+            rows.append(phrase_two(first, second, two_forms[generator.integers(0, len(two_forms))]))
+        captions.append(rows)
+    return captions
+
+
+def world_clip(clip):
+    """The world's text encoder (build_tiny_models.WORLD_TEXT_ENCODER), made from the tiny checkpoint's CLIP in place."""
+    scale_to_world_text_encoder_(clip.cond_stage_model.state_dict())
+    return clip
+
+
 def round_trip_report(taesd, seed: int = 7) -> tuple[float, float, np.ndarray]:
-    """Evaluator accuracy on VAE round trips of fresh images (the ceiling the VAE leaves the UNet), and a picture.
+    """Evaluator accuracy on VAE round trips of fresh images of every shape and style (the ceiling the VAE leaves the UNet), and a picture.
 
     Returns (content accuracy, style accuracy, image: originals above their round trips, one column per image)."""
     from evaluators import classify, load
 
-    fresh = dataset(BASE_SHAPES, BASE_STYLES, per_pair=2, seed=seed)
+    fresh = dataset(SHAPES, STYLES, per_pair=2, seed=seed)  # the held-out shapes and styles too
     x = images_tensor(fresh)
     with torch.no_grad():
         decoded = taesd.taesd_decoder(taesd.taesd_encoder(x)).clamp(0, 1)
@@ -209,16 +245,19 @@ def record_training(path: Path = LOSSES, window: int = 100) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae-steps", type=int, default=900)
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--vae-steps", type=int, default=160)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=24)
-    parser.add_argument("--per-pair", type=int, default=96)
+    parser.add_argument("--per-pair", type=int, default=96, help="single-object images per base (shape, style) pair")
+    parser.add_argument("--scenes", type=int, default=2880, help="two-object scenes")
+    parser.add_argument("--vae-from", type=Path, default=WEIGHTS,
+                        help="fine-tune the VAE inside these world weights (a missing file: train one from scratch)")
     parser.add_argument("--vae-only", action="store_true",
                         help=f"train the VAE, write {VAE_STAGE} and its round-trip picture, stop")
     parser.add_argument("--reuse-vae", action="store_true", help=f"skip VAE training and use {VAE_STAGE}")
     parser.add_argument("--out", type=Path, default=None,
                         help="write weights, losses and the VAE stage here instead (smoke runs use a temporary folder)")
-    args = parse_args(parser, {"vae_steps": 2, "unet_steps": 4, "batch": 2, "per_pair": 1})
+    args = parse_args(parser, {"vae_steps": 2, "unet_steps": 4, "batch": 2, "per_pair": 1, "scenes": 4})
     if args.out is None and harness.SMOKE:
         args.out = Path(tempfile.mkdtemp(prefix="csa-world-smoke-"))
     weights, losses_path, vae_stage = ((args.out / WEIGHTS.name, args.out / LOSSES.name, args.out / VAE_STAGE.name)
@@ -228,14 +267,20 @@ def main() -> None:
     import comfy.sd
     from PIL import Image
     generator = torch.Generator().manual_seed(VAE_SEED)
-    samples = dataset(BASE_SHAPES, BASE_STYLES, per_pair=args.per_pair, seed=1)
-    pool = images_tensor(samples)
+    singles = dataset(BASE_SHAPES, BASE_STYLES, per_pair=args.per_pair, seed=1)
+    scenes = two_object_scenes(args.scenes, seed=1)
+    pool = images_tensor(singles + scenes)
+    # The VAE also sees the held-out shapes and styles (as a real VAE has seen everything); the UNet never does.
+    held_out = [s for s in dataset(SHAPES, STYLES, per_pair=max(1, args.per_pair // 6), seed=2)
+                if s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES]
     started = time.time()
     if args.reuse_vae:
         taesd, vae_losses, vae_seconds = load_vae(vae_stage)
     else:
-        taesd, vae_losses = train_vae(pool, args.vae_steps, args.batch, generator)
-        set_latent_scale(taesd, pool)
+        vae_pool = torch.cat([pool, images_tensor(held_out)])
+        taesd, vae_losses = train_vae(vae_pool, args.vae_steps, args.batch, generator,
+                                      args.vae_from if args.vae_from.exists() else None)
+        set_latent_scale(taesd, vae_pool)
         vae_seconds = time.time() - started
         save_vae(taesd, vae_stage, vae_losses, vae_seconds)
     content, style, picture = round_trip_report(taesd)
@@ -248,22 +293,29 @@ def main() -> None:
     print(f"latent std {latents.std():.3f} mean {latents.mean():.3f}")
     _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)
-    captions = {caption(s.shape, s.style) for s in samples}
-    encoded = {c: clip.encode_from_tokens(clip.tokenize(c))[0] for c in sorted(captions) + [""]}
-    conds = torch.stack([encoded[s.caption] for s in samples]).float()
+    clip = world_clip(clip)
+    captions = training_captions(singles, scenes, np.random.default_rng(UNET_SEED))
+    distinct = sorted({c for row in captions for c in row}) + [""]
+    row_of = {c: i for i, c in enumerate(distinct)}
+    with torch.no_grad():
+        conds = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in distinct]).float()
+    caption_index = torch.tensor([[row_of[c] for c in row] for row in captions])
+    print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
     unet_started = time.time()
-    unet, unet_losses = train_unet(latents, conds, encoded[""].float(), args.unet_steps, args.batch,
+    unet, unet_losses = train_unet(latents, conds, caption_index, conds[row_of[""]], args.unet_steps, args.batch,
                                    torch.Generator().manual_seed(UNET_SEED))
     unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
     state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
                   if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
-    meta = {"csa.world_clip_hash": clip_hash(clip), "csa.vae_steps": str(len(vae_losses)),
+    meta = {"csa.world_clip_hash": clip_hash(clip), WORLD_TEXT_ENCODER_KEY: WORLD_TEXT_ENCODER,
+            "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object",
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
     write_safetensors(weights, {k: v.to(torch.float16) for k, v in state.items()}, meta, overwrite=True)
-    setup = {"batch": args.batch, "images": len(pool), "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
+    setup = {"batch": args.batch, "images": f"{len(singles)} single-object, {len(scenes)} two-object",
+             "captions": f"{len(distinct) - 1} distinct, {CAPTIONS_PER_IMAGE} per image, one drawn per step", "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
              "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5), "unet_steps": args.unet_steps,
              "unet_seconds": round(unet_seconds), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
              "weights_MiB": round(weights.stat().st_size / 2**20, 1)}

@@ -1,9 +1,12 @@
 """A miniature world: 64x64 pictures of a shape (the content) filled with a texture (the style).
 
 Everything is a pure function of (shape, style, seed): same inputs, same pixels, mask and caption. Each
-style is a pattern with its own palette, so it survives a small latent; the background is plain.
+style is a pattern with its own palette, so it survives a small latent; the background is plain. Scenes
+hold one object or two side by side; captions come in several phrasings, as people write prompts.
 
     render("triangle", "striped", seed=3) -> Sample(image uint8 (64, 64, 3), mask bool (64, 64), caption)
+    render_scene((("circle", "red"), ("square", "striped")), seed=3) -> Scene(image, masks, objects)
+    phrase("circle", "red", "no article") -> "red circle"
 """
 from __future__ import annotations
 
@@ -38,6 +41,37 @@ def caption(shape: str, style: str) -> str:
     return f"a {style} {shape}"
 
 
+# How one object is described. The world model trains on every form but the held-out one, which evaluation adds.
+CAPTION_FORMS = {
+    "a <style> <shape>": "a {style} {shape}",
+    "no article": "{style} {shape}",
+    "with a pattern": "a {shape} with a {style} pattern",
+    "shape first": "a {shape}, {style}",
+    "photo of": "a photo of a {style} {shape}",
+    "plain background": "a {style} {shape} on a plain background",
+    "photo, no article": "photo of {style} {shape}",
+    "shape alone": "a {shape}",
+    "style alone": "{style}",
+}
+HELD_OUT_FORM = {"held out: an image of one": "an image of one {style} {shape}"}
+TWO_OBJECT_FORMS = {
+    "a <style> <shape> and a <style> <shape>": "a {style1} {shape1} and a {style2} {shape2}",
+    "no article": "{style1} {shape1} and {style2} {shape2}",
+    "with patterns": "a {shape1} with a {style1} pattern and a {shape2} with a {style2} pattern",
+    "photo of": "a photo of a {style1} {shape1} and a {style2} {shape2}",
+}
+
+
+def phrase(shape: str, style: str, form: str) -> str:
+    """The caption of one object in a named form (CAPTION_FORMS or HELD_OUT_FORM)."""
+    return {**CAPTION_FORMS, **HELD_OUT_FORM}[form].format(shape=shape, style=style)
+
+
+def phrase_two(first: tuple[str, str], second: tuple[str, str], form: str) -> str:
+    """The caption of two (shape, style) objects, in the order given, in a TWO_OBJECT_FORMS form."""
+    return TWO_OBJECT_FORMS[form].format(shape1=first[0], style1=first[1], shape2=second[0], style2=second[1])
+
+
 def shape_mask(shape: str, cx: float, cy: float, radius: float) -> np.ndarray:
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     dx, dy = (x - cx) / radius, (y - cy) / radius
@@ -61,8 +95,10 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float) -> np.ndarray:
     return masks[shape]
 
 
-def style_fill(style: str, rng: np.random.Generator) -> np.ndarray:
-    """(64, 64, 3) float texture in [0, 255]; the phase varies with the seed, the palette does not."""
+def style_fill(style: str, rng: np.random.Generator, rows: tuple[float, float] = (0, SIZE - 1)) -> np.ndarray:
+    """(64, 64, 3) float texture in [0, 255]; the phase varies with the seed, the palette does not.
+
+    ``rows``: where the gradient runs from its first colour to its second (the whole picture, or one object's rows)."""
     y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     ox, oy = rng.integers(0, 8, size=2)
 
@@ -77,7 +113,7 @@ def style_fill(style: str, rng: np.random.Generator) -> np.ndarray:
     if style == "checkered":
         return two((15, 15, 15), (255, 140, 0), (((x + ox) // 8 + (y + oy) // 8) % 2) == 0)
     if style == "gradient":
-        t = (y / (SIZE - 1))[..., None]
+        t = ((y - rows[0]) / (rows[1] - rows[0])).clip(0, 1)[..., None]
         return (1 - t) * np.array((130, 30, 200), np.float32) + t * np.array((20, 210, 220), np.float32)
     if style == "zigzag":
         return two((200, 0, 120), (255, 230, 240), ((y + 2 * np.abs((x + ox) % 8 - 4) + oy) // 4) % 2 == 0)
@@ -96,6 +132,40 @@ def render(shape: str, style: str, seed: int) -> Sample:
     image = np.broadcast_to(np.array(BACKGROUND, np.float32), (SIZE, SIZE, 3)).copy()
     image[mask] = style_fill(style, rng)[mask]
     return Sample(image.round().clip(0, 255).astype(np.uint8), mask, shape, style)
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: np.ndarray  # (64, 64, 3) uint8
+    masks: tuple  # one (64, 64) bool mask per object
+    objects: tuple  # ((shape, style), ...) in the order of masks
+
+
+def render_scene(objects, seed: int) -> Scene:
+    """Two objects side by side (left / right or top / bottom, the side chosen by the seed), radius 11-14 px each."""
+    rng = np.random.default_rng([seed, 7_777, *(SHAPES.index(h) * 10 + STYLES.index(t) for h, t in objects)])
+    horizontal = bool(rng.integers(0, 2))
+    image = np.broadcast_to(np.array(BACKGROUND, np.float32), (SIZE, SIZE, 3)).copy()
+    masks = []
+    for half, (shape, style) in zip(rng.permutation(len(objects)), objects):
+        along, across = SIZE / 4 + half * SIZE / 2 + rng.uniform(-2.5, 2.5), SIZE / 2 + rng.uniform(-9, 9)
+        cx, cy = (along, across) if horizontal else (across, along)
+        radius = rng.uniform(11.0, 14.0)
+        mask = shape_mask(shape, cx, cy, radius)
+        image[mask] = style_fill(style, rng, (cy - radius, cy + radius))[mask]
+        masks.append(mask)
+    return Scene(image.round().clip(0, 255).astype(np.uint8), tuple(masks), tuple(objects))
+
+
+def two_object_scenes(count: int, shapes=BASE_SHAPES, styles=BASE_STYLES, seed: int = 0) -> list[Scene]:
+    """``count`` scenes of two objects with different shapes and different styles, deterministic from seed."""
+    rng = np.random.default_rng([seed, 4_242])
+    scenes = []
+    for i in range(count):
+        first, second = rng.choice(len(shapes), 2, replace=False), rng.choice(len(styles), 2, replace=False)
+        objects = ((shapes[first[0]], styles[second[0]]), (shapes[first[1]], styles[second[1]]))
+        scenes.append(render_scene(objects, seed * 100_003 + i))
+    return scenes
 
 
 def dataset(shapes=BASE_SHAPES, styles=BASE_STYLES, per_pair: int = 8, seed: int = 0) -> list[Sample]:

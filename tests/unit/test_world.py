@@ -8,7 +8,8 @@ import pytest
 WORLD = Path(__file__).resolve().parents[2] / "bench" / "world"
 sys.path.insert(0, str(WORLD))
 
-from world import BASE_SHAPES, BASE_STYLES, SHAPES, STYLES, caption, contact_sheet, dataset, render  # noqa: E402
+from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_FORM, SHAPES, STYLES, TWO_OBJECT_FORMS,  # noqa: E402
+                   caption, contact_sheet, dataset, phrase, phrase_two, render, render_scene, two_object_scenes)
 
 
 def test_generator_is_deterministic_and_labels_are_exact():
@@ -60,3 +61,68 @@ def test_evaluators_reach_their_stated_accuracy_on_fresh_generator_images():
     accuracy = held_out_accuracy(models, count=300, seed=777)  # seeds never used in training or in the stated figure
     assert accuracy["content"] >= 0.95 and accuracy["style"] >= 0.95, accuracy
     assert float(metadata["accuracy.content"]) >= 0.95 and float(metadata["accuracy.style"]) >= 0.95
+
+
+def test_two_object_scenes_are_deterministic_with_disjoint_objects_on_either_side():
+    objects = (("circle", "red"), ("square", "striped"))
+    a, b = render_scene(objects, 5), render_scene(objects, 5)
+    assert np.array_equal(a.image, b.image) and a.objects == objects
+    background = np.array([236, 236, 230], np.uint8)
+    for scene in two_object_scenes(40, seed=3):
+        first, second = scene.masks
+        assert not (first & second).any()
+        assert (scene.image[~(first | second)] == background).all()
+        (shape_a, style_a), (shape_b, style_b) = scene.objects
+        assert shape_a != shape_b and style_a != style_b and {shape_a, shape_b} <= set(BASE_SHAPES)
+        centres = [np.argwhere(m).mean(0) for m in scene.masks]
+        assert np.abs(centres[0] - centres[1]).max() > 24, "one object per half"
+    assert len({s.objects for s in two_object_scenes(40, seed=3)}) > 30
+
+
+def test_caption_forms():
+    assert phrase("circle", "red", "a <style> <shape>") == caption("circle", "red") == "a red circle"
+    assert phrase("circle", "red", "no article") == "red circle"
+    assert phrase("circle", "red", "with a pattern") == "a circle with a red pattern"
+    assert phrase("circle", "red", next(iter(HELD_OUT_FORM))) == "an image of one red circle"
+    assert set(HELD_OUT_FORM.values()).isdisjoint(CAPTION_FORMS.values())
+    assert phrase_two(("circle", "red"), ("square", "striped"), next(iter(TWO_OBJECT_FORMS))) == \
+        "a red circle and a striped square"
+
+
+def test_objects_of_a_generator_scene_are_found_and_judged_in_their_regions():
+    from evaluators import judge_regions, load, split_two
+
+    scenes = two_object_scenes(60, seed=11)
+    for scene in scenes[:10]:
+        found = split_two(scene.image)
+        drawn = [m & (np.abs(scene.image.astype(int) - [236, 236, 230]).max(-1) > 30) for m in scene.masks]
+        assert len(found) == 2 and sorted(int((f & d).sum() == d.sum()) for f in found for d in drawn) == [0, 0, 1, 1]
+    models, _ = load()
+    judged = judge_regions(models, np.stack([s.image for s in scenes]))
+    right = np.mean([sorted(j) == sorted(s.objects) for j, s in zip(judged, scenes)])
+    assert right >= 0.9, right
+    assert judge_regions(models, np.full((1, 64, 64, 3), 236, np.uint8)) == [[]]
+
+
+def test_world_text_encoder_scaling_gives_the_same_values_from_a_checkpoint_or_a_loaded_model():
+    import torch
+
+    sys.path.insert(0, str(WORLD.parents[1] / "scripts"))
+    from build_tiny_models import scale_to_world_text_encoder_
+
+    generator = torch.Generator().manual_seed(0)
+    checkpoint = {  # fp16, as stored, with the checkpoint's key prefix
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.randn(6, 4, generator=generator),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.out_proj.weight": torch.randn(4, 4, generator=generator),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc2.bias": torch.randn(4, generator=generator),
+        "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight": torch.randn(4, 4, generator=generator),
+    }
+    checkpoint = {k: (v * 0.05).half() for k, v in checkpoint.items()}
+    loaded = {k.replace("cond_stage_model.", "clip_l."): v.float() for k, v in checkpoint.items()}  # a model's fp32 copy
+    before = {k: v.clone() for k, v in checkpoint.items()}
+    scale_to_world_text_encoder_(checkpoint)
+    scale_to_world_text_encoder_(loaded)
+    for key, value in checkpoint.items():
+        assert torch.equal(value.float(), loaded[key.replace("cond_stage_model.", "clip_l.")]), key
+        factor = 30.0 if "token_embedding" in key else 1.0 if "fc1" in key else 0.3
+        assert torch.equal(value, (before[key].float() * factor).half()), key
