@@ -57,7 +57,7 @@ block-split: setup
 	$(PYTHON) bench/world/block_split.py
 
 # Does each method combine a held-out content and style better than the naive sum of two LoRAs? Trains every method's
-# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; about 2.8 CPU hours on one
+# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; about 3.1 CPU hours on one
 # thread here. Appends the table to bench/RESULTS.md, writes bench/world/benchmark/ (contact sheets, charts, JSON).
 benchmark: setup
 	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py

@@ -23,7 +23,9 @@ Measures (the world evaluators, bench/world/evaluators.py):
 - recontextualisation: 'a <base style> sks' (the first --prompts of RECONTEXT_STYLES): the held-out shape drawn in
   the prompted base style.
 - leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES): the prompted base shape survives.
-- scene fidelity: not measurable: the world generator and base model draw one object per picture.
+- scene fidelity: 'a <base style> sks and a <style> <shape>' (the first --scene-prompts of SCENE_OBJECTS): the second, base
+  object judged in its own region (evaluators.judge_regions) is still its prompted shape and style. Needs a world model
+  trained on two-object scenes (issue 14's world).
 - change outside the object: generated pictures have no ground-truth mask, so the object is estimated (pixels further
   than 0.25 from the world's background colour, dilated 2 px) and the mean absolute difference from the background
   colour outside it is reported (0..1).
@@ -48,8 +50,8 @@ The partial run's ConsisLoRA (+ guider) and QR-LoRA content adapters had not lea
 training: 4 pairs, 3 training seeds, 250 steps, 4 sampling seeds, 1 recontextualisation style and 1 leakage shape,
 about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, about 2.0 CPU hours for the rows measured
 then; with the B4M make and Personalized Residual rows (their step costs estimated, not yet measured at full size:
-B4M 0.6 s, two data sets per step; residual 0.3 s) **about 2.8 CPU hours** (`--estimate` prints the figure for any
-settings: 200 steps with 12 sampling steps is 2.1 h).
+B4M 0.6 s, two data sets per step; residual 0.3 s) and one scene-fidelity prompt per cell (+0.27 h) **about 3.1
+CPU hours** (`--estimate` prints the figure for any settings: 200 steps with 12 sampling steps is 2.2 h).
 The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
 prints its estimate first; wall time is longer when the cores are shared. The smoke size (--smoke: one pair, one
 seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.
@@ -81,7 +83,11 @@ COMPOSED = f"a {STYLE_WORD} {CONTENT_WORD}"
 # Recontextualisation styles and leakage shapes, in the order --prompts takes them (varied first: colour, pattern).
 RECONTEXT_STYLES = ("red", "checkered", "striped", "gradient", "dotted")
 LEAKAGE_SHAPES = ("circle", "triangle", "square", "cross", "ring", "diamond")
+# Scene fidelity: the second object, next to the content trigger in the first recontextualisation style.
+SCENE_OBJECTS = (("square", "striped"), ("ring", "checkered"), ("triangle", "dotted"), ("cross", "gradient"),
+                 ("diamond", "checkered"))
 assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(BASE_SHAPES)
+assert all(style != RECONTEXT_STYLES[0] for _, style in SCENE_OBJECTS)
 SAMPLING = {"seed": 1000, "cfg": 4.0}
 # Learning rates per trainer (the demo adapters' recipes, bench/world/train_demo_adapters.py; ConsisLoRA / B-LoRA: lr
 # is the x0 rate, ε runs at twice it). Every trainer gets the same steps x batch.
@@ -312,13 +318,13 @@ ROWS = [
 def estimate_seconds(rows: list, args) -> float:
     """Expected CPU seconds of a run from the measured rates: every trainer's adapters (content and style targets x
     training seeds) plus every picture (grid points on the composed prompt, then the recontextualisation and leakage
-    prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
+    and scene prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
     measured = [row for row in rows if not row.not_yet]
     contents, styles = len({p[0] for p in args.pairs}), len({p[1] for p in args.pairs})
     jobs = {(t, role) for row in measured for t, role in zip(row.trainers, ("content", "style"))}
     training = sum(STEP_SECONDS.get(t, 0.45) * (contents if role == "content" else styles) for t, role in jobs) \
         * args.steps * args.seeds
-    per_cell = sum((len(row.grid) + 2 * args.prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
+    per_cell = sum((len(row.grid) + 2 * args.prompts + args.scene_prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
                    for row in measured)
     pictures = per_cell * args.sampling_seeds * len(args.pairs) * args.seeds
     return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
@@ -445,7 +451,7 @@ def judge_composed(ctx, images: torch.Tensor, shape: str, style: str) -> dict:
 
 def measure_row(ctx, row: Row) -> dict:
     """Every measure of one row over pairs x training seeds (grid: best point on the composed prompt)."""
-    from evaluators import diversity
+    from evaluators import diversity, judge_regions
 
     args = ctx.args
     cells = [(pair, seed) for seed in args.train_seeds for pair in args.pairs]
@@ -466,7 +472,7 @@ def measure_row(ctx, row: Row) -> dict:
         log(f"{row.name} {variant}: both right {grid_scores[-1][0]:.0%}, content {grid_scores[-1][1]:.0%}")
     best = max(range(len(row.grid)), key=lambda i: grid_scores[i])
     per_image = {k: [] for k in ("both", "content", "style", "both_strict", "style_strict", "recontext",
-                                 "recontext_style", "leakage")}
+                                 "recontext_style", "leakage", "scene")}
     per_seed = {k: [] for k in ("diversity", "background", "cpu", "parameters")}
     seconds, pictures, sheet = 0.0, 0, {}
     for (shape, style), seed in cells:
@@ -487,6 +493,10 @@ def measure_row(ctx, row: Row) -> dict:
         for base_shape in LEAKAGE_SHAPES[:args.prompts]:
             shapes, _ = ctx.judge.labels(sample(f"a {STYLE_WORD} {base_shape}"))
             per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
+        for second in SCENE_OBJECTS[:args.scene_prompts]:
+            judged = judge_regions(ctx.judge.models, to_pixels(sample(
+                f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}")))
+            per_image["scene"].append((seed, [second in objects for objects in judged]))
     for seed in args.train_seeds:
         trained = [ctx.adapter(row.trainers[0], "content", s, seed) for s in {p[0] for p in args.pairs}] + \
                   [ctx.adapter(row.trainers[1], "style", s, seed) for s in {p[1] for p in args.pairs}]
@@ -537,7 +547,7 @@ def table_rows(results: list[dict]) -> list[tuple]:
         name = r["row"] + (f" (best of {len(r['grid'])}: {describe(r['chosen'])})" if len(r["grid"]) > 1 else "")
         rows.append((name, fmt(r["both"]), fmt(r["content"]), fmt(r["style"]), fmt(r["both_strict"]),
                      f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})", fmt(r["leakage"]),
-                     "not measurable (one object per world picture)", fmt(r["background"], False),
+                     fmt(r["scene"]) if "scene" in r else "not measured", fmt(r["background"], False),
                      fmt(r["diversity"], False), f"{r['cpu']['mean']:.0f} ± {r['cpu']['spread']:.0f}",
                      f"{r['parameters']['mean']:,.0f}", f"{r['sampling_seconds_per_image']:.2f}",
                      verdict(r, naive)))
@@ -597,7 +607,7 @@ def slug(name: str) -> str:
 
 
 CHARTS = (("both", "both right (drawable style)"), ("content", "content right"), ("recontext", "recontextualisation"),
-          ("leakage", "leakage: base shape kept"))
+          ("leakage", "leakage: base shape kept"), ("scene", "scene fidelity: second object kept"))
 
 
 def write_charts(results: list[dict], folder: Path) -> list[Path]:
@@ -641,6 +651,8 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=1, help="base styles (recontextualisation) and base shapes "
                         "(leakage) used, the first N of RECONTEXT_STYLES / LEAKAGE_SHAPES")
+    parser.add_argument("--scene-prompts", type=int, default=1, help="second objects (scene fidelity) used, the first "
+                        "N of SCENE_OBJECTS")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -711,7 +723,9 @@ def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
         f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "
         f"held-out shape in that base style (in brackets: the base style alone), base styles "
         f"{', '.join(RECONTEXT_STYLES[:args.prompts])}; leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, "
-        f"base shapes {', '.join(LEAKAGE_SHAPES[:args.prompts])}. Training "
+        f"base shapes {', '.join(LEAKAGE_SHAPES[:args.prompts])}; scene fidelity: 'a {RECONTEXT_STYLES[0]} "
+        f"{CONTENT_WORD} and a <style> <shape>' keeps the second object ("
+        f"{', '.join(f'{b} {a}' for a, b in SCENE_OBJECTS[:args.scene_prompts])}) in its own region. Training "
         f"CPU s and parameters: the content and the style adapter of a pair together.\n\n"
         f"Style ceilings (world VAE round trip of real pictures): strict evaluator "
         + ", ".join(f"{s} {c['strict']:.0%}" for s, c in ceiling.items() if s in HELD_OUT_STYLES)
