@@ -33,7 +33,7 @@ screenshots: setup
 workflows: setup
 	$(PYTHON) scripts/workflow_formats.py --write
 
-# Retrain the miniature world's base model (about 50 CPU minutes here) and its evaluators, then measure it.
+# Retrain the miniature world's base model (about 95 minutes on 2 cores here) and its evaluators, then measure it.
 world: setup
 	$(PYTHON) bench/world/evaluators.py train
 	$(PYTHON) bench/world/train_world.py
