@@ -27,7 +27,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from evaluators import classify, diversity, foreground, judge_regions, load, split_two  # noqa: E402
+from evaluators import box_around, classify, diversity, foreground, judge_regions, load, regions_judged  # noqa: E402
 import harness  # noqa: E402
 from harness import comfy_host, parse_args, record  # noqa: E402  (puts scripts/ on the path)
 from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
@@ -119,15 +119,12 @@ def object_masks(pixels: np.ndarray, shape_word: str, other_word: str | None, ev
 
     if other_word is None:
         return binary_closing(foreground(pixels), np.ones((5, 5), bool)), None
-    regions = split_two(pixels)
-    if len(regions) < 2:
-        return None
-    from evaluators import box_around, isolate, to_tensor
-    shapes, _ = classify(evaluators, to_tensor(np.stack([isolate(pixels, box_around(r)) for r in regions])))
-    if shapes.count(shape_word) != 1 or other_word not in shapes:
+    judged = regions_judged(evaluators, pixels)
+    shapes = [shape for _, shape, _ in judged]
+    if len(judged) < 2 or shapes.count(shape_word) != 1 or other_word not in shapes:
         return None
     named = shapes.index(shape_word)
-    closed = [binary_closing(r, np.ones((5, 5), bool)) & box_around(r, 0) for r in regions]
+    closed = [binary_closing(r, np.ones((5, 5), bool)) & box_around(r, 0) for r, _, _ in judged]
     return closed[named], closed[1 - named]
 
 

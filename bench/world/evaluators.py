@@ -120,18 +120,18 @@ def split_two(image: np.ndarray, iterations: int = 20) -> list[np.ndarray]:
     return masks
 
 
+def regions_judged(models, image: np.ndarray) -> list[tuple[np.ndarray, str, str]]:
+    """One (64, 64, 3) uint8 picture of two objects: [(region mask, shape, style)], each judged in its own region."""
+    regions = split_two(image)
+    if not regions:
+        return []
+    shapes, styles = classify(models, to_tensor(np.stack([isolate(image, box_around(r)) for r in regions])))
+    return list(zip(regions, shapes, styles))
+
+
 def judge_regions(models, images: np.ndarray) -> list[list[tuple[str, str]]]:
     """Per (64, 64, 3) uint8 picture of two objects: [(shape, style) of each object, judged in its own region]."""
-    found = []
-    for image in images:
-        regions = split_two(image)
-        if not regions:
-            found.append([])
-            continue
-        isolated = to_tensor(np.stack([isolate(image, box_around(r)) for r in regions]))
-        shapes, styles = classify(models, isolated)
-        found.append(list(zip(shapes, styles)))
-    return found
+    return [[(shape, style) for _, shape, style in regions_judged(models, image)] for image in images]
 
 
 def train(steps: int = 800, batch: int = 32, seed: int = 0) -> dict[str, Classifier]:
