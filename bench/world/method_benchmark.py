@@ -74,6 +74,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 import harness  # noqa: E402
 from harness import parse_args, record  # noqa: E402
+from train_b4m_residual_demos import RECIPES as B4M_RESIDUAL_RECIPES  # noqa: E402
+from train_demo_adapters import RECIPES as DEMO_RECIPES  # noqa: E402
 from train_demo_adapters import CONTENT_WORD, STYLE_WORD, run_trainer, training_data, training_options  # noqa: E402
 from world import BACKGROUND, BASE_SHAPES, BASE_STYLES, HELD_OUT_SHAPES, HELD_OUT_STYLES, STYLES, render  # noqa: E402
 
@@ -89,9 +91,10 @@ SCENE_OBJECTS = (("square", "striped"), ("ring", "checkered"), ("triangle", "dot
 assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(BASE_SHAPES)
 assert all(style != RECONTEXT_STYLES[0] for _, style in SCENE_OBJECTS)
 SAMPLING = {"seed": 1000, "cfg": 4.0}
-# Learning rates per trainer (the demo adapters' recipes, bench/world/train_demo_adapters.py; ConsisLoRA / B-LoRA: lr
-# is the x0 rate, ε runs at twice it). Every trainer gets the same steps x batch.
-LEARNING_RATES = {"lora": 3e-3, "qr": 5e-3, "consislora": 3e-3, "b-lora": 3e-3, "b4m": 3e-3, "residual": 3e-3}
+# Learning rate and its schedule per trainer: the demo adapters' recipes (train_demo_adapters.py,
+# train_b4m_residual_demos.py; ConsisLoRA / B-LoRA: lr is the x0 rate, ε runs at twice it). Every trainer gets the
+# same steps x batch (not the recipes' steps).
+RECIPES = {**DEMO_RECIPES, "b-lora": DEMO_RECIPES["consislora"], **B4M_RESIDUAL_RECIPES}
 # Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
 STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31, "b4m": 0.6, "residual": 0.3}
 PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
@@ -120,8 +123,9 @@ def pack_trainer(method: str):
     def train(ctx, role: str, target: str, seed: int) -> Trained:
         data = training_data(ctx.nodes, role, target, ctx.args.per_pair)
         cpu = time.process_time()
-        out = run_trainer(ctx.nodes, ctx.model, ctx.clip, ctx.vae, method, role, data, training_options(ctx.nodes),
-                          ctx.args.steps, LEARNING_RATES[method], seed=seed)
+        options = training_options(ctx.nodes, schedule=RECIPES[method]["schedule"])
+        out = run_trainer(ctx.nodes, ctx.model, ctx.clip, ctx.vae, method, role, data, options, ctx.args.steps,
+                          RECIPES[method]["lr"], seed=seed, rank=RECIPES[method]["rank"])
         cpu = time.process_time() - cpu
         blocks = {"content": out[1], "style": out[2]} if method in ("consislora", "b-lora") else {}
         return Trained(out[0], blocks, cpu, trainable_count(out[0]))
@@ -148,10 +152,10 @@ def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
     node = ctx.nodes["CSA_TrainB4MContent" if role == "content" else "CSA_TrainB4MStyle"]
     cpu = time.process_time()
     out = node.execute(model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, auxiliary_data=auxiliary,
-                       targets="attention projections", blocks="", rank=8, steps=ctx.args.steps,
-                       lr=LEARNING_RATES["b4m"], lr_auxiliary=LEARNING_RATES["b4m"] / 10, orthogonal_init=True,
+                       targets="attention projections", blocks="", rank=RECIPES["b4m"]["rank"], steps=ctx.args.steps,
+                       lr=RECIPES["b4m"]["lr"], lr_auxiliary=RECIPES["b4m"]["lr"] / 10, orthogonal_init=True,
                        loss="epsilon", seed=seed, filename="", overwrite=False, resume_from="none",
-                       options=training_options(ctx.nodes)).args
+                       options=training_options(ctx.nodes, schedule=RECIPES["b4m"]["schedule"])).args
     cpu = time.process_time() - cpu
     return Trained(out[0], {}, cpu, out[0].parameter_count // 2)  # half of each factor is frozen
 
@@ -163,8 +167,9 @@ def residual_trainer(ctx, role: str, target: str, seed: int) -> Trained:
     cpu = time.process_time()
     out = ctx.nodes["CSA_TrainPersonalizedResidual"].execute(
         model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, identifier=CONTENT_WORD, class_word=target, caption="",
-        rank_fraction=0.05, steps=ctx.args.steps, lr=LEARNING_RATES["residual"], loss="epsilon", seed=seed,
-        filename="", overwrite=False, resume_from="none", options=training_options(ctx.nodes)).args
+        rank_fraction=0.05, steps=ctx.args.steps, lr=RECIPES["residual"]["lr"], loss="epsilon", seed=seed,
+        filename="", overwrite=False, resume_from="none",
+        options=training_options(ctx.nodes, schedule=RECIPES["residual"]["schedule"])).args
     cpu = time.process_time() - cpu
     return Trained(out[0], {}, cpu, out[0].parameter_count)
 
@@ -646,7 +651,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (0..N-1)")
     parser.add_argument("--steps", type=int, default=250, help="optimiser steps per adapter, batch 4, every trainer")
-    parser.add_argument("--per-pair", type=int, default=3, help="training pictures per (shape, style) pair")
+    parser.add_argument("--per-pair", type=int, default=6, help="training pictures per (shape, style) pair")
     parser.add_argument("--sampling-seeds", type=int, default=4, help="pictures per prompt (one batch)")
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=1, help="base styles (recontextualisation) and base shapes "
@@ -707,7 +712,7 @@ def main() -> None:
 def settings(args) -> dict:
     return {"pairs": [list(p) for p in args.pairs], "training_seeds": args.train_seeds, "steps": args.steps,
             "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
-            "sample_steps": args.sample_steps, "prompts": args.prompts, "learning_rates": LEARNING_RATES}
+            "sample_steps": args.sample_steps, "prompts": args.prompts, "recipes": {m: {k: r[k] for k in ("lr", "schedule") if k in r} for m, r in RECIPES.items()}}
 
 
 def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
@@ -716,8 +721,9 @@ def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
     notes = (
         f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
         f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
-        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8; learning "
-        f"rates {LEARNING_RATES}. Sampling: Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
+        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8 (residual: 5% of the "
+        f"channels); learning rates and schedules {({m: (r['lr'], r['schedule']) for m, r in RECIPES.items()})}. "
+        f"Sampling: Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
         f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "

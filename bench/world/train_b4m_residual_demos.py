@@ -35,7 +35,8 @@ from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); rank 8 as the
 # other world demos (the official 64 is for SDXL's 640-1280 channels; the world model has 320)
-RECIPES = {"b4m": {"steps": 400, "lr": 3e-3, "rank": 8}, "residual": {"steps": 300, "lr": 3e-3}}
+RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine"},
+           "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine"}}
 
 
 def data_node(nodes, kind: str, per_pair: int):
@@ -66,7 +67,7 @@ def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets="attention projections",
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
             loss="epsilon", seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
-            options=training_options(nodes)).args)
+            options=training_options(nodes, schedule=args.schedule or recipe["schedule"])).args)
         runs[run] = outputs[0]
         size = keep(outputs[-1], args.out)
         share, labels = judged(nodes, model, clip, vae, outputs[0], kind, evaluators, args)
@@ -99,7 +100,7 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
         model=model, clip=clip, vae=vae, data=data_node(nodes, "star", args.per_pair), identifier=CONTENT_WORD,
         class_word="star", caption="", rank_fraction=0.05, steps=args.steps or recipe["steps"],
         lr=args.lr or recipe["lr"], loss="epsilon", seed=0, filename="csa_world_residual_star", overwrite=True,
-        resume_from="none", options=training_options(nodes)).args)
+        resume_from="none", options=training_options(nodes, schedule=args.schedule or recipe["schedule"])).args)
     residual, size = outputs[0], keep(outputs[-1], args.out)
     prompts = [f"a {style} {CONTENT_WORD}" for style in BASE_STYLES][:args.prompts]
 
@@ -145,9 +146,9 @@ def main() -> None:
     b4m, res = RECIPES["b4m"], RECIPES["residual"]
     record("World demo adapters: B4M and Personalized Residual", rows, notes=(
         f"B4M: attention projections, rank {b4m['rank']}, ε loss, {args.steps or b4m['steps']} steps, lr "
-        f"{args.lr or b4m['lr']} (auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other "
+        f"{args.lr or b4m['lr']} ({args.schedule or b4m['schedule']}; auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other "
         f"kind's pictures; Personalized Residual: every proj_out, rank 5% of the channels, ε loss, "
-        f"{args.steps or res['steps']} steps at lr {args.lr or res['lr']}, the pictures' own captions 'a <style> "
+        f"{args.steps or res['steps']} steps at lr {args.lr or res['lr']} ({args.schedule or res['schedule']}), the pictures' own captions 'a <style> "
         f"{CONTENT_WORD}', concept word '{CONTENT_WORD}', median threshold. Batch 4, AdamW (weight decay 0.01, clip 1.0), "
         f"fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds {SAMPLING['seed']}.."
         f"{SAMPLING['seed'] + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
