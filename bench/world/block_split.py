@@ -55,7 +55,7 @@ def labels(nodes, model, clip, vae, adapter, evaluators, args) -> tuple[list[str
 
 def least_drawn_style(styles: list[str]) -> str:
     """The base style the base model draws least often for 'a sks' (ties: the earlier in BASE_STYLES)."""
-    return min(BASE_STYLES, key=lambda style: (styles.count(style), BASE_STYLES.index(style)))
+    return min(BASE_STYLES, key=styles.count)
 
 
 def main() -> None:

@@ -95,6 +95,8 @@ SAMPLING = {"seed": 1000, "cfg": 4.0}
 # train_b4m_residual_demos.py; ConsisLoRA / B-LoRA: lr is the x0 rate, ε runs at twice it). Every trainer gets the
 # same steps x batch (not the recipes' steps).
 RECIPES = {**DEMO_RECIPES, "b-lora": DEMO_RECIPES["consislora"], **B4M_RESIDUAL_RECIPES}
+# What the record says of each trainer's optimiser.
+LEARNING_RATES = {method: {"lr": recipe["lr"], "schedule": recipe["schedule"]} for method, recipe in RECIPES.items()}
 # Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
 STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31, "b4m": 0.6, "residual": 0.3}
 PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
@@ -320,18 +322,19 @@ ROWS = [
 ]
 
 
-def estimate_seconds(rows: list, args) -> float:
-    """Expected CPU seconds of a run from the measured rates: every trainer's adapters (content and style targets x
-    training seeds) plus every picture (grid points on the composed prompt, then the recontextualisation and leakage
-    and scene prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR), scaled by the sampling steps."""
+def estimate_seconds(rows: list, args, cells: list | None = None) -> float:
+    """Expected CPU seconds of a run (or of one shard's ``cells``) from the measured rates: every adapter the cells
+    need (trainer x role x target x training seed) plus every picture (grid points on the composed prompt, then the
+    recontextualisation and leakage and scene prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR),
+    scaled by the sampling steps."""
     measured = [row for row in rows if not row.not_yet]
-    contents, styles = len({p[0] for p in args.pairs}), len({p[1] for p in args.pairs})
-    jobs = {(t, role) for row in measured for t, role in zip(row.trainers, ("content", "style"))}
-    training = sum(STEP_SECONDS.get(t, 0.45) * (contents if role == "content" else styles) for t, role in jobs) \
-        * args.steps * args.seeds
+    cells = all_cells(args.pairs, range(args.seeds)) if cells is None else cells
+    jobs = {(trainer, role, pair[index], seed) for row in measured for pair, seed in cells
+            for index, (trainer, role) in enumerate(zip(row.trainers, ("content", "style")))}
+    training = sum(STEP_SECONDS.get(job[0], 0.45) for job in jobs) * args.steps
     per_cell = sum((len(row.grid) + 2 * args.prompts + args.scene_prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
                    for row in measured)
-    pictures = per_cell * args.sampling_seeds * len(args.pairs) * args.seeds
+    pictures = per_cell * args.sampling_seeds * len(cells)
     return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
 
 
@@ -425,6 +428,10 @@ class Context:
     vae: object
     judge: Judge
     args: argparse.Namespace
+    cells: list  # this shard's ((shape, style), training seed) cells
+    shard: int = 0
+    shards: int = 1
+    exchange_dir: Path | None = None  # where shards swap the figures every shard needs (the grid's composed hits)
     trained: dict = field(default_factory=dict)  # (trainer, role, target, seed) -> Trained
     b4m_auxiliary: object = None  # B4M's auxiliary Training Images, drawn once per run
 
@@ -437,12 +444,43 @@ class Context:
                 f"{time.time() - started:.0f} s wall")
         return self.trained[key]
 
+    def exchange(self, name: str, local: list[dict]) -> list[dict]:
+        """Every shard's ``local`` lists (one dict of lists per grid point), joined in shard order: each shard writes
+        its own and waits for the others', so that all choose the grid point one process would have chosen."""
+        if self.shards == 1:
+            return local
+        write_json(self.exchange_dir / f"{name}.{self.shard}.json", local)
+        paths = [self.exchange_dir / f"{name}.{k}.json" for k in range(self.shards)]
+        while not all(path.exists() for path in paths):
+            time.sleep(2)
+        parts = [json.loads(path.read_text()) for path in paths]
+        return [{key: [v for part in parts for v in part[i][key]] for key in point} for i, point in enumerate(local)]
+
+
+def write_json(path: Path, value) -> None:
+    """Written whole or not at all (another process polls for it)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value))
+    partial.replace(path)
+
+
+def shard_cells(cells: list, shards: int) -> list[list]:
+    """``cells`` (training-seed major, as all_cells orders them) in ``shards`` contiguous runs of near-equal length:
+    contiguous, so that a shard keeps whole training seeds and few adapters are trained by two shards."""
+    bounds = [round(k * len(cells) / shards) for k in range(shards + 1)]
+    return [cells[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def all_cells(pairs: list, seeds) -> list:
+    return [(pair, seed) for seed in seeds for pair in pairs]
+
 
 STARTED = time.time()
+LOG_PREFIX = ""
 
 
 def log(text: str) -> None:
-    print(f"[{time.time() - STARTED:6.0f} s] {text}", flush=True)
+    print(f"[{time.time() - STARTED:6.0f} s]{LOG_PREFIX} {text}", flush=True)
 
 
 def judge_composed(ctx, images: torch.Tensor, shape: str, style: str) -> dict:
@@ -455,15 +493,16 @@ def judge_composed(ctx, images: torch.Tensor, shape: str, style: str) -> dict:
 
 
 def measure_row(ctx, row: Row) -> dict:
-    """Every measure of one row over pairs x training seeds (grid: best point on the composed prompt)."""
+    """What one shard measures of one row over its cells (pair, training seed): the composed prompt at every grid point,
+    the best point (chosen on every shard's composed pictures), then every measure at that point. The figures are
+    raw (per image, per cell) so that shards can be merged; summarise() turns them into the row's result."""
     from evaluators import diversity, judge_regions
 
     args = ctx.args
-    cells = [(pair, seed) for seed in args.train_seeds for pair in args.pairs]
     samplers, composed = {}, {}
-    grid_scores = []
+    grid_hits = []
     for index, variant in enumerate(row.grid):
-        for (shape, style), seed in cells:
+        for (shape, style), seed in ctx.cells:
             content = ctx.adapter(row.trainers[0], "content", shape, seed)
             styled = ctx.adapter(row.trainers[1], "style", style, seed)
             sample = row.compose(ctx, content, styled, variant)
@@ -472,15 +511,18 @@ def measure_row(ctx, row: Row) -> dict:
             elapsed = time.process_time() - started
             samplers[index, shape, style, seed] = sample
             composed[index, shape, style, seed] = (images, elapsed)
-        hits = [judge_composed(ctx, composed[index, s, t, seed][0], s, t) for (s, t), seed in cells]
-        grid_scores.append((float(np.mean([h["both"] for h in hits])), float(np.mean([h["content"] for h in hits]))))
-        log(f"{row.name} {variant}: both right {grid_scores[-1][0]:.0%}, content {grid_scores[-1][1]:.0%}")
+        hits = [judge_composed(ctx, composed[index, s, t, seed][0], s, t) for (s, t), seed in ctx.cells]
+        grid_hits.append({key: [v for h in hits for v in h[key]] for key in ("both", "content")})
+    grid_hits = ctx.exchange(f"row{ROWS.index(row)}", grid_hits)
+    grid_scores = [(float(np.mean(h["both"])), float(np.mean(h["content"]))) for h in grid_hits]
+    for variant, (both, content) in zip(row.grid, grid_scores):
+        log(f"{row.name} {variant}: both right {both:.0%}, content {content:.0%}")
     best = max(range(len(row.grid)), key=lambda i: grid_scores[i])
     per_image = {k: [] for k in ("both", "content", "style", "both_strict", "style_strict", "recontext",
                                  "recontext_style", "leakage", "scene")}
-    per_seed = {k: [] for k in ("diversity", "background", "cpu", "parameters")}
+    per_cell = {k: [] for k in ("diversity", "background")}
     seconds, pictures, sheet = 0.0, 0, {}
-    for (shape, style), seed in cells:
+    for (shape, style), seed in ctx.cells:
         images, elapsed = composed[best, shape, style, seed]
         seconds, pictures = seconds + elapsed, pictures + images.shape[0]
         judged = judge_composed(ctx, images, shape, style)
@@ -488,8 +530,8 @@ def measure_row(ctx, row: Row) -> dict:
             per_image[key].append((seed, values))
         pixels = to_pixels(images)
         sheet[shape, style, seed] = pixels
-        per_seed["diversity"].append((seed, diversity(pixels)))
-        per_seed["background"].append((seed, background_change(pixels)))
+        per_cell["diversity"].append((seed, diversity(pixels)))
+        per_cell["background"].append((seed, background_change(pixels)))
         sample = samplers[best, shape, style, seed]
         for base_style in RECONTEXT_STYLES[:args.prompts]:
             shapes, styles = ctx.judge.labels(sample(f"a {base_style} {CONTENT_WORD}"))
@@ -502,20 +544,31 @@ def measure_row(ctx, row: Row) -> dict:
             judged = judge_regions(ctx.judge.models, to_pixels(sample(
                 f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}")))
             per_image["scene"].append((seed, [second in objects for objects in judged]))
-    for seed in args.train_seeds:
-        trained = [ctx.adapter(row.trainers[0], "content", s, seed) for s in {p[0] for p in args.pairs}] + \
-                  [ctx.adapter(row.trainers[1], "style", s, seed) for s in {p[1] for p in args.pairs}]
-        per_seed["cpu"].append((seed, sum(t.cpu_seconds for t in trained) / (len(trained) / 2)))
-        per_seed["parameters"].append((seed, sum(t.parameters for t in trained) / (len(trained) / 2)))
-    result = {"row": row.name, "chosen": row.grid[best], "grid": [{"variant": v, "both": s[0], "content": s[1]}
-                                                                  for v, s in zip(row.grid, grid_scores)],
-              "sampling_seconds_per_image": seconds / max(pictures, 1)}
-    for key, entries in per_image.items():
-        result[key] = image_rate(entries, args.train_seeds)
-    for key, entries in per_seed.items():
-        values = [v for _, v in entries]
-        result[key] = {"mean": float(np.mean(values)), "spread": float(np.std(values))}
-    result["sheet"] = sheet
+    return {"row": row.name, "best": best, "grid_scores": grid_scores, "per_image": per_image, "per_cell": per_cell,
+            "seconds": seconds, "pictures": pictures, "sheet": sheet}
+
+
+def summarise(row: Row, measured: list[dict], trained: dict, seeds: list[int], pairs: list) -> dict:
+    """The row's result from every shard's measure_row() figures and the training costs of every adapter
+    ((trainer, role, target, seed) -> (CPU s, trainable parameters)): rates as mean ± spread over training seeds x
+    sampling seeds, per-cell measures over cells, cost per pair (one content and one style adapter)."""
+    first = measured[0]
+    assert all(m["best"] == first["best"] for m in measured), f"{row.name}: shards chose different grid points"
+    result = {"row": row.name, "chosen": row.grid[first["best"]],
+              "grid": [{"variant": v, "both": s[0], "content": s[1]} for v, s in zip(row.grid, first["grid_scores"])],
+              "sampling_seconds_per_image": sum(m["seconds"] for m in measured) / max(sum(m["pictures"] for m in measured), 1)}
+    for key in first["per_image"]:
+        result[key] = image_rate([e for m in measured for e in m["per_image"][key]], seeds)
+    costs = {"cpu": [], "parameters": []}
+    for seed in seeds:
+        jobs = [(row.trainers[0], "content", shape, seed) for shape in sorted({p[0] for p in pairs})] + \
+               [(row.trainers[1], "style", style, seed) for style in sorted({p[1] for p in pairs})]
+        for index, key in enumerate(costs):
+            costs[key].append(sum(trained[job][index] for job in jobs) / (len(jobs) / 2))
+    values = {**{key: [v for m in measured for _, v in m["per_cell"][key]] for key in first["per_cell"]}, **costs}
+    for key, entries in values.items():
+        result[key] = {"mean": float(np.mean(entries)), "spread": float(np.std(entries))}
+    result["sheet"] = {cell: pixels for m in measured for cell, pixels in m["sheet"].items()}
     return result
 
 
@@ -660,11 +713,15 @@ def main() -> None:
                         "N of SCENE_OBJECTS")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
+    parser.add_argument("--workers", type=int, default=2, help="processes sharing the cells (one thread each; the "
+                        "figures are those of one process)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--charts-only", action="store_true", help="redraw the charts from <out>/results.json")
     parser.add_argument("--estimate", action="store_true", help="print the expected CPU time of these settings, exit")
+    parser.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)  # a worker's: its index
+    parser.add_argument("--exchange", type=Path, default=None, help=argparse.SUPPRESS)  # a worker's: shared folder
     args = parse_args(parser, {"seeds": 1, "steps": 2, "per_pair": 1, "sampling_seeds": 2, "sample_steps": 2,
-                               "prompts": 1, "pairs": 1})
+                               "prompts": 1, "pairs": 2})
     if harness.SMOKE:
         args.out = Path(tempfile.mkdtemp(prefix="csa-benchmark-smoke-"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -677,53 +734,128 @@ def main() -> None:
     chosen = [row for i, row in enumerate(ROWS, 1)
               if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
                                       for o in args.only.split(","))]
+    cells = all_cells(args.pairs, args.train_seeds)
+    args.workers = max(1, min(args.workers, len(cells)))
+    shards = shard_cells(cells, args.workers)
     if args.estimate:
-        print(f"about {estimate_seconds(chosen, args) / 3600:.2f} CPU hours on one thread of the machine measured")
+        print(f"about {sum(estimate_seconds(chosen, args, c) for c in shards) / 3600:.2f} CPU hours on one thread of "
+              f"the machine measured ({estimate_seconds(chosen, args) / 3600:.2f} in one process); the longest of "
+              f"{args.workers} workers about {max(estimate_seconds(chosen, args, c) for c in shards) / 3600:.2f} hours")
         return
+    if args.shard is not None:
+        run_shard(chosen, args, shards, args.shard, args.exchange)
+        return
+    exchange = Path(tempfile.mkdtemp(prefix="csa-benchmark-shards-"))
+    log(f"{len(cells)} cells on {args.workers} worker(s); expected about "
+        f"{max(estimate_seconds(chosen, args, c) for c in shards) / 60:.0f} minutes on one free core each")
+    if args.workers == 1:
+        run_shard(chosen, args, shards, 0, exchange)
+    else:
+        run_workers(args.workers, exchange)
+    merge(chosen, args, exchange)
+
+
+def run_workers(count: int, exchange: Path) -> None:
+    """This script ``count`` times as workers (--shard k), each on its own cells; stops them all when one fails."""
+    import subprocess
+
+    workers = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--shard", str(k), "--exchange",
+                                 str(exchange)]) for k in range(count)]
+    try:
+        while any(worker.poll() is None for worker in workers):
+            failed = [k for k, worker in enumerate(workers) if worker.returncode not in (None, 0)]
+            if failed:
+                raise SystemExit(f"benchmark worker(s) {failed} failed (exit {workers[failed[0]].returncode}); "
+                                 f"their output is above")
+            time.sleep(2)
+        failed = [k for k, worker in enumerate(workers) if worker.returncode != 0]
+        if failed:
+            raise SystemExit(f"benchmark worker(s) {failed} failed; their output is above")
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+
+
+def run_shard(chosen: list, args, shards: list, shard: int, exchange: Path) -> None:
+    """One worker: train and measure every chosen row on its cells; write its figures (shard-<k>.json, pictures in
+    shard-<k>.npz) into ``exchange`` for merge()."""
+    global LOG_PREFIX
+    LOG_PREFIX = f" [worker {shard + 1}/{len(shards)}]" if len(shards) > 1 else ""
     nodes, _ = harness.start_comfy()
     import comfy.sd
     from evaluate import WORLD_CHECKPOINT
 
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
-    ctx = Context(nodes, model, clip, vae, Judge(vae, harness.SMOKE), args)
-    log(f"judge ready; VAE round-trip ceilings {ctx.judge.ceiling}")
-    log(f"expected about {estimate_seconds(chosen, args) / 60:.0f} CPU minutes (measured rates of this machine)")
-    results, cpu = [], time.process_time()
-    for row in chosen:
+    ctx = Context(nodes, model, clip, vae, Judge(vae, harness.SMOKE), args, shards[shard], shard, len(shards), exchange)
+    log(f"judge ready; VAE round-trip ceilings {ctx.judge.ceiling}; cells {ctx.cells}")
+    log(f"expected about {estimate_seconds(chosen, args, ctx.cells) / 60:.0f} CPU minutes (measured rates)")
+    measured, pictures, cpu = {}, {}, time.process_time()
+    for index, row in enumerate(ROWS):
+        if row not in chosen or row.not_yet:
+            continue
+        started, cpu_started = time.time(), time.process_time()
+        figures = measure_row(ctx, row)
+        pictures.update({f"{index}|{shape}|{style}|{seed}": pixels
+                         for (shape, style, seed), pixels in figures.pop("sheet").items()})
+        measured[index] = figures
+        log(f"{row.name}: measured in {time.process_time() - cpu_started:.0f} CPU s, {time.time() - started:.0f} s "
+            f"wall (training included when first needed)")
+    trained = {"|".join(map(str, key)): [t.cpu_seconds, t.parameters] for key, t in ctx.trained.items()}
+    np.savez_compressed(exchange / f"shard-{shard}.npz", **pictures)
+    write_json(exchange / f"shard-{shard}.json", {"measured": measured, "trained": trained,
+                                                  "ceiling": ctx.judge.ceiling, "cpu": time.process_time() - cpu})
+
+
+def merge(chosen: list, args, exchange: Path) -> None:
+    """Every worker's figures as one run's: the rows' results, contact sheets, charts, results.json, the table."""
+    parts = [json.loads((exchange / f"shard-{k}.json").read_text()) for k in range(args.workers)]
+    trained = {}
+    for part in parts:
+        for key, cost in part["trained"].items():
+            trainer, role, target, seed = key.split("|")
+            trained.setdefault((trainer, role, target, int(seed)), cost)
+    for k, part in enumerate(parts):
+        with np.load(exchange / f"shard-{k}.npz") as pictures:
+            for name in pictures.files:
+                index, shape, style, seed = name.split("|")
+                part["measured"][index].setdefault("sheet", {})[shape, style, int(seed)] = pictures[name]
+    results = []
+    for index, row in enumerate(ROWS):
+        if row not in chosen:
+            continue
         if row.not_yet:
             results.append({"row": row.name, "not_yet": row.not_yet})
             continue
-        started, cpu_started = time.time(), time.process_time()
-        results.append(measure_row(ctx, row))
-        log(f"{row.name}: measured in {time.process_time() - cpu_started:.0f} CPU s, {time.time() - started:.0f} s "
-            f"wall (training included when first needed)")
-    cpu = time.process_time() - cpu
+        results.append(summarise(row, [part["measured"][str(index)] for part in parts], trained, args.train_seeds,
+                                 args.pairs))
     missing = [row.name for row in chosen if not any(r["row"] == row.name for r in results)]
     assert not missing, f"rows not produced: {missing}"
     log(f"rows produced: {len(results)} of {len(chosen)} ({sum('not_yet' in r for r in results)} marked not yet)")
     sheets = write_sheets(results, args, args.out)
     charts = write_charts(results, args.out)
     serialisable = [{k: v for k, v in r.items() if k != "sheet"} for r in results]
-    (args.out / "results.json").write_text(json.dumps({"rows": serialisable, "ceiling": ctx.judge.ceiling,
+    ceiling = parts[0]["ceiling"]
+    (args.out / "results.json").write_text(json.dumps({"rows": serialisable, "ceiling": ceiling,
                                                         "settings": settings(args)}, indent=1))
-    record_table(results, ctx, args, cpu, sheets, charts)
+    record_table(results, ceiling, args, sum(part["cpu"] for part in parts), sheets, charts)
 
 
 def settings(args) -> dict:
     return {"pairs": [list(p) for p in args.pairs], "training_seeds": args.train_seeds, "steps": args.steps,
             "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
-            "sample_steps": args.sample_steps, "prompts": args.prompts, "recipes": {m: {k: r[k] for k in ("lr", "schedule") if k in r} for m, r in RECIPES.items()}}
+            "sample_steps": args.sample_steps, "prompts": args.prompts, "workers": args.workers,
+            "recipes": LEARNING_RATES}
 
 
-def record_table(results, ctx, args, cpu: float, sheets, charts) -> None:
+def record_table(results, ceiling: dict, args, cpu: float, sheets, charts) -> None:
     rows = table_rows(results)
-    ceiling = ctx.judge.ceiling
     notes = (
         f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
         f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
-        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8 (residual: 5% of the "
-        f"channels); learning rates and schedules {({m: (r['lr'], r['schedule']) for m, r in RECIPES.items()})}. "
-        f"Sampling: Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
+        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8 "
+        f"(residual: 5% of the channels); learning rates and schedules {LEARNING_RATES}. Sampling: Euler "
+        f"{args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
         f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "

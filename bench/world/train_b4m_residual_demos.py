@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from harness import record  # noqa: E402
 from train_demo_adapters import (CONTENT_WORD, SAMPLING, demo_arguments, judged, training_data,  # noqa: E402
-                                 training_options, world_session)
+                                 training_options, with_overrides, world_session)
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); rank 8 as the
@@ -58,8 +58,8 @@ def keep(path: str, out: Path) -> str:
 
 def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
     star, zigzag = data_node(nodes, "star", args.per_pair), data_node(nodes, "zigzag", args.per_pair)
-    recipe = RECIPES["b4m"]
-    steps, lr = args.steps or recipe["steps"], args.lr or recipe["lr"]
+    recipe = with_overrides(RECIPES["b4m"], args)
+    steps, lr = recipe["steps"], recipe["lr"]
     runs = {}
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
         node = nodes["CSA_TrainB4MContent" if run == "content" else "CSA_TrainB4MStyle"]
@@ -67,7 +67,7 @@ def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets="attention projections",
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
             loss="epsilon", seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
-            options=training_options(nodes, schedule=args.schedule or recipe["schedule"])).args)
+            options=training_options(nodes, schedule=recipe["schedule"])).args)
         runs[run] = outputs[0]
         size = keep(outputs[-1], args.out)
         share, labels = judged(nodes, model, clip, vae, outputs[0], kind, evaluators, args)
@@ -95,12 +95,12 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
     from evaluate import sample_caption
     from evaluators import change_outside_mask, classify
 
-    recipe = RECIPES["residual"]
+    recipe = with_overrides(RECIPES["residual"], args)
     outputs, cost = timed(lambda: nodes["CSA_TrainPersonalizedResidual"].execute(
         model=model, clip=clip, vae=vae, data=data_node(nodes, "star", args.per_pair), identifier=CONTENT_WORD,
-        class_word="star", caption="", rank_fraction=0.05, steps=args.steps or recipe["steps"],
-        lr=args.lr or recipe["lr"], loss="epsilon", seed=0, filename="csa_world_residual_star", overwrite=True,
-        resume_from="none", options=training_options(nodes, schedule=args.schedule or recipe["schedule"])).args)
+        class_word="star", caption="", rank_fraction=0.05, steps=recipe["steps"], lr=recipe["lr"], loss="epsilon",
+        seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
+        options=training_options(nodes, schedule=recipe["schedule"])).args)
     residual, size = outputs[0], keep(outputs[-1], args.out)
     prompts = [f"a {style} {CONTENT_WORD}" for style in BASE_STYLES][:args.prompts]
 
@@ -143,12 +143,12 @@ def main() -> None:
         b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes)
     if "residual" in chosen:
         residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes)
-    b4m, res = RECIPES["b4m"], RECIPES["residual"]
+    b4m, res = with_overrides(RECIPES["b4m"], args), with_overrides(RECIPES["residual"], args)
     record("World demo adapters: B4M and Personalized Residual", rows, notes=(
-        f"B4M: attention projections, rank {b4m['rank']}, ε loss, {args.steps or b4m['steps']} steps, lr "
-        f"{args.lr or b4m['lr']} ({args.schedule or b4m['schedule']}; auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other "
-        f"kind's pictures; Personalized Residual: every proj_out, rank 5% of the channels, ε loss, "
-        f"{args.steps or res['steps']} steps at lr {args.lr or res['lr']} ({args.schedule or res['schedule']}), the pictures' own captions 'a <style> "
+        f"B4M: attention projections, rank {b4m['rank']}, ε loss, {b4m['steps']} steps, lr {b4m['lr']} "
+        f"({b4m['schedule']}; auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other kind's "
+        f"pictures; Personalized Residual: every proj_out, rank 5% of the channels, ε loss, {res['steps']} steps "
+        f"at lr {res['lr']} ({res['schedule']}), the pictures' own captions 'a <style> "
         f"{CONTENT_WORD}', concept word '{CONTENT_WORD}', median threshold. Batch 4, AdamW (weight decay 0.01, clip 1.0), "
         f"fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds {SAMPLING['seed']}.."
         f"{SAMPLING['seed'] + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))

@@ -103,13 +103,19 @@ def run_trainer(nodes, model, clip, vae, method: str, role: str, data, options, 
         style_steps=steps - first, style_lr=lr, style_noise_offset=0.03, **common).args
 
 
+def with_overrides(recipe: dict, args) -> dict:
+    """``recipe`` with the command line's --steps / --lr / --schedule applied (0 or '': the recipe's own)."""
+    return {**recipe, "steps": args.steps or recipe["steps"], "lr": args.lr or recipe["lr"],
+            "schedule": args.schedule or recipe["schedule"]}
+
+
 def train(nodes, model, clip, vae, demo: Demo, args):
     role = "content" if demo.kind == "star" else "style"
     data = training_data(nodes, role, demo.kind, args.per_pair)
-    steps, lr = args.steps or RECIPES[demo.method]["steps"], args.lr or RECIPES[demo.method]["lr"]
-    options = training_options(nodes, schedule=args.schedule or RECIPES[demo.method]["schedule"])
-    return run_trainer(nodes, model, clip, vae, demo.method, role, data, options, steps, lr, filename=demo.name,
-                       rank=RECIPES[demo.method]["rank"])
+    recipe = with_overrides(RECIPES[demo.method], args)
+    return run_trainer(nodes, model, clip, vae, demo.method, role, data,
+                       training_options(nodes, schedule=recipe["schedule"]), recipe["steps"], recipe["lr"],
+                       filename=demo.name, rank=recipe["rank"])
 
 
 def judged(nodes, model, clip, vae, adapter, kind: str, evaluators, args) -> tuple[float, list[str]]:
@@ -212,8 +218,8 @@ def main() -> None:
         f"style: zigzag on the 6 base shapes, captions 'a {STYLE_WORD} <shape>'. LoRA and QR-LoRA: every linear "
         f"layer, v loss; ConsisLoRA: the world block split, content mode (ε loss, then x0 from a "
         f"third of the run) or style mode (half the steps, then a fresh style block with x0 loss and noise offset "
-        f"0.03). " + "; ".join(f"{m}: rank {r['rank']}, {args.steps or r['steps']} steps at lr {args.lr or r['lr']} "
-                             f"({args.schedule or r['schedule']})" for m, r in RECIPES.items())
+        f"0.03). " + "; ".join(f"{m}: rank {r['rank']}, {r['steps']} steps at lr {r['lr']} ({r['schedule']})"
+                               for m, r in ((m, with_overrides(r, args)) for m, r in RECIPES.items()))
         + f". Batch 4, AdamW (weight decay 0.01, "
         f"clip 1.0), fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds "
         f"{SAMPLING['seed']}..{SAMPLING['seed'] + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
