@@ -83,3 +83,69 @@ def test_the_estimate_matches_the_measured_partial_run_and_the_stated_budget():
     defaults = argparse.Namespace(pairs=mb.PAIRS, seeds=3, steps=250, prompts=1, scene_prompts=1, sampling_seeds=4,
                                   sample_steps=20)
     assert 2.9 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 3.3 * 3600  # the docstring's 3.1 CPU hours
+
+
+def test_workers_get_contiguous_near_equal_runs_of_cells_and_train_few_adapters_twice():
+    cells = mb.all_cells(mb.PAIRS, range(3))
+    shards = mb.shard_cells(cells, 2)
+    assert [c for shard in shards for c in shard] == cells and [len(s) for s in shards] == [6, 6]
+    adapters = [{(role, pair[i], seed) for pair, seed in shard for i, role in enumerate(("content", "style"))}
+                for shard in shards]
+    assert [len(a) for a in adapters] == [7, 7]  # one process trains 12 per trainer; the split seed trains 2 twice
+    assert [len(s) for s in mb.shard_cells(cells[:5], 3)] == [2, 1, 2] and mb.shard_cells(cells[:1], 1) == [cells[:1]]
+
+
+def figures(row, cells, rng) -> dict:
+    """What measure_row returns for ``cells``: random per-image hits (2 pictures), per-cell measures, pictures."""
+    hits = lambda: [bool(v) for v in rng.integers(0, 2, 2)]  # noqa: E731
+    return {"row": row.name, "best": 0, "grid_scores": [(0.5, 0.5)] * len(row.grid),
+            "per_image": {k: [(seed, hits()) for _, seed in cells] for k in ("both", "content", "recontext")},
+            "per_cell": {k: [(seed, float(rng.random())) for _, seed in cells] for k in ("diversity", "background")},
+            "seconds": 2.0 * len(cells), "pictures": 2 * len(cells),
+            "sheet": {(*pair, seed): rng.integers(0, 255, (2, 4, 4, 3), dtype=np.uint8) for pair, seed in cells}}
+
+
+def test_merged_workers_give_the_figures_of_one_process():
+    row, seeds = mb.ROWS[0], [0, 1, 2]
+    cells = mb.all_cells(mb.PAIRS, seeds)
+    rng = np.random.default_rng(0)
+    whole = figures(row, cells, rng)
+    parts = []
+    for shard in mb.shard_cells(cells, 2):
+        index = [cells.index(c) for c in shard]
+        parts.append({**whole, "per_image": {k: [v[i] for i in index] for k, v in whole["per_image"].items()},
+                      "per_cell": {k: [v[i] for i in index] for k, v in whole["per_cell"].items()},
+                      "seconds": 2.0 * len(shard), "pictures": 2 * len(shard),
+                      "sheet": {(*p, s): whole["sheet"][(*p, s)] for p, s in shard}})
+    trained = {("lora", role, target, seed): (10.0 * seed + len(target), 100 + seed)
+               for seed in seeds for role, targets in (("content", ("star", "heart")), ("style", ("zigzag", "speckled")))
+               for target in targets}
+    one, merged = mb.summarise(row, [whole], trained, seeds, mb.PAIRS), mb.summarise(row, parts, trained, seeds, mb.PAIRS)
+    for key in ("both", "content", "recontext", "diversity", "background", "cpu", "parameters"):
+        assert merged[key] == pytest.approx(one[key]), key
+    assert merged["sampling_seconds_per_image"] == one["sampling_seconds_per_image"] == 1.0
+    assert merged["sheet"].keys() == one["sheet"].keys() and len(merged["sheet"]) == len(cells)
+    # per training seed: its two content and two style adapters (star 4, heart 5, zigzag 6, speckled 8) per pair
+    assert merged["cpu"]["mean"] == pytest.approx(np.mean([(40 * s + 4 + 5 + 6 + 8) / 2 for s in seeds]))
+    assert merged["parameters"]["mean"] == pytest.approx(2 * 101)
+    parts[1]["best"] = 1
+    with pytest.raises(AssertionError, match="different grid points"):
+        mb.summarise(row, parts, trained, seeds, mb.PAIRS)
+
+
+def test_workers_swap_grid_hits_and_each_gets_every_workers_in_order(tmp_path):
+    import threading
+
+    contexts = [mb.Context(None, None, None, None, None, None, [], shard=k, shards=2, exchange_dir=tmp_path)
+                for k in range(2)]
+    local = [[{"both": [True, k == 0], "content": [k == 1]}] for k in range(2)]
+    got = [None, None]
+    threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, contexts[k].exchange("row0", local[k])))
+               for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    expected = [{"both": [True, True, True, False], "content": [False, True]}]
+    assert got == [expected, expected]
+    assert mb.Context(None, None, None, None, None, None, []).exchange("row0", local[0]) == local[0]  # one worker
