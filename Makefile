@@ -57,8 +57,8 @@ block-split: setup
 	$(PYTHON) bench/world/block_split.py
 
 # Does each method combine a held-out content and style better than the naive sum of two LoRAs? Trains every method's
-# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; about 3.1 CPU hours on one
-# thread here. Appends the table to bench/RESULTS.md, writes bench/world/benchmark/ (contact sheets, charts, JSON).
+# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; two worker processes of one
+# thread each (--workers), about 1.7 hours wall here. Appends the table to bench/RESULTS.md, writes bench/world/benchmark/ (contact sheets, charts, JSON).
 benchmark: setup
 	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py
 

@@ -1,7 +1,8 @@
 """Method benchmark on the world: does each method combine a held-out content and a held-out style better than the
 naive sum of two LoRAs? One command, one table.
 
-    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 250] [--only naive,guider] [--estimate]
+    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 250] [--only naive,guider] [--workers 2]
+                                                     [--estimate]
     make benchmark
 
 For every held-out content x style pair (star, heart x zigzag, speckled) and training seed, each trainer of the pack
@@ -34,8 +35,14 @@ Measures (the world evaluators, bench/world/evaluators.py):
   (process time on one thread: the machine is shared).
 Spreads: standard deviation over training seeds x sampling seeds (per-image rates), or over training seeds.
 
-Rows are entries of ROWS (name -> trainer + compose function); a trainer is an entry of TRAINERS. Methods without a
-trainer in the pack yet (B4M, Personalized Residuals) are rows marked "not yet" with the reason.
+Workers: the cells (pair x training seed, training-seed major) are split into --workers contiguous runs, one process
+each (one thread each: on this 2-core machine the default 2 halves the wall time). A grid row's best point is chosen on
+every worker's composed pictures (each writes its hits into a shared folder and waits for the others'), and the
+workers' raw figures are merged into the table one process would have produced; a split training seed trains its
+adapters in both workers (7 instead of 6 per worker and trainer at the defaults).
+
+Rows are entries of ROWS (name -> trainer + compose function); a trainer is an entry of TRAINERS. A method that cannot be
+measured (IPL on the world) is a row marked "not yet" with the reason.
 
 Outputs (full runs only): the table appended to bench/RESULTS.md; bench/world/benchmark/: results.json (every figure),
 one contact sheet per row (rows: pairs; columns: training seed x sampling seed, of 'a zkz sks') and, when matplotlib is
@@ -53,7 +60,8 @@ then; with the B4M make and Personalized Residual rows (their step costs estimat
 B4M 0.6 s, two data sets per step; residual 0.3 s) and one scene-fidelity prompt per cell (+0.27 h) **about 3.1
 CPU hours** (`--estimate` prints the figure for any settings: 200 steps with 12 sampling steps is 2.2 h).
 The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
-prints its estimate first; wall time is longer when the cores are shared. The smoke size (--smoke: one pair, one
+prints its estimate first (per worker: the longest worker's CPU time is the run's wall time on free cores); wall time
+is longer when the cores are shared. The smoke size (--smoke: one pair, one
 seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.
 """
 from __future__ import annotations
