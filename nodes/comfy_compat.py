@@ -7,7 +7,7 @@ ComfyUI hands them (MODEL, CLIP, VAE, CLIP_VISION) and ``comfy.samplers.CFGGuide
 subclasses.
 
 Public surfaces used: ``folder_paths``; ``comfy.lora.model_lora_keys_unet/clip``, ``load_lora``, ``calculate_weight``;
-``comfy.weight_adapter.LoRAAdapter.load``; ``comfy.model_management`` (interruption, load_model_gpu);
+``comfy.weight_adapter.LoRAAdapter`` (subclassed: ``LowRankWeightAdapter``); ``comfy.model_management`` (interruption, load_model_gpu);
 ``comfy.utils.ProgressBar``; ``comfy.patcher_extension`` (WrappersMP, merge_nested_dicts);
 ``comfy.samplers`` (sampling_function, calc_cond_batch, encode_model_conds); ``comfy.sampler_helpers.convert_cond``;
 ``comfy.sample.sample``;
@@ -125,10 +125,33 @@ def lora_key_map(model=None, clip=None) -> dict:
     return key_map
 
 
+class LowRankWeightAdapter(comfy.weight_adapter.LoRAAdapter):
+    """ComfyUI's LoRA weight adapter, bit for bit, minus one full-size pass where the patch's scale
+    (strength x alpha / rank) is exactly 1, as in every QR Merge output: LoRAAdapter multiplies the dense product by
+    that scale before adding it, a copy of the whole weight that changes nothing (issue 21). DoRA, LoCon mid weights,
+    reshapes and every other scale go through LoRAAdapter's own code."""
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        up, down, alpha, mid, dora_scale, reshape = self.weights[:6]
+        scale = strength * (1.0 if alpha is None else alpha / down.shape[0])
+        if scale != 1.0 or mid is not None or dora_scale is not None or reshape is not None:
+            return super().calculate_weight(weight, key, strength, strength_model, offset, function,
+                                            intermediate_dtype, original_weight)
+        try:
+            product = torch.mm(comfy.model_management.cast_to_device(up, weight.device, intermediate_dtype).flatten(1),
+                               comfy.model_management.cast_to_device(down, weight.device, intermediate_dtype).flatten(1))
+            weight += function(product.reshape(weight.shape).type(weight.dtype))
+        except Exception as error:  # as LoRAAdapter: log it and leave the weight (weight_with_patch listens)
+            logging.error(f"ERROR {self.name} {key} {error}")
+        return weight
+
+
 def lora_weight_adapter(name: str, up, down, alpha):
-    """ComfyUI's own LoRA weight adapter for one module, as comfy.lora.load_lora would build it."""
+    """A LoRA weight adapter for one module, as comfy.lora.load_lora would build it (LowRankWeightAdapter: ComfyUI's
+    own, one pass cheaper at scale 1)."""
     tensors = {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down}
-    return comfy.weight_adapter.LoRAAdapter.load(name, tensors, alpha, None)
+    return LowRankWeightAdapter.load(name, tensors, alpha, None)
 
 
 def module_patches(name: str, tensors: dict[str, torch.Tensor], weight_key: str) -> dict:

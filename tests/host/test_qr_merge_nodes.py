@@ -175,3 +175,28 @@ def test_overlap_report_shows_the_asked_spaces_and_never_changes_the_merge(comfy
     for name in merged.module_names:
         assert torch.equal(merged.modules[name].up, reference.modules[name].up)
         assert torch.equal(merged.modules[name].down, reference.modules[name].down)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (24, 16, 3, 3)], ids=["linear", "conv"])
+@pytest.mark.parametrize("strength, alpha", [(1.0, None), (1.0, 6.0), (0.7, None), (1.0, 3.0)],
+                         ids=["scale 1, no alpha", "alpha = rank", "strength 0.7", "alpha / rank 0.5"])
+def test_the_packs_lora_patch_is_comfyuis_bit_for_bit(comfy, comfy_base, shape, strength, alpha):
+    """LowRankWeightAdapter skips LoRAAdapter's multiply by a scale of exactly 1 (issue 21) and is otherwise
+    LoRAAdapter: the patched weight is identical in every case, fp16 weights included."""
+    import comfy.lora
+    import comfy.weight_adapter
+    from comfy_host import pack_module
+
+    compat = pack_module(comfy_base, "nodes.comfy_compat")
+    g = torch.Generator().manual_seed(3)
+    up, down = torch.randn(shape[0], 6, generator=g), torch.randn(6, *shape[1:], generator=g)
+    tensors = {"m.lora_up.weight": up, "m.lora_down.weight": down}
+    alpha_tensor = None if alpha is None else torch.tensor(alpha)
+    ours = compat.lora_weight_adapter("m", up, down, alpha_tensor)
+    stock = comfy.weight_adapter.LoRAAdapter.load("m", tensors, alpha_tensor, None)
+    assert isinstance(ours, comfy.weight_adapter.LoRAAdapter) and type(ours) is not type(stock)
+    for dtype in (torch.float32, torch.float16):
+        weight = torch.randn(shape, generator=g).to(dtype)
+        got = comfy.lora.calculate_weight([(strength, ours, 1.0, None, None)], weight.clone(), "m")
+        want = comfy.lora.calculate_weight([(strength, stock, 1.0, None, None)], weight.clone(), "m")
+        assert torch.equal(got, want) and not torch.equal(got, weight), dtype
