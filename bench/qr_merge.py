@@ -140,6 +140,14 @@ def max_weight_difference(stock, ours, shapes) -> float:
         ours.unpatch_model(device_to=cpu)
 
 
+def stock_adapter(name: str, up: torch.Tensor, down: torch.Tensor, alpha: float | None):
+    """ComfyUI's own LoRA weight adapter, as its LoRA loader builds it (the pack's patches use a subclass)."""
+    import comfy.weight_adapter
+
+    return comfy.weight_adapter.LoRAAdapter.load(name, {f"{name}.lora_up.weight": up, f"{name}.lora_down.weight": down},
+                                                 alpha, None)
+
+
 def sdxl_rows(base, rank, repeats, layers) -> list[tuple[str, str]]:
     import comfy.lora
     sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -147,7 +155,7 @@ def sdxl_rows(base, rank, repeats, layers) -> list[tuple[str, str]]:
 
     LowRank = comfy_host.pack_module(base, "core.adapter").LowRank
     merge = comfy_host.pack_module(base, "core.merge")
-    stock_adapter = comfy_host.pack_module(base, "nodes.comfy_compat").lora_weight_adapter
+    pack_adapter = comfy_host.pack_module(base, "nodes.comfy_compat").lora_weight_adapter
 
     shapes = dict(list(attention_shapes(sdxl_meta_model()).items())[:layers])
     g = torch.Generator().manual_seed(0)
@@ -165,7 +173,7 @@ def sdxl_rows(base, rank, repeats, layers) -> list[tuple[str, str]]:
         merged = merge.merge_layers(terms, interference, overlap=overlap)
         for key, weight in weights.items():
             factors = merged[key].factors
-            patch = [(1.0, stock_adapter(key, factors.up, factors.down, None), 1.0, None, None)]
+            patch = [(1.0, pack_adapter(key, factors.up, factors.down, None), 1.0, None, None)]
             comfy.lora.calculate_weight(patch, weight.clone(), key)
 
     overlap_terms = {key: [merge.Term(LowRank(*lora[key], alpha=float(rank)), 1.0, role)
@@ -197,7 +205,6 @@ def factorisation_rows(base, shapes, rank, repeats) -> list[tuple[str, str]]:
     import comfy.lora
 
     qr_factorise = comfy_host.pack_module(base, "core.qr_lora").qr_factorise
-    stock_adapter = comfy_host.pack_module(base, "nodes.comfy_compat").lora_weight_adapter
 
     rows = []
     g = torch.Generator().manual_seed(5)

@@ -191,9 +191,8 @@ def test_the_packs_lora_patch_is_comfyuis_bit_for_bit(comfy, comfy_base, shape, 
     g = torch.Generator().manual_seed(3)
     up, down = torch.randn(shape[0], 6, generator=g), torch.randn(6, *shape[1:], generator=g)
     tensors = {"m.lora_up.weight": up, "m.lora_down.weight": down}
-    alpha_tensor = None if alpha is None else torch.tensor(alpha)
-    ours = compat.lora_weight_adapter("m", up, down, alpha_tensor)
-    stock = comfy.weight_adapter.LoRAAdapter.load("m", tensors, alpha_tensor, None)
+    ours = compat.lora_weight_adapter("m", up, down, alpha)  # alpha as comfy.lora.load_lora passes it: a float
+    stock = comfy.weight_adapter.LoRAAdapter.load("m", tensors, alpha, None)
     assert isinstance(ours, comfy.weight_adapter.LoRAAdapter) and type(ours) is not type(stock)
     for dtype in (torch.float32, torch.float16):
         weight = torch.randn(shape, generator=g).to(dtype)
