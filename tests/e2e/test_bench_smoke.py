@@ -26,8 +26,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
-    ["bench/world/method_benchmark.py"],  # make benchmark (the smoke also checks that every row is produced)
-]
+]  # make benchmark: test_benchmark_in_workers_equals_one_process
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
     ["scripts/run_workflows.py", "workflows/api/apply_adapter.json"],
@@ -44,13 +43,15 @@ def repository_state() -> dict[str, str]:
     return {str(p.relative_to(REPO_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
 
 
-def run(command: list[str], *extra: str) -> None:
+def run(command: list[str], *extra: str) -> str:
+    """The command's output, after checking that it succeeded and left the repository as it was."""
     before = repository_state()
     done = subprocess.run([sys.executable, *command, *extra], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=900)
     said = " ".join([*command, *extra])
     assert done.returncode == 0, f"{said} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert repository_state() == before, f"{said} changed files in the repository"
+    return done.stdout
 
 
 @pytest.mark.parametrize("script", BENCH_SCRIPTS)
@@ -69,3 +70,22 @@ def test_demo_script_smoke(command, tmp_path):
 
     base = comfy_host.make_base_directory(tmp_path / "base")
     run(command, "--base", str(base))
+
+
+def table_without_timings(output: str) -> list[list[str]]:
+    """The printed result table's cells, without the columns that measure time (they differ run to run)."""
+    lines = [line.strip().strip("|").split(" | ") for line in output.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], [row for row in lines[1:] if not row[0].startswith(" ---")]
+    timed = {i for i, name in enumerate(header) if "CPU s" in name}
+    return [[cell for i, cell in enumerate(row) if i not in timed] for row in rows]
+
+
+def test_benchmark_in_workers_equals_one_process():
+    """make benchmark's smoke (every row produced) in two workers and in one process gives the same table, training
+    and sampling times aside: the workers' merge is exact and a run reproduces itself."""
+    script = "bench/world/method_benchmark.py"
+    workers, alone = (table_without_timings(run([script], "--smoke", "--workers", n)) for n in ("2", "1"))
+    sys.path[:0] = [str(REPO_ROOT / "bench" / "world"), str(REPO_ROOT / "bench")]
+    import method_benchmark
+
+    assert len(workers) == len(method_benchmark.ROWS) and workers == alone
