@@ -16,8 +16,10 @@ WORLD_STYLE_FOLDER = "csa_world_zigzag"  # zigzag pictures of the base shapes, c
 WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
 
 # Trained demo adapters, committed (bench/world/train_demo_adapters.py trains them on the world model with the pack's
-# own trainers; set-up links them into models/loras): per method, (content: the held-out shape 'star', trigger
-# 'sks'; style: the held-out style 'zigzag', trigger 'zkz').
+# own trainers, train_b4m_residual_demos.py the B4M runs and the residual; set-up links them into models/loras): per
+# method, (content: the held-out shape 'star', trigger 'sks'; style: the held-out style 'zigzag', trigger 'zkz'), and
+# the star as a Personalized Residual (for Apply Localized Residual; its style is the LoRA demo's).
 WORLD_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "bench" / "world" / "adapters"
 WORLD_DEMO_ADAPTERS = {method: (f"csa_world_{method}_star.safetensors", f"csa_world_{method}_zigzag.safetensors")
-                       for method in ("lora", "consislora", "qr")}
+                       for method in ("lora", "consislora", "qr", "b4m")}
+WORLD_DEMO_RESIDUAL = "csa_world_residual_star.safetensors"

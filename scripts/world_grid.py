@@ -21,9 +21,10 @@ from world import BASE_SHAPES, BASE_STYLES, caption  # noqa: E402
 
 
 def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20, model: list | None = None,
-                  model_nodes: dict | None = None) -> dict:
+                  model_nodes: dict | None = None, positive: list | None = None) -> dict:
     """API graph: the world checkpoint, one caption, a batch of seeds, saved images. ``model_nodes`` (ids from 20 on)
-    may change the MODEL the sampler uses (``model``, default the checkpoint's)."""
+    may change the MODEL the sampler uses (``model``, default the checkpoint's) and its positive conditioning
+    (``positive``, default the caption's CLIPTextEncode)."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": WORLD_CHECKPOINT_NAME}},
         **(model_nodes or {}),
@@ -31,7 +32,7 @@ def caption_graph(text: str, seed: int, batch: int, prefix: str, steps: int = 20
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
         "5": {"class_type": "KSampler", "inputs": {"model": model or ["1", 0], "seed": seed, "steps": steps, "cfg": 4.0,
-                                                   "sampler_name": "euler", "scheduler": "normal", "positive": ["2", 0],
+                                                   "sampler_name": "euler", "scheduler": "normal", "positive": positive or ["2", 0],
                                                    "negative": ["3", 0], "latent_image": ["4", 0], "denoise": 1.0}},
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
