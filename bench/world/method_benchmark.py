@@ -23,7 +23,9 @@ Measures (the world evaluators, bench/world/evaluators.py):
   zigzag, 83% speckled, 92-100% base styles, is measured each run and printed beside it). Strict figures too.
 - recontextualisation: 'a <base style> sks' (the first --prompts of RECONTEXT_STYLES): the held-out shape drawn in
   the prompted base style.
-- leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES): the prompted base shape survives.
+- leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES), sampled with both adapters (the row's composed
+  model): the prompted base shape survives, i.e. the content adapter does not override a prompt without its trigger.
+  (Issue 17 asked for the style adapter alone; that is not measured yet.)
 - scene fidelity: 'a <base style> sks and a <style> <shape>' (the first --scene-prompts of SCENE_OBJECTS): the second, base
   object judged in its own region (evaluators.judge_regions) is still its prompted shape and style. Needs a world model
   trained on two-object scenes (issue 14's world).
@@ -599,7 +601,7 @@ def fmt(measure: dict, percent: bool = True) -> str:
 
 
 COLUMNS = ("method", "both right (drawable style)", "content", "style (drawable)", "both right (strict)",
-           "recontextualisation", "leakage: base shape kept", "scene fidelity", "change outside object",
+           "recontextualisation", "leakage: base shape kept (both adapters)", "scene fidelity", "change outside object",
            "diversity", "training CPU s", "trainable parameters", "sampling CPU s / image", "vs naive (both right)")
 
 
