@@ -50,21 +50,17 @@ Outputs (full runs only): the table appended to bench/RESULTS.md; bench/world/be
 one contact sheet per row (rows: pairs; columns: training seed x sampling seed, of 'a zkz sks') and, when matplotlib is
 installed, bar charts with error bars (``--charts-only`` redraws them from results.json).
 
-Cost (CPU seconds on one thread of this machine, measured 2026-11-23 by a partial run: star x zigzag, one training
-seed, 150 steps, rows naive, guider and QR-LoRA; 809 CPU s in all, the machine shared at load 5-6): training 0.45 s
-per step (batch 4) for LoRA, 0.43 QR-LoRA, 0.31 ConsisLoRA / B-LoRA (two blocks); sampling 1.7 s per picture (Euler 20
-steps, CFG, decoding and judging included), 3x that under the guider with both λ on; the judge's round trips ~60 s.
-The partial run's ConsisLoRA (+ guider) and QR-LoRA content adapters had not learnt the star at 150 steps
-(content 0%; the naive LoRAs 75%), and the demo recipes use 400-500 steps, so the defaults spend the budget on
-training: 4 pairs, 3 training seeds, 250 steps, 4 sampling seeds, 1 recontextualisation style and 1 leakage shape,
-about 4,500 s of training + 2,700 s of sampling + 60 s = 7,240 CPU s, about 2.0 CPU hours for the rows measured
-then; with the B4M make and Personalized Residual rows (their step costs estimated, not yet measured at full size:
-B4M 0.6 s, two data sets per step; residual 0.3 s) and one scene-fidelity prompt per cell (+0.27 h) **about 3.1
-CPU hours** (`--estimate` prints the figure for any settings: 200 steps with 12 sampling steps is 2.2 h).
-The rates predict 832 CPU s for the partial run's settings (it took 809; the rates came from that run). Every run
-prints its estimate first (per worker: the longest worker's CPU time is the run's wall time on free cores); wall time
-is longer when the cores are shared. The smoke size (--smoke: one pair, one
-seed, 2 steps, 2 pictures per prompt, 2 sampling steps, every row) takes about 1.5-2 minutes.
+Cost (CPU seconds on one thread of this machine), measured by the first full run (2026-12-01, the defaults: 4 pairs,
+3 training seeds, 250 steps, 4 sampling seeds, one recontextualisation, leakage and scene prompt per cell; two
+workers): 12,603 CPU s in all, 7,100 s wall with other work beside it. Per training step (batch 4): LoRA 0.40 s, QR-LoRA
+0.37, ConsisLoRA / B-LoRA 0.31 (two blocks), B4M 0.90 (two data sets per step), Personalized Residual 0.34; sampling
+1.6 s per picture (Euler 20 steps, CFG, decoding and judging included), 2.8x that under the guider with both λ on; the
+judge's round trips ~60 s per worker. The estimate from these rates is 12,715 CPU s for that run (+1%), 3.2 CPU hours
+in one process, the longest of two workers 1.77 hours; for the partial run of 2026-11-23 (star x zigzag, one seed,
+150 steps, naive / guider / QR-LoRA), which took 809 CPU s, it gives 759 (`--estimate` prints the figures for any
+settings). Every run prints its estimate first (per worker: the longest worker's CPU time is the run's wall time on
+free cores); wall time is longer when the cores are shared. The smoke size (--smoke: two pairs, one seed, 2 steps, 2
+pictures per prompt, 2 sampling steps, every row) takes about 2 minutes.
 """
 from __future__ import annotations
 
@@ -108,8 +104,10 @@ RECIPES = {**DEMO_RECIPES, "b-lora": DEMO_RECIPES["consislora"], **B4M_RESIDUAL_
 # What the record says of each trainer's optimiser.
 LEARNING_RATES = {method: {"lr": recipe["lr"], "schedule": recipe["schedule"]} for method, recipe in RECIPES.items()}
 # Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
-STEP_SECONDS = {"lora": 0.45, "qr": 0.43, "consislora": 0.31, "b-lora": 0.31, "b4m": 0.6, "residual": 0.3}
-PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.7, 3.0, 60.0
+# Measured by the first full run (2026-12-01, two workers; per adapter CPU s / 250 steps, pictures from the rows with
+# no training left to do); the partial run of 2026-11-23 had given 0.45 / 0.43 / 0.31 s per step, 1.7 s per picture.
+STEP_SECONDS = {"lora": 0.40, "qr": 0.37, "consislora": 0.31, "b-lora": 0.31, "b4m": 0.90, "residual": 0.34}
+PICTURE_SECONDS, GUIDED_FACTOR, JUDGE_SECONDS = 1.6, 2.8, 60.0
 
 
 # -- training -------------------------------------------------------------------------------------------------------
