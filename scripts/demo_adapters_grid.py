@@ -90,8 +90,8 @@ def cell_graph(row: str, cell: str, seeds: int, steps: int) -> dict:
     return caption_graph(PROMPTS[cell], 1000, seeds, prefix, steps, model, nodes, positive)
 
 
-def labelled(rows: list[np.ndarray], columns: list[str], left: int = 110, top: int = 14) -> Image.Image:
-    """The rows of cells (one picture strip per cell, 8 px apart) under a header of column names, each row named."""
+def labelled(rows: list[np.ndarray], names: list[str], columns: list[str], left: int = 110, top: int = 14) -> Image.Image:
+    """The rows of cells (one picture strip per cell, 8 px apart), each named, under a header of column names."""
     from PIL import ImageDraw
 
     height, width = rows[0].shape[0], rows[0].shape[1]
@@ -99,7 +99,7 @@ def labelled(rows: list[np.ndarray], columns: list[str], left: int = 110, top: i
     draw = ImageDraw.Draw(canvas)
     for index, name in enumerate(columns):
         draw.text((left + index * width // len(columns) + 2, 1), name, fill="black")
-    for index, (name, pixels) in enumerate(zip(ROWS, rows)):
+    for index, (name, pixels) in enumerate(zip(names, rows)):
         canvas.paste(Image.fromarray(pixels), (left, top + index * height))
         draw.text((4, top + index * height + height // 2 - 6), name, fill="black")
     return canvas
@@ -116,7 +116,7 @@ def main() -> int:
                 cells.append(np.pad(pictures, ((0, 0), (0, 8), (0, 0)), constant_values=255))
             rows.append(np.concatenate(cells, 1))
     grid = args.base / "output" / "csa" / "demo_adapters.png"
-    labelled(rows, [f"{cell}: '{prompt}'" for cell, prompt in PROMPTS.items()]).save(grid)
+    labelled(rows, ROWS, [f"{cell}: '{prompt}'" for cell, prompt in PROMPTS.items()]).save(grid)
     print(f"demo adapters (rows: {', '.join(ROWS)}; columns: {', '.join(PROMPTS)}; {args.seeds} seeds "
           f"each): {grid}")
     return 0

@@ -770,15 +770,14 @@ def run_workers(count: int, exchange: Path) -> None:
     workers = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--shard", str(k), "--exchange",
                                  str(exchange)]) for k in range(count)]
     try:
-        while any(worker.poll() is None for worker in workers):
-            failed = [k for k, worker in enumerate(workers) if worker.returncode not in (None, 0)]
+        while True:
+            codes = [worker.poll() for worker in workers]
+            failed = [k for k, code in enumerate(codes) if code not in (None, 0)]
             if failed:
-                raise SystemExit(f"benchmark worker(s) {failed} failed (exit {workers[failed[0]].returncode}); "
-                                 f"their output is above")
+                raise SystemExit(f"benchmark worker(s) {failed} failed (exit {codes[failed[0]]}); their output is above")
+            if all(code == 0 for code in codes):
+                return
             time.sleep(2)
-        failed = [k for k, worker in enumerate(workers) if worker.returncode != 0]
-        if failed:
-            raise SystemExit(f"benchmark worker(s) {failed} failed; their output is above")
     finally:
         for worker in workers:
             if worker.poll() is None:
