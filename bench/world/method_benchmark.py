@@ -23,9 +23,15 @@ Measures (the world evaluators, bench/world/evaluators.py):
   zigzag, 83% speckled, 92-100% base styles, is measured each run and printed beside it). Strict figures too.
 - recontextualisation: 'a <base style> sks' (the first --prompts of RECONTEXT_STYLES): the held-out shape drawn in
   the prompted base style.
-- leakage: 'a zkz <base shape>' (the first --prompts of LEAKAGE_SHAPES), sampled with both adapters (the row's composed
-  model): the prompted base shape survives, i.e. the content adapter does not override a prompt without its trigger.
-  (Issue 17 asked for the style adapter alone; that is not measured yet.)
+- leakage (style adapter alone): 'a zkz <base shape>' for the first --leakage-shapes of LEAKAGE_SHAPES (all six by
+  default), sampled with the row's style adapter alone, as the row applies it (Row.style_alone: the whole adapter at
+  the row's style strength; B-LoRA / ConsisLoRA and the guider row: the style adapter's style block): does the content
+  evaluator still see the prompted base shape? It depends on the style adapter only, so it is measured once per
+  (held-out style, training seed) cell, and rows that apply the same style adapter the same way (the naive sum at style
+  strength 1, both QR Merge rows, both residual rows: the plain style LoRA) share its pictures. `--style-alone-only`
+  measures only this (retraining the style adapters) and adds it to the run in <out>/results.json.
+- leakage with both adapters: the same prompt (the first --prompts base shapes) with the row's composed model: does
+  the content adapter override a prompt without its trigger?
 - scene fidelity: 'a <base style> sks and a <style> <shape>' (the first --scene-prompts of SCENE_OBJECTS): the second, base
   object judged in its own region (evaluators.judge_regions) is still its prompted shape and style. Needs a world model
   trained on two-object scenes (issue 14's world).
@@ -66,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +126,26 @@ class Trained:
     blocks: dict = field(default_factory=dict)  # 'content' / 'style' -> block adapters (ConsisLoRA, B-LoRA)
     cpu_seconds: float = 0.0
     parameters: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 of every tensor of the adapter (and its blocks), by name: two runs that trained the same adapter
+        give the same fingerprint, so a separate pass can show it measured the adapters of an earlier run."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for adapter in (self.adapter, *(self.blocks[k] for k in sorted(self.blocks))):
+            for name in sorted(adapter.modules):
+                factors = adapter.modules[name]
+                tensors = {"up": factors.up, "down": factors.down, **factors.extras}
+                for key in sorted(tensors):
+                    digest.update(f"{name}.{key}".encode())
+                    digest.update(tensors[key].detach().float().contiguous().numpy().tobytes())
+            for name in sorted(adapter.module_tensors):
+                for key, tensor in sorted(adapter.module_tensors[name].tensors.items()):
+                    digest.update(f"{name}.{key}".encode())
+                    digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def trainable_count(adapter) -> int:
@@ -280,6 +307,22 @@ def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
     return sample
 
 
+def style_adapter_alone(ctx, style: Trained, variant: dict):
+    """Leakage's model: the row's style adapter applied alone (Apply Adapters), at the row's style strength."""
+    strength = variant.get("style", 1.0)
+    model = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter.replace(strength=strength),
+                                                   block_strengths="").args[0]
+    return ("whole adapter", strength), ksampler(ctx, model)
+
+
+def style_block_alone(ctx, style: Trained, variant: dict):
+    """Leakage's model for the block-split rows: the style adapter's style block alone, the only part of it that
+    Compose Content and Style (and the guider's style-of-style) applies."""
+    model = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.blocks["style"],
+                                                   block_strengths="").args[0]
+    return ("style block",), ksampler(ctx, model)
+
+
 @dataclass(frozen=True)
 class Row:
     """One method: the trainer entry both adapters come from, how they are composed, the grid (best point measured),
@@ -291,6 +334,9 @@ class Row:
     claim: str = ""
     not_yet: str = ""
     style_trainer: str = ""
+    # (ctx, style Trained, chosen variant) -> (what is applied, prompt -> pictures): the style adapter alone, as the
+    # row uses it (leakage). Rows that apply the same style adapter the same way share its pictures.
+    style_alone: Callable = style_adapter_alone
 
     @property
     def trainers(self) -> tuple[str, str]:
@@ -307,12 +353,12 @@ ROWS = [
     Row("QR Merge of the plain LoRAs, interference removed", "lora", compose_qr_merge,
         ({"interference": "style without content directions"},),
         claim="QR-LoRA's authors: disentanglement alone does not guarantee a good merge"),
-    Row("B-LoRA block split (composed)", "b-lora", compose_blocks,
+    Row("B-LoRA block split (composed)", "b-lora", compose_blocks, style_alone=style_block_alone,
         claim="ConsisLoRA Table 1 (SDXL): B-LoRA style CLIP 0.654, content DINO 0.536; ZipLoRA 0.643 / 0.488"),
-    Row("ConsisLoRA (composed)", "consislora", compose_blocks,
+    Row("ConsisLoRA (composed)", "consislora", compose_blocks, style_alone=style_block_alone,
         claim="ConsisLoRA Table 1 (SDXL): style CLIP 0.659, content DINO 0.629, above B-LoRA's 0.536 content"),
     Row("ConsisLoRA + Content-Style Guider", "consislora", compose_guider,
-        tuple({"lambda": lam} for lam in (0.5, 1.0)),
+        tuple({"lambda": lam} for lam in (0.5, 1.0)), style_alone=style_block_alone,
         claim="ConsisLoRA: the guidance terms strengthen content and style beyond plain composition"),
     Row("QR-LoRA (trained ΔR) merged", "qr", compose_qr_merge, ({"interference": "off"},),
         claim="QR-LoRA: ΔR-only training disentangles so the merge keeps both (no numbers retrieved)"),
@@ -330,19 +376,26 @@ ROWS = [
 ]
 
 
-def estimate_seconds(rows: list, args, cells: list | None = None) -> float:
-    """Expected CPU seconds of a run (or of one shard's ``cells``) from the measured rates: every adapter the cells
-    need (trainer x role x target x training seed) plus every picture (grid points on the composed prompt, then the
-    recontextualisation and leakage and scene prompts at the chosen point; the guider's pictures cost GUIDED_FACTOR),
-    scaled by the sampling steps."""
+def estimate_seconds(rows: list, args, cells: list | None = None, alone_cells: list | None = None) -> float:
+    """Expected CPU seconds of a run (or of one shard's ``cells`` and ``alone_cells``) from the measured rates: every
+    adapter the cells need (trainer x role x target x training seed) plus every picture (grid points on the composed
+    prompt, then the recontextualisation, leakage and scene prompts at the chosen point; the guider's pictures cost
+    GUIDED_FACTOR; then the style-alone leakage prompts once per way a style adapter is applied alone), scaled by the
+    sampling steps. With --style-alone-only: the style adapters and the style-alone pictures only."""
     measured = [row for row in rows if not row.not_yet]
     cells = all_cells(args.pairs, range(args.seeds)) if cells is None else cells
-    jobs = {(trainer, role, pair[index], seed) for row in measured for pair, seed in cells
-            for index, (trainer, role) in enumerate(zip(row.trainers, ("content", "style")))}
+    alone_cells = style_cells(args.pairs, range(args.seeds)) if alone_cells is None else alone_cells
+    jobs = {(row.trainers[1], "style", style, seed) for row in measured for style, seed in alone_cells}
+    pictures = 0.0
+    if not args.style_alone_only:
+        jobs |= {(trainer, role, pair[index], seed) for row in measured for pair, seed in cells
+                 for index, (trainer, role) in enumerate(zip(row.trainers, ("content", "style")))}
+        per_cell = sum((len(row.grid) + 2 * args.prompts + args.scene_prompts)
+                       * (GUIDED_FACTOR if row.compose is compose_guider else 1) for row in measured)
+        pictures = per_cell * args.sampling_seeds * len(cells)
+    ways_alone = {(row.trainers[1], row.style_alone) for row in measured}
+    pictures += len(ways_alone) * len(alone_cells) * args.leakage_shapes * args.sampling_seeds
     training = sum(STEP_SECONDS.get(job[0], 0.45) for job in jobs) * args.steps
-    per_cell = sum((len(row.grid) + 2 * args.prompts + args.scene_prompts) * (GUIDED_FACTOR if row.compose is compose_guider else 1)
-                   for row in measured)
-    pictures = per_cell * args.sampling_seeds * len(cells)
     return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
 
 
@@ -441,6 +494,7 @@ class Context:
     shards: int = 1
     exchange_dir: Path | None = None  # where shards swap the figures every shard needs (the grid's composed hits)
     trained: dict = field(default_factory=dict)  # (trainer, role, target, seed) -> Trained
+    alone: dict = field(default_factory=dict)  # (trainer, what is applied, style, seed) -> leakage entries
     b4m_auxiliary: object = None  # B4M's auxiliary Training Images, drawn once per run
 
     def adapter(self, trainer: str, role: str, target: str, seed: int) -> Trained:
@@ -465,10 +519,10 @@ class Context:
         return [{key: [v for part in parts for v in part[i][key]] for key in point} for i, point in enumerate(local)]
 
 
-def write_json(path: Path, value) -> None:
+def write_json(path: Path, value, indent: int | None = None) -> None:
     """Written whole or not at all (another process polls for it)."""
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value))
+    partial.write_text(json.dumps(value, indent=indent))
     partial.replace(path)
 
 
@@ -481,6 +535,11 @@ def shard_cells(cells: list, shards: int) -> list[list]:
 
 def all_cells(pairs: list, seeds) -> list:
     return [(pair, seed) for seed in seeds for pair in pairs]
+
+
+def style_cells(pairs: list, seeds) -> list:
+    """The style-alone cells: (held-out style, training seed), training-seed major (leakage needs no content)."""
+    return [(style, seed) for seed in seeds for style in dict.fromkeys(pair[1] for pair in pairs)]
 
 
 STARTED = time.time()
@@ -556,6 +615,22 @@ def measure_row(ctx, row: Row) -> dict:
             "seconds": seconds, "pictures": pictures, "sheet": sheet}
 
 
+def measure_style_alone(ctx, row: Row, variant: dict, cells: list) -> list:
+    """Leakage as issue 17 defines it, on this shard's style cells: 'a zkz <base shape>' for the first
+    --leakage-shapes base shapes, sampled with the row's style adapter alone (Row.style_alone, at the row's chosen
+    point); per image, does the content evaluator still see the prompted base shape? One entry (training seed, per
+    sampling seed) per cell and shape. Rows applying the same style adapter the same way share the pictures."""
+    entries = []
+    for style, seed in cells:
+        what, sample = row.style_alone(ctx, ctx.adapter(row.trainers[1], "style", style, seed), variant)
+        key = (row.trainers[1], *what, style, seed)
+        if key not in ctx.alone:
+            ctx.alone[key] = [(seed, [a == shape for a in ctx.judge.labels(sample(f"a {STYLE_WORD} {shape}"))[0]])
+                              for shape in LEAKAGE_SHAPES[:ctx.args.leakage_shapes]]
+        entries += ctx.alone[key]
+    return entries
+
+
 def summarise(row: Row, measured: list[dict], trained: dict, seeds: list[int], pairs: list) -> dict:
     """The row's result from every shard's measure_row() figures and the training costs of every adapter
     ((trainer, role, target, seed) -> (CPU s, trainable parameters)): rates as mean ± spread over training seeds x
@@ -599,7 +674,8 @@ def fmt(measure: dict, percent: bool = True) -> str:
 
 
 COLUMNS = ("method", "both right (drawable style)", "content", "style (drawable)", "both right (strict)",
-           "recontextualisation", "leakage: base shape kept (both adapters)", "scene fidelity", "change outside object",
+           "recontextualisation", "leakage: base shape kept (style adapter alone)",
+           "leakage with both adapters", "scene fidelity", "change outside object",
            "diversity", "training CPU s", "trainable parameters", "sampling CPU s / image", "vs naive (both right)")
 
 
@@ -612,7 +688,8 @@ def table_rows(results: list[dict]) -> list[tuple]:
             continue
         name = r["row"] + (f" (best of {len(r['grid'])}: {describe(r['chosen'])})" if len(r["grid"]) > 1 else "")
         rows.append((name, fmt(r["both"]), fmt(r["content"]), fmt(r["style"]), fmt(r["both_strict"]),
-                     f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})", fmt(r["leakage"]),
+                     f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})",
+                     fmt(r["leakage_alone"]) if "leakage_alone" in r else "not measured", fmt(r["leakage"]),
                      fmt(r["scene"]) if "scene" in r else "not measured", fmt(r["background"], False),
                      fmt(r["diversity"], False), f"{r['cpu']['mean']:.0f} ± {r['cpu']['spread']:.0f}",
                      f"{r['parameters']['mean']:,.0f}", f"{r['sampling_seconds_per_image']:.2f}",
@@ -673,7 +750,8 @@ def slug(name: str) -> str:
 
 
 CHARTS = (("both", "both right (drawable style)"), ("content", "content right"), ("recontext", "recontextualisation"),
-          ("leakage", "leakage: base shape kept"), ("scene", "scene fidelity: second object kept"))
+          ("leakage_alone", "leakage: base shape kept, style adapter alone"),
+          ("leakage", "leakage with both adapters: base shape kept"), ("scene", "scene fidelity: second object kept"))
 
 
 def write_charts(results: list[dict], folder: Path) -> list[Path]:
@@ -688,6 +766,8 @@ def write_charts(results: list[dict], folder: Path) -> list[Path]:
     measured = [r for r in results if "both" in r]
     written = []
     for key, title in CHARTS:
+        if not all(key in r for r in measured):
+            continue
         figure, axis = plt.subplots(figsize=(8, 3.6))
         names = [r["row"] for r in measured]
         axis.bar(range(len(names)), [r[key]["mean"] * 100 for r in measured],
@@ -717,6 +797,10 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=20)
     parser.add_argument("--prompts", type=int, default=1, help="base styles (recontextualisation) and base shapes "
                         "(leakage) used, the first N of RECONTEXT_STYLES / LEAKAGE_SHAPES")
+    parser.add_argument("--leakage-shapes", type=int, default=len(LEAKAGE_SHAPES), help="base shapes of the "
+                        "style-alone leakage, the first N of LEAKAGE_SHAPES")
+    parser.add_argument("--style-alone-only", action="store_true", help="measure only the style-alone leakage (the "
+                        "style adapters retrained) and add it to the run in <out>/results.json")
     parser.add_argument("--scene-prompts", type=int, default=1, help="second objects (scene fidelity) used, the first "
                         "N of SCENE_OBJECTS")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
@@ -729,8 +813,8 @@ def main() -> None:
     parser.add_argument("--shard", type=int, default=None, help=argparse.SUPPRESS)  # a worker's: its index
     parser.add_argument("--exchange", type=Path, default=None, help=argparse.SUPPRESS)  # a worker's: shared folder
     args = parse_args(parser, {"seeds": 1, "steps": 2, "per_pair": 1, "sampling_seeds": 2, "sample_steps": 2,
-                               "prompts": 1, "pairs": 2})
-    if harness.SMOKE:
+                               "prompts": 1, "leakage_shapes": 1, "pairs": 2})
+    if harness.SMOKE and args.out == OUT:  # a smoke run never writes the committed figures
         args.out = Path(tempfile.mkdtemp(prefix="csa-benchmark-smoke-"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.charts_only:
@@ -745,22 +829,25 @@ def main() -> None:
     cells = all_cells(args.pairs, args.train_seeds)
     args.workers = max(1, min(args.workers, len(cells)))
     shards = shard_cells(cells, args.workers)
+    per_worker = [estimate_seconds(chosen, args, c, a)
+                  for c, a in zip(shards, shard_cells(style_cells(args.pairs, args.train_seeds), args.workers))]
     if args.estimate:
-        print(f"about {sum(estimate_seconds(chosen, args, c) for c in shards) / 3600:.2f} CPU hours on one thread of "
-              f"the machine measured ({estimate_seconds(chosen, args) / 3600:.2f} in one process); the longest of "
-              f"{args.workers} workers about {max(estimate_seconds(chosen, args, c) for c in shards) / 3600:.2f} hours")
+        print(f"about {sum(per_worker) / 3600:.2f} CPU hours on one thread of the machine measured "
+              f"({estimate_seconds(chosen, args) / 3600:.2f} in one process); the longest of {args.workers} workers "
+              f"about {max(per_worker) / 3600:.2f} hours")
         return
     if args.shard is not None:
         run_shard(chosen, args, shards, args.shard, args.exchange)
         return
     exchange = Path(tempfile.mkdtemp(prefix="csa-benchmark-shards-"))
     log(f"{len(cells)} cells on {args.workers} worker(s); expected about "
-        f"{max(estimate_seconds(chosen, args, c) for c in shards) / 60:.0f} minutes on one free core each")
+        f"{max(per_worker) / 60:.0f} minutes on one free core each")
     if args.workers == 1:
         run_shard(chosen, args, shards, 0, exchange)
     else:
         run_workers(args.workers, exchange)
     merge(chosen, args, exchange)
+    shutil.rmtree(exchange)  # kept when a worker or the merge failed, for a look at what the workers wrote
 
 
 def run_workers(count: int, exchange: Path) -> None:
@@ -796,22 +883,41 @@ def run_shard(chosen: list, args, shards: list, shard: int, exchange: Path) -> N
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
     ctx = Context(nodes, model, clip, vae, Judge(vae, harness.SMOKE), args, shards[shard], shard, len(shards), exchange)
     log(f"judge ready; VAE round-trip ceilings {ctx.judge.ceiling}; cells {ctx.cells}")
-    log(f"expected about {estimate_seconds(chosen, args, ctx.cells) / 60:.0f} CPU minutes (measured rates)")
-    measured, pictures, cpu = {}, {}, time.process_time()
+    alone_cells = shard_cells(style_cells(args.pairs, args.train_seeds), len(shards))[shard]
+    log(f"expected about {estimate_seconds(chosen, args, ctx.cells, alone_cells) / 60:.0f} CPU minutes (measured rates)")
+    measured, alone, pictures, cpu = {}, {}, {}, time.process_time()
+    chosen_before = previous_choices(args) if args.style_alone_only else {}
     for index, row in enumerate(ROWS):
         if row not in chosen or row.not_yet:
             continue
         started, cpu_started = time.time(), time.process_time()
-        figures = measure_row(ctx, row)
-        pictures.update({f"{index}|{shape}|{style}|{seed}": pixels
-                         for (shape, style, seed), pixels in figures.pop("sheet").items()})
-        measured[index] = figures
+        if args.style_alone_only:
+            variant = chosen_before[row.name]
+        else:
+            figures = measure_row(ctx, row)
+            pictures.update({f"{index}|{shape}|{style}|{seed}": pixels
+                             for (shape, style, seed), pixels in figures.pop("sheet").items()})
+            measured[index] = figures
+            variant = row.grid[figures["best"]]
+        alone[index] = measure_style_alone(ctx, row, variant, alone_cells)
         log(f"{row.name}: measured in {time.process_time() - cpu_started:.0f} CPU s, {time.time() - started:.0f} s "
             f"wall (training included when first needed)")
-    trained = {"|".join(map(str, key)): [t.cpu_seconds, t.parameters] for key, t in ctx.trained.items()}
+    trained = {"|".join(map(str, key)): [t.cpu_seconds, t.parameters, t.fingerprint] for key, t in ctx.trained.items()}
     np.savez_compressed(exchange / f"shard-{shard}.npz", **pictures)
-    write_json(exchange / f"shard-{shard}.json", {"measured": measured, "trained": trained,
+    write_json(exchange / f"shard-{shard}.json", {"measured": measured, "alone": alone, "trained": trained,
                                                   "ceiling": ctx.judge.ceiling, "cpu": time.process_time() - cpu})
+
+
+def previous_choices(args) -> dict:
+    """--style-alone-only: each row's chosen grid point in the run recorded in <out>/results.json."""
+    path = args.out / "results.json"
+    if not path.exists():
+        raise SystemExit(f"--style-alone-only adds the style-alone leakage to an earlier run: {path} does not exist")
+    recorded = json.loads(path.read_text())
+    if recorded["settings"]["training_seeds"] != args.train_seeds or recorded["settings"]["steps"] != args.steps:
+        raise SystemExit(f"--style-alone-only: {path} was run with training seeds {recorded['settings']['training_seeds']}"
+                         f" and {recorded['settings']['steps']} steps; pass the same --seeds / --steps")
+    return {r["row"]: r["chosen"] for r in recorded["rows"] if "chosen" in r}
 
 
 def merge(chosen: list, args, exchange: Path) -> None:
@@ -822,6 +928,13 @@ def merge(chosen: list, args, exchange: Path) -> None:
         for key, cost in part["trained"].items():
             trainer, role, target, seed = key.split("|")
             trained.setdefault((trainer, role, target, int(seed)), cost)
+            assert trained[trainer, role, target, int(seed)][2] == cost[2], f"{key}: two workers trained it differently"
+    leakage_alone = {index: image_rate([e for part in parts for e in part["alone"].get(str(index), [])],
+                                       args.train_seeds) for index, row in enumerate(ROWS) if row in chosen}
+    fingerprints = {"|".join(map(str, key)): cost[2] for key, cost in sorted(trained.items())}
+    if args.style_alone_only:
+        add_style_alone(chosen, args, leakage_alone, fingerprints, sum(part["cpu"] for part in parts))
+        return
     for k, part in enumerate(parts):
         with np.load(exchange / f"shard-{k}.npz") as pictures:
             for name in pictures.files:
@@ -834,8 +947,8 @@ def merge(chosen: list, args, exchange: Path) -> None:
         if row.not_yet:
             results.append({"row": row.name, "not_yet": row.not_yet})
             continue
-        results.append(summarise(row, [part["measured"][str(index)] for part in parts], trained, args.train_seeds,
-                                 args.pairs))
+        results.append({**summarise(row, [part["measured"][str(index)] for part in parts], trained, args.train_seeds,
+                                    args.pairs), "leakage_alone": leakage_alone[index]})
     missing = [row.name for row in chosen if not any(r["row"] == row.name for r in results)]
     assert not missing, f"rows not produced: {missing}"
     log(f"rows produced: {len(results)} of {len(chosen)} ({sum('not_yet' in r for r in results)} marked not yet)")
@@ -843,21 +956,47 @@ def merge(chosen: list, args, exchange: Path) -> None:
     charts = write_charts(results, args.out)
     serialisable = [{k: v for k, v in r.items() if k != "sheet"} for r in results]
     ceiling = parts[0]["ceiling"]
-    (args.out / "results.json").write_text(json.dumps({"rows": serialisable, "ceiling": ceiling,
-                                                        "settings": settings(args)}, indent=1))
+    write_json(args.out / "results.json", {"rows": serialisable, "ceiling": ceiling, "settings": settings(args),
+                                           "cpu_seconds": sum(part["cpu"] for part in parts),
+                                           "fingerprints": fingerprints}, indent=1)
     record_table(results, ceiling, args, sum(part["cpu"] for part in parts), sheets, charts)
+
+
+def add_style_alone(chosen: list, args, leakage_alone: dict, fingerprints: dict, cpu: float) -> None:
+    """--style-alone-only: the style-alone leakage added to the run in <out>/results.json (its rows, chosen points,
+    contact sheets kept), with this pass's adapter fingerprints and cost beside it; charts and table redrawn."""
+    path = args.out / "results.json"
+    recorded = json.loads(path.read_text())
+    for index, row in enumerate(ROWS):
+        if row in chosen and not row.not_yet:
+            entry = next(r for r in recorded["rows"] if r["row"] == row.name)
+            entry["leakage_alone"] = leakage_alone[index]
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    recorded["style_alone_pass"] = {"when": stamp, "cpu_seconds": cpu, "settings": settings(args),
+                                    "fingerprints": fingerprints}
+    write_json(path, recorded, indent=1)
+    charts = write_charts(recorded["rows"], args.out)
+    sheets = [args.out / f"{slug(r['row'])}.png" for r in recorded["rows"] if "chosen" in r]
+    previous = recorded["settings"]
+    args.prompts, args.scene_prompts = previous["prompts"], previous.get("scene_prompts", 1)
+    record_table(recorded["rows"], recorded["ceiling"], args, recorded.get("cpu_seconds"), sheets, charts, preface=(
+        f"The run recorded in {relative(path)} with its style-alone leakage added by a separate pass ({stamp}, "
+        f"`--style-alone-only`, {cpu:.0f} CPU s): the style adapters retrained with the same trainers, pictures, "
+        f"steps and seeds (training is deterministic; their fingerprints are in results.json), every other figure "
+        f"as first recorded. "))
 
 
 def settings(args) -> dict:
     return {"pairs": [list(p) for p in args.pairs], "training_seeds": args.train_seeds, "steps": args.steps,
             "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
-            "sample_steps": args.sample_steps, "prompts": args.prompts, "workers": args.workers,
+            "sample_steps": args.sample_steps, "prompts": args.prompts, "scene_prompts": args.scene_prompts,
+            "leakage_shapes": args.leakage_shapes, "workers": args.workers,
             "recipes": LEARNING_RATES}
 
 
-def record_table(results, ceiling: dict, args, cpu: float, sheets, charts) -> None:
+def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, preface: str = "") -> None:
     rows = table_rows(results)
-    notes = (
+    notes = preface + (
         f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
         f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
         f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8 "
@@ -881,7 +1020,7 @@ def record_table(results, ceiling: dict, args, cpu: float, sheets, charts) -> No
         f"\n\nContact sheets: {', '.join(relative(p) for p in sheets)}. "
         + (f"Charts: {', '.join(relative(p) for p in charts)}. " if charts else
            "No charts: matplotlib is not installed in .venv (`--charts-only` draws them from results.json). ")
-        + f"{cpu:.0f} CPU s in all.")
+        + (f"{cpu:.0f} CPU s in all." if cpu is not None else ""))
     record(f"Method benchmark on the world: held-out content x style ({len(args.pairs)} pairs x {len(args.train_seeds)} "
            f"training seeds)", rows, notes=notes, columns=COLUMNS)
 

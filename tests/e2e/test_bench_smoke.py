@@ -7,6 +7,7 @@ stay as they are); that is checked too.
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -80,12 +81,24 @@ def table_without_timings(output: str) -> list[list[str]]:
     return [[cell for i, cell in enumerate(row) if i not in timed] for row in rows]
 
 
-def test_benchmark_in_workers_equals_one_process():
+def test_benchmark_in_workers_equals_one_process(tmp_path):
     """make benchmark's smoke (every row produced) in two workers and in one process gives the same table, training
-    and sampling times aside: the workers' merge is exact and a run reproduces itself."""
+    and sampling times aside: the workers' merge is exact and a run reproduces itself. Then --style-alone-only on the
+    one-process run retrains the style adapters (same fingerprints) and measures the same style-alone leakage."""
     script = "bench/world/method_benchmark.py"
-    workers, alone = (table_without_timings(run([script], "--smoke", "--workers", n)) for n in ("2", "1"))
+    workers, alone = (table_without_timings(run([script], "--smoke", "--workers", n, "--out", str(tmp_path / n)))
+                      for n in ("2", "1"))
     sys.path[:0] = [str(REPO_ROOT / "bench" / "world"), str(REPO_ROOT / "bench")]
     import method_benchmark
 
     assert len(workers) == len(method_benchmark.ROWS) and workers == alone
+    recorded = json.loads((tmp_path / "1" / "results.json").read_text())
+    measured = [r for r in recorded["rows"] if "chosen" in r]
+    assert all("leakage_alone" in r for r in measured)
+    run([script], "--smoke", "--style-alone-only", "--out", str(tmp_path / "1"))
+    added = json.loads((tmp_path / "1" / "results.json").read_text())
+    styles = {key: value for key, value in recorded["fingerprints"].items() if "|style|" in key}
+    assert added["style_alone_pass"]["fingerprints"] == styles  # the pass trained exactly the run's style adapters
+    assert [r.get("leakage_alone") for r in added["rows"]] == [r.get("leakage_alone") for r in recorded["rows"]]
+    assert [{k: v for k, v in r.items() if k != "leakage_alone"} for r in added["rows"]] == \
+        [{k: v for k, v in r.items() if k != "leakage_alone"} for r in recorded["rows"]]

@@ -77,15 +77,54 @@ def test_qr_lora_counts_only_the_upper_triangle_of_delta_r():
 
 def test_the_estimate_matches_the_measured_runs_and_the_stated_budget():
     partial = argparse.Namespace(pairs=mb.PAIRS[:1], seeds=1, steps=150, prompts=5, scene_prompts=0, sampling_seeds=4,
-                                 sample_steps=20)  # that run had no scene prompts yet
+                                 sample_steps=20, leakage_shapes=0, style_alone_only=False)  # no scene prompts yet
     rows = [r for r in mb.ROWS if r.name in (mb.NAIVE, "ConsisLoRA + Content-Style Guider", "QR-LoRA (trained ΔR) merged")]
     assert mb.estimate_seconds(rows, partial) == pytest.approx(809, rel=0.1)  # the partial run of 2026-11-23
-    defaults = argparse.Namespace(pairs=mb.PAIRS, seeds=3, steps=250, prompts=1, scene_prompts=1, sampling_seeds=4,
-                                  sample_steps=20)
+    first = argparse.Namespace(pairs=mb.PAIRS, seeds=3, steps=250, prompts=1, scene_prompts=1, sampling_seeds=4,
+                               sample_steps=20, leakage_shapes=0, style_alone_only=False)  # no style-alone leakage yet
     workers = mb.shard_cells(mb.all_cells(mb.PAIRS, range(3)), 2)
+    alone = mb.shard_cells(mb.style_cells(mb.PAIRS, range(3)), 2)
     # the first full run, 2026-12-01: 12,603 CPU s in two workers
-    assert sum(mb.estimate_seconds(mb.ROWS, defaults, cells) for cells in workers) == pytest.approx(12603, rel=0.03)
-    assert 3.0 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 3.4 * 3600  # the docstring's 3.2 CPU hours
+    assert sum(mb.estimate_seconds(mb.ROWS, first, *cells) for cells in zip(workers, alone)) == \
+        pytest.approx(12603, rel=0.03)
+    defaults = argparse.Namespace(**{**vars(first), "leakage_shapes": len(mb.LEAKAGE_SHAPES)})
+    # five ways of applying a style adapter alone (LoRA, B-LoRA and ConsisLoRA style blocks, QR-LoRA, B4M run) x
+    # 6 (style, seed) cells x 6 shapes x 4 pictures
+    assert mb.estimate_seconds(mb.ROWS, defaults) - mb.estimate_seconds(mb.ROWS, first) == \
+        pytest.approx(5 * 6 * 6 * 4 * mb.PICTURE_SECONDS)
+    assert 3.2 * 3600 < mb.estimate_seconds(mb.ROWS, defaults) < 3.7 * 3600  # the docstring's 3.5 CPU hours
+    only = argparse.Namespace(**{**vars(defaults), "style_alone_only": True})
+    styles = 6 * 250 * sum(mb.STEP_SECONDS[t] for t in ("lora", "b-lora", "consislora", "qr", "b4m"))
+    assert mb.estimate_seconds(mb.ROWS, only) == pytest.approx(styles + 5 * 6 * 6 * 4 * mb.PICTURE_SECONDS
+                                                               + mb.JUDGE_SECONDS)
+
+
+def test_style_alone_leakage_is_one_entry_per_cell_and_shape_and_shared_by_rows_applying_the_same_adapter():
+    sampled = []
+
+    def alone(ctx, style, variant):
+        def sample(prompt):
+            sampled.append(prompt)
+            return prompt.split()[-1]
+        return ("whole adapter", variant.get("style", 1.0)), sample
+
+    class Judge:
+        @staticmethod
+        def labels(shape):  # two pictures: the first keeps the prompted shape, the second does not
+            return [shape, "star"], []
+
+    ctx = argparse.Namespace(args=argparse.Namespace(leakage_shapes=3), judge=Judge(), alone={},
+                             adapter=lambda *key: key)
+    naive, residual = (mb.Row(name, trainer, style_alone=alone, style_trainer="lora")
+                       for name, trainer in (("n", "lora"), ("r", "residual")))
+    cells = mb.style_cells(mb.PAIRS, [0, 1])
+    assert cells == [("zigzag", 0), ("speckled", 0), ("zigzag", 1), ("speckled", 1)]
+    entries = mb.measure_style_alone(ctx, naive, {"style": 1.0}, cells)
+    assert len(entries) == 4 * 3 and entries[0] == (0, [True, False])
+    assert sampled[:3] == [f"a {mb.STYLE_WORD} {shape}" for shape in mb.LEAKAGE_SHAPES[:3]]
+    assert mb.measure_style_alone(ctx, residual, {"lag": True}, cells) == entries and len(sampled) == 12  # shared
+    mb.measure_style_alone(ctx, naive, {"style": 0.75}, cells)  # another strength: its own pictures
+    assert len(sampled) == 24 and mb.image_rate(entries, [0, 1]) == {"mean": 0.5, "spread": 0.5}
 
 
 def test_workers_get_contiguous_near_equal_runs_of_cells_and_train_few_adapters_twice():
