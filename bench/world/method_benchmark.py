@@ -67,7 +67,10 @@ in one process, the longest of two workers 1.77 hours; for the partial run of 20
 150 steps, naive / guider / QR-LoRA), which took 809 CPU s, it gives 759 (`--estimate` prints the figures for any
 settings). Every run prints its estimate first (per worker: the longest worker's CPU time is the run's wall time on
 free cores); wall time is longer when the cores are shared. The smoke size (--smoke: two pairs, one seed, 2 steps, 2
-pictures per prompt, 2 sampling steps, every row) takes about 2 minutes.
+pictures per prompt, 2 sampling steps, every row) takes about 2 minutes. The style-alone leakage pass of 2026-12-02
+(--style-alone-only on the first run: 30 style adapters, 720 pictures) took 8,284 CPU s (71 min wall in two workers)
+where these rates give 4,716: that machine ran about 1.75x slower per step (LoRA 0.68-0.76 s, B4M 1.5-1.7 s), so
+the rates above are this machine's at its quicker.
 """
 from __future__ import annotations
 
