@@ -69,8 +69,8 @@ settings). Every run prints its estimate first (per worker: the longest worker's
 free cores); wall time is longer when the cores are shared. The smoke size (--smoke: two pairs, one seed, 2 steps, 2
 pictures per prompt, 2 sampling steps, every row) takes about 2 minutes. The style-alone leakage pass of 2026-12-02
 (--style-alone-only on the first run: 30 style adapters, 720 pictures) took 8,284 CPU s (71 min wall in two workers)
-where these rates give 4,716: that machine ran about 1.75x slower per step (LoRA 0.68-0.76 s, B4M 1.5-1.7 s), so
-the rates above are this machine's at its quicker.
+where these rates give 4,716: that machine ran about 1.75x slower per step (LoRA 0.68-0.76 s, B4M 1.5-1.7 s); the
+rates above are the first run's, on a faster machine of the same kind.
 """
 from __future__ import annotations
 
@@ -139,14 +139,10 @@ class Trained:
 
         digest = hashlib.sha256()
         for adapter in (self.adapter, *(self.blocks[k] for k in sorted(self.blocks))):
-            for name in sorted(adapter.modules):
-                factors = adapter.modules[name]
-                tensors = {"up": factors.up, "down": factors.down, **factors.extras}
-                for key in sorted(tensors):
-                    digest.update(f"{name}.{key}".encode())
-                    digest.update(tensors[key].detach().float().contiguous().numpy().tobytes())
-            for name in sorted(adapter.module_tensors):
-                for key, tensor in sorted(adapter.module_tensors[name].tensors.items()):
+            groups = [(name, {"up": f.up, "down": f.down, **f.extras}) for name, f in sorted(adapter.modules.items())]
+            groups += [(name, m.tensors) for name, m in sorted(adapter.module_tensors.items())]
+            for name, tensors in groups:
+                for key, tensor in sorted(tensors.items()):
                     digest.update(f"{name}.{key}".encode())
                     digest.update(tensor.detach().float().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
