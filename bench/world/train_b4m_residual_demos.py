@@ -33,10 +33,10 @@ from train_demo_adapters import (CONTENT_WORD, SAMPLING, demo_arguments, judged,
                                  training_options, with_overrides, world_session)
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
-# lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); rank 8 as the
-# other world demos (the official 64 is for SDXL's 640-1280 channels; the world model has 320)
-RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine"},
-           "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine"}}
+# lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); B4M rank 8: the
+# official 64 gave no star either on the world (0%, bench/RESULTS.md) at 1.7x the CPU time
+RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6},
+           "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine", "per_pair": 6}}
 
 
 def data_node(nodes, kind: str, per_pair: int):
@@ -57,8 +57,8 @@ def keep(path: str, out: Path) -> str:
 
 
 def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
-    star, zigzag = data_node(nodes, "star", args.per_pair), data_node(nodes, "zigzag", args.per_pair)
     recipe = with_overrides(RECIPES["b4m"], args)
+    star, zigzag = data_node(nodes, "star", recipe["per_pair"]), data_node(nodes, "zigzag", recipe["per_pair"])
     steps, lr = recipe["steps"], recipe["lr"]
     runs = {}
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
@@ -97,7 +97,7 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
 
     recipe = with_overrides(RECIPES["residual"], args)
     outputs, cost = timed(lambda: nodes["CSA_TrainPersonalizedResidual"].execute(
-        model=model, clip=clip, vae=vae, data=data_node(nodes, "star", args.per_pair), identifier=CONTENT_WORD,
+        model=model, clip=clip, vae=vae, data=data_node(nodes, "star", recipe["per_pair"]), identifier=CONTENT_WORD,
         class_word="star", caption="", rank_fraction=0.05, steps=recipe["steps"], lr=recipe["lr"], loss="epsilon",
         seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
         options=training_options(nodes, schedule=recipe["schedule"])).args)

@@ -35,12 +35,13 @@ from world import BASE_SHAPES, BASE_STYLES, render  # noqa: E402
 ADAPTERS = HERE / "adapters"
 CONTENT_WORD, STYLE_WORD = "sks", "zkz"
 SAMPLING = {"seed": 1000, "steps": 20, "cfg": 4.0}
-# Per method: optimiser steps, learning rate and its schedule, rank (ConsisLoRA: lr is the x0 rate, the ε rate is twice
-# it, as in the official 2e-4 / 1e-4). Chosen on the retrained world within the 3-CPU-minute budget (bench/RESULTS.md):
-# there a constant 3e-3 made the loss climb again after 200 steps.
-RECIPES = {"lora": {"steps": 380, "lr": 1.5e-3, "schedule": "cosine", "rank": 8},
-           "qr": {"steps": 400, "lr": 5e-3, "schedule": "constant", "rank": 8},
-           "consislora": {"steps": 500, "lr": 2e-3, "schedule": "constant", "rank": 8}}
+# Per method: optimiser steps, learning rate and its schedule, rank, training pictures per (shape, style) pair
+# (ConsisLoRA: lr is the x0 rate, the ε rate is twice it, as in the official 2e-4 / 1e-4). Chosen on the retrained world
+# within the 3-CPU-minute budget (bench/RESULTS.md): there a constant 3e-3 made the LoRA loss climb again after 200
+# steps, and QR-LoRA at 5e-3 (its earlier recipe) raised the loss within 3 steps; QR-LoRA's ΔR needs the official rank 64.
+RECIPES = {"lora": {"steps": 380, "lr": 1.5e-3, "schedule": "cosine", "rank": 8, "per_pair": 6},
+           "qr": {"steps": 400, "lr": 5e-4, "schedule": "constant", "rank": 64, "per_pair": 12},
+           "consislora": {"steps": 500, "lr": 2e-3, "schedule": "constant", "rank": 8, "per_pair": 6}}
 
 
 @dataclass(frozen=True)
@@ -104,15 +105,16 @@ def run_trainer(nodes, model, clip, vae, method: str, role: str, data, options, 
 
 
 def with_overrides(recipe: dict, args) -> dict:
-    """``recipe`` with the command line's --steps / --lr / --schedule applied (0 or '': the recipe's own)."""
+    """``recipe`` with the command line's --steps / --lr / --schedule / --per-pair applied (0 or '': the recipe's
+    own)."""
     return {**recipe, "steps": args.steps or recipe["steps"], "lr": args.lr or recipe["lr"],
-            "schedule": args.schedule or recipe["schedule"]}
+            "schedule": args.schedule or recipe["schedule"], "per_pair": args.per_pair or recipe["per_pair"]}
 
 
 def train(nodes, model, clip, vae, demo: Demo, args):
     role = "content" if demo.kind == "star" else "style"
-    data = training_data(nodes, role, demo.kind, args.per_pair)
     recipe = with_overrides(RECIPES[demo.method], args)
+    data = training_data(nodes, role, demo.kind, recipe["per_pair"])
     return run_trainer(nodes, model, clip, vae, demo.method, role, data,
                        training_options(nodes, schedule=recipe["schedule"]), recipe["steps"], recipe["lr"],
                        filename=demo.name, rank=recipe["rank"])
@@ -169,7 +171,7 @@ def demo_arguments(description: str, only_help: str, only_default: str = "") -> 
     parser.add_argument("--steps", type=int, default=0, help="override every method's steps (0: RECIPES)")
     parser.add_argument("--lr", type=float, default=0.0, help="override every method's learning rate (0: RECIPES)")
     parser.add_argument("--schedule", default="", help="override every method's learning-rate schedule ('': RECIPES)")
-    parser.add_argument("--per-pair", type=int, default=6, help="pictures per (shape, style) pair")
+    parser.add_argument("--per-pair", type=int, default=0, help="pictures per (shape, style) pair (0: RECIPES)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=6, help="judge with the first N prompts (5 styles / 6 shapes)")
     parser.add_argument("--sample-steps", type=int, default=SAMPLING["steps"])
@@ -214,11 +216,12 @@ def main() -> None:
         rows.append(("world VAE round trip of real zigzag pictures, labelled zigzag (the style bar's ceiling)",
                      f"{vae_ceiling(vae, evaluators):.0%}"))
     record("World demo adapters trained with the pack's trainers", rows, notes=(
-        f"Content: stars in the 5 base styles ({args.per_pair} pictures each), captions 'a <style> {CONTENT_WORD}'; "
+        f"Content: stars in the 5 base styles, captions 'a <style> {CONTENT_WORD}'; "
         f"style: zigzag on the 6 base shapes, captions 'a {STYLE_WORD} <shape>'. LoRA and QR-LoRA: every linear "
         f"layer, v loss; ConsisLoRA: the world block split, content mode (ε loss, then x0 from a "
         f"third of the run) or style mode (half the steps, then a fresh style block with x0 loss and noise offset "
-        f"0.03). " + "; ".join(f"{m}: rank {r['rank']}, {r['steps']} steps at lr {r['lr']} ({r['schedule']})"
+        f"0.03). " + "; ".join(f"{m}: rank {r['rank']}, {r['steps']} steps at lr {r['lr']} ({r['schedule']}), "
+                               f"{r['per_pair']} pictures per pair"
                                for m, r in ((m, with_overrides(r, args)) for m, r in RECIPES.items()))
         + f". Batch 4, AdamW (weight decay 0.01, "
         f"clip 1.0), fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds "
