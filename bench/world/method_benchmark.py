@@ -183,8 +183,8 @@ def auxiliary_data(ctx):
 
 
 def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
-    """Train B4M Content / Style (attention projections, rank 8, ε loss; the auxiliary factor at a tenth of the lr, as
-    the official 1e-4 / 1e-5). One training seed gives both runs the same frozen halves, so B4M Make accepts them."""
+    """Train B4M Content / Style (attention projections, the recipe's rank, ε loss; the auxiliary factor at a tenth of
+    the lr, as the official 1e-4 / 1e-5). One training seed gives both runs the same frozen halves, so B4M Make accepts them."""
     data, auxiliary = training_data(ctx.nodes, role, target, ctx.args.per_pair), auxiliary_data(ctx)
     node = ctx.nodes["CSA_TrainB4MContent" if role == "content" else "CSA_TrainB4MStyle"]
     cpu = time.process_time()
@@ -999,8 +999,9 @@ def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, prefa
     notes = preface + (
         f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
         f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
-        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); rank 8 "
-        f"(residual: 5% of the channels); learning rates and schedules {LEARNING_RATES}. Sampling: Euler "
+        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); ranks "
+        f"{ {method: recipe['rank'] for method, recipe in RECIPES.items() if 'rank' in recipe} } (residual: 5% of the "
+        f"channels); learning rates and schedules {LEARNING_RATES}. Sampling: Euler "
         f"{args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
