@@ -34,7 +34,7 @@ from train_demo_adapters import (CONTENT_WORD, SAMPLING, demo_arguments, judged,
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); B4M rank 8: the
-# official 64 gave no star either on the world (0%, bench/RESULTS.md) at 1.7x the CPU time
+# official 64 gave no star either on the world (0%, bench/RESULTS.md)
 RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6},
            "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine", "per_pair": 6}}
 
