@@ -112,8 +112,9 @@ SAMPLING = {"seed": 1000, "cfg": 4.0}
 # train_b4m_residual_demos.py; ConsisLoRA / B-LoRA: lr is the x0 rate, ε runs at twice it). Every trainer gets the
 # same steps x batch (not the recipes' steps).
 RECIPES = {**DEMO_RECIPES, "b-lora": DEMO_RECIPES["consislora"], **B4M_RESIDUAL_RECIPES}
-# What the record says of each trainer's optimiser.
-LEARNING_RATES = {method: {"lr": recipe["lr"], "schedule": recipe["schedule"]} for method, recipe in RECIPES.items()}
+# What the record says of each trainer's recipe (the residual has no rank: 5% of the channels).
+RECORDED_RECIPES = {method: {key: recipe[key] for key in ("rank", "lr", "schedule") if key in recipe}
+                    for method, recipe in RECIPES.items()}
 # Measured CPU seconds (one thread, this machine; see the docstring): per training step (batch 4) and per picture.
 # Measured by the first full run (2026-12-01, two workers; per adapter CPU s / 250 steps, pictures from the rows with
 # no training left to do); the partial run of 2026-11-23 had given 0.45 / 0.43 / 0.31 s per step, 1.7 s per picture.
@@ -991,7 +992,7 @@ def settings(args) -> dict:
             "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
             "sample_steps": args.sample_steps, "prompts": args.prompts, "scene_prompts": args.scene_prompts,
             "leakage_shapes": args.leakage_shapes, "workers": args.workers,
-            "recipes": LEARNING_RATES}
+            "recipes": RECORDED_RECIPES}
 
 
 def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, preface: str = "") -> None:
@@ -999,9 +1000,8 @@ def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, prefa
     notes = preface + (
         f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
         f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
-        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); ranks "
-        f"{ {method: recipe['rank'] for method, recipe in RECIPES.items() if 'rank' in recipe} } (residual: 5% of the "
-        f"channels); learning rates and schedules {LEARNING_RATES}. Sampling: Euler "
+        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); ranks, "
+        f"learning rates and schedules {RECORDED_RECIPES} (residual rank: 5% of the channels). Sampling: Euler "
         f"{args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
