@@ -179,6 +179,19 @@ def residual_captions(template: str, identifier: str, class_word: str, count: in
     return (caption,) * count
 
 
+def trainable_token_rows(token_ids: tuple[int, ...], vocab: int, width: int) -> tuple[LowRank, torch.Tensor]:
+    """The change of some rows of a (vocab, width) token-embedding matrix as exact low-rank factors, ready to train:
+    up (vocab, k) holds one-hot columns at the token ids (frozen), down (k, width) the rows' changes (zero at the start,
+    trainable); ΔW = up @ down adds down[j] to row token_ids[j] and leaves every other row as it is. Returns (factors,
+    the gradient mask that freezes up)."""
+    if not token_ids or len(set(token_ids)) != len(token_ids) or not all(0 <= t < vocab for t in token_ids):
+        raise ValueError(f"token ids {list(token_ids)} must be distinct and within the vocabulary of {vocab}")
+    up = torch.zeros(vocab, len(token_ids))
+    up[list(token_ids), torch.arange(len(token_ids))] = 1.0
+    factors = LowRank(up=up, down=torch.zeros(len(token_ids), width, requires_grad=True), alpha=None)
+    return factors, torch.zeros_like(up)
+
+
 def weights_hash(weights: dict[str, torch.Tensor]) -> str:
     """sha256 (16 hex digits) of weights in float32, keys sorted: the base model's fingerprint in a saved file."""
     digest = hashlib.sha256()

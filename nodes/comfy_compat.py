@@ -287,6 +287,53 @@ def special_token_ids(clip) -> set[int]:
     return set(token_ids(clip, ""))
 
 
+TOKEN_EMBEDDING_SUFFIX = "embeddings.token_embedding.weight"  # CLIP's token-embedding matrix (vocab, width)
+
+
+def token_embedding_key(clip) -> str:
+    """The CLIP's token-embedding weight key, for text encoders with exactly one (SD1.x, the world model); refuses
+    the others by name (SDXL has two CLIPs whose rows would have to train together)."""
+    keys = sorted(k for k in weight_shapes(clip=clip) if k.endswith(TOKEN_EMBEDDING_SUFFIX))
+    if len(keys) != 1:
+        raise ValueError(f"learning a token embedding needs a text encoder with one token-embedding matrix (SD1.x); "
+                         f"this CLIP has {len(keys)}: {keys}")
+    return keys[0]
+
+
+def token_embedding_rows(clip, key: str, ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.dtype]:
+    """(len(ids), width) float32 copies of those rows of the CLIP's token embedding, as the CLIP encodes them (with the
+    weight patches it carries), and the weight's dtype."""
+    clip.load_model()
+    weight = comfy.utils.get_attr(clip.cond_stage_model, key[: -len(".weight")]).weight
+    return weight[list(ids)].detach().float().clone(), weight.dtype
+
+
+def clip_base_weights(clip, keys) -> dict[str, torch.Tensor]:
+    """The CLIP's own weights for these keys, without the patches ComfyUI may have left in place (as base_weights)."""
+    patcher = clip.patcher
+    state = patcher.model.state_dict()
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"the text encoder has no weight {missing[0]!r}")
+    return {k: (patcher.backup[k].weight if k in patcher.backup else state[k]).detach() for k in keys}
+
+
+def in_place_safe_autograd():
+    """A context for autograd through ComfyUI forwards that add residuals in place (its CLIP layers do ``x += ...``,
+    which autograd refuses: the add changes a tensor saved for the backward pass). Inside it every saved tensor on the
+    gradient path is saved as a copy (weights and their casts are not), so ComfyUI's own encode stays differentiable,
+    with all its options."""
+    return torch.autograd.graph.saved_tensors_hooks(
+        lambda saved: saved.clone() if saved.requires_grad else saved, lambda saved: saved)
+
+
+def tokens_with_vectors(clip, text: str, vectors: dict[int, torch.Tensor]) -> dict:
+    """``clip.tokenize(text)`` with every token id in ``vectors`` replaced by that embedding vector, as ComfyUI feeds
+    textual-inversion embeddings to the text encoder: its encoding is then differentiable in the vectors."""
+    return {encoder: [[(vectors[t[0]], *t[1:]) if isinstance(t[0], int) and t[0] in vectors else t for t in chunk]
+                      for chunk in chunks] for encoder, chunks in clip.tokenize(text).items()}
+
+
 # -- sampler and wrapper hooks ---------------------------------------------------------------------
 
 # the extra_options keys a patch reads inside attention

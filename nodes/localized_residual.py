@@ -7,12 +7,13 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.blocks import transformer_of_proj_out
+from ..core.blocks import block_of_module, transformer_of_proj_out
 from ..core.layouts import generic_module_name
 from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, evenly_spaced, final_mask,
                               find_token_positions, mask_grid, new_residual, residual_rank, share_conditional_mask)
 from . import comfy_compat as cc
 from .common import PackNode, schema, strength_input
+from .model_binding import apply_patch_groups, patches_by_strength
 from .plots import mask_grid_plot
 from .runtime_adapters import add_to_forward, check_runtime_factors, low_rank_targets, publish_call_options
 from .sockets import AdapterSocket
@@ -129,6 +130,19 @@ def concept_positions(clip, prompt: str, words: str) -> list[int]:
     return sorted(positions)
 
 
+def with_text_encoder_part(residual: Adapter, model, clip, strength: float) -> tuple[Adapter, object]:
+    """(the residual without its text-encoder modules, a CLIP clone with them patched in at ``strength``): a residual
+    trained with its identifier's token embedding carries that row change for the text encoder."""
+    text = [m for m in residual.module_names if block_of_module(m) == "text_encoder"]
+    if not text:
+        return residual, clip
+    groups, _ = patches_by_strength([residual.subset(text).replace(strength=residual.strength * strength)], model,
+                                    clip, {})
+    _, patched = apply_patch_groups(model, clip, groups)
+    rest = [m for m in residual.module_names if m not in text]
+    return residual.subset(rest), patched
+
+
 def residual_targets(residual: Adapter, model) -> dict[str, object]:
     """{proj_out weight key: factors}; every module must be a transformer's proj_out."""
     targets = {}
@@ -201,9 +215,10 @@ class ApplyLocalizedResidual(PackNode):
     def execute(cls, model, residual: Adapter, clip, prompt: str, concept_words: str, lag: bool, threshold_mode: str,
                 threshold: float, start_percent: float, end_percent: float, strength: float) -> io.NodeOutput:
         positions = concept_positions(clip, prompt, concept_words)
-        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         if strength == 0 or residual.strength == 0:
-            return io.NodeOutput(model, conditioning)
+            return io.NodeOutput(model, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
+        residual, clip = with_text_encoder_part(residual, model, clip, strength)
+        conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         targets = residual_targets(residual, model)
         sigma_range = (cc.percent_to_sigma(model, end_percent), cc.percent_to_sigma(model, start_percent))
         settings = LocalizedResidualSettings(tuple(positions), threshold_mode, threshold, sigma_range, lag)

@@ -133,17 +133,38 @@ def gather_training_images(images, captions: str, folder: str, repeats: int, tri
     return training_images(pictures, texts, size, repeats, trigger)
 
 
-def encode_training_set(model, vae, clip, data: TrainingImages) -> tuple[torch.Tensor, list]:
+def encode_training_set(model, vae, clip, data: TrainingImages, as_captions: bool = False) -> tuple[torch.Tensor, list]:
     """Model-space latents of the images (VAE, no gradient) and each image's conditioning (CLIP, no gradient, one
-    encoding per distinct caption), both repeated ``data.repeats`` times."""
+    encoding per distinct caption), both repeated ``data.repeats`` times. ``as_captions``: the captions themselves
+    instead of their conditioning (a trained token's trainee encodes them at every step)."""
     latents = cc.to_model_space(model, vae_encode(vae, data.images)).clone()
+    rows = list(range(len(data.captions))) * data.repeats
+    if as_captions:
+        return latents[rows], [data.captions[i] for i in rows]
     encoded = {}
     with torch.no_grad():
         for caption in dict.fromkeys(data.captions):
             conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
             encoded[caption] = cc.model_conds(model, conditioning, latents[:1])
-    rows = list(range(len(data.captions))) * data.repeats
     return latents[rows], [encoded[data.captions[i]] for i in rows]
+
+
+@dataclass(frozen=True)
+class TrainedToken:
+    """A word whose token-embedding rows train with the adapter (Personalized Residual's V*): the adapter module that
+    holds the rows' change (ComfyUI's generic 'text_encoders.<weight path>' name, so every LoRA loader applies it to
+    the CLIP), the CLIP weight key, the word's token ids and their rows as the CLIP has them."""
+
+    module: str
+    key: str
+    ids: tuple[int, ...]
+    rows: torch.Tensor  # (len(ids), width), float32
+    dtype: torch.dtype = torch.float32  # the embedding weight's: a patched row is rounded to it
+
+    def vectors(self, change: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{token id: its embedding vector with the trained change}, rounded as the patched weight row will be (the
+        rounding passes the gradient through), so training sees what inference will."""
+        return {token: (self.rows[j] + change[j]).to(self.dtype).float() for j, token in enumerate(self.ids)}
 
 
 # -- the model being trained -----------------------------------------------------------------------------------
@@ -155,19 +176,33 @@ class Trainee:
     """A clone of the model whose target layers add the trained factors' ΔW·x at run time (the base weights are
     never written); its x0 prediction is differentiable in those factors."""
 
-    def __init__(self, model, modules: dict[str, LowRank]):
-        self.model = model.clone()
-        install_switched_adapters(self.model, {TRAINED: Adapter(modules=modules, source="training")},
+    def __init__(self, model, modules: dict[str, LowRank], clip=None, token: TrainedToken | None = None):
+        self.model, self.clip, self.token = model.clone(), clip, token
+        self.token_change = modules[token.module] if token is not None else None
+        unet = {name: factors for name, factors in modules.items() if token is None or name != token.module}
+        install_switched_adapters(self.model, {TRAINED: Adapter(modules=unet, source="training")},
                                   frozenset({TRAINED}))
         cc.load_for_direct_calls(self.model)
 
+    def conditioning(self, prompt: str, clip=None):
+        """The prompt's CONDITIONING; with a trained token, its rows as trained so far (differentiable in them)."""
+        clip = clip or self.clip
+        if self.token is None:
+            return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        vectors = self.token.vectors(self.token_change.down)
+        with cc.in_place_safe_autograd():
+            return clip.encode_from_tokens_scheduled(cc.tokens_with_vectors(clip, prompt, vectors))
+
     def predict(self, noisy: torch.Tensor, sigma: torch.Tensor, conds: list) -> torch.Tensor:
+        if conds and isinstance(conds[0], str):  # captions: encoded now, through the trained token
+            encoded = {c: cc.model_conds(self.model, self.conditioning(c), noisy[:1]) for c in dict.fromkeys(conds)}
+            conds = [encoded[c] for c in conds]
         return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {})
 
     def preview(self, clip, vae, prompt: str, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
         """(1, size, size, 3): the prompt sampled by the model as trained so far (Euler; a fixed seed)."""
         with torch.no_grad():
-            positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            positive = self.conditioning(prompt, clip)
             negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
             factor = vae.spacial_compression_encode()
             channels = self.model.get_model_object("latent_format").latent_channels
@@ -212,7 +247,9 @@ class Job:
     second: TrainingImages | None = None  # a second data set trained in the same steps (same noise and noise level)
     second_routes: tuple[tuple[str, ...] | None, tuple[str, ...] | None] = (None, None)  # parts each set's loss trains
     part_lr_scales: dict[str, float] = field(default_factory=dict)  # {'up' / 'down': factor on the stage's lr}
+    tensor_lr_scales: dict[str, float] = field(default_factory=dict)  # {'<module>.<part>': factor on the stage's lr}
     precondition: float | None = None  # λ of B4M's preconditioned gradients (None: off)
+    token: TrainedToken | None = None  # a word's token-embedding rows trained too (its module is in ``modules``)
 
 
 @dataclass
@@ -229,6 +266,15 @@ class Result:
 
 def target_keys(modules) -> list[str]:
     return [name + ".weight" for name in modules]
+
+
+def base_hash_of(job: Job, model, clip) -> str:
+    """The fingerprint of the base weights the job trains against (with a trained token, its embedding matrix)."""
+    unet = [name for name in job.modules if job.token is None or name != job.token.module]
+    weights = cc.base_weights(model, target_keys(unet))
+    if job.token is not None:
+        weights.update(cc.clip_base_weights(clip, [job.token.key]))
+    return weights_hash(weights)
 
 
 def state_path(adapter_path: Path) -> Path:
@@ -271,7 +317,8 @@ def parameter_names(job: Job, stage: Stage) -> list[str]:
 
 
 def lr_scales(job: Job, stage: Stage) -> dict[str, float]:
-    return {f"{name}.{part}": scale for name in stage.trainable for part, scale in job.part_lr_scales.items()}
+    scales = {f"{name}.{part}": scale for name in stage.trainable for part, scale in job.part_lr_scales.items()}
+    return {**scales, **{n: s for n, s in job.tensor_lr_scales.items() if n.rsplit(".", 1)[0] in stage.trainable}}
 
 
 def routed(job: Job, stage: Stage, parts: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -354,15 +401,15 @@ class Checkpoints:
 def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str, overwrite: bool,
                  resume_from: str = NO_RESUME) -> Result:
     """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
-    make_autograd_safe(*torch_modules(model))
+    make_autograd_safe(*torch_modules(model, clip=clip if job.token is not None else None))
     with grad_enabled():
         # factors made in a node are inference tensors inside a server: train normal-tensor copies
         job.modules.update(frozen_copy(job.modules))
         job.masks = {name: mask.clone() for name, mask in job.masks.items()}
         sigmas = cc.sigma_table(model)
-        latents, conds = encode_training_set(model, vae, clip, data)
+        latents, conds = encode_training_set(model, vae, clip, data, as_captions=job.token is not None)
         second = encode_training_set(model, vae, clip, job.second) if job.second is not None else None
-        base_hash = weights_hash(cc.base_weights(model, target_keys(job.modules)))
+        base_hash = base_hash_of(job, model, clip)
         record = {"trainer": job.title, "method": job.method, "base_hash": base_hash, "data": data.describe(),
                   "settings": job.settings, "stages": [s.recipe.describe() for s in job.stages]}
         if job.second is not None:
@@ -380,7 +427,7 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
             if state is None:
                 job.modules.update({name: job.make_fresh(name) for name in stage.fresh})
             params = parameters_of(job, stage)
-            trainee = Trainee(model, job.modules)
+            trainee = Trainee(model, job.modules, clip, job.token)
             offset = sum(map(len, earlier))
             marks += [offset] if index > first else []
             tasks = (saver.periodic(index, offset, earlier),

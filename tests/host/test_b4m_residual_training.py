@@ -235,3 +235,84 @@ def residual_data(sets, training):
 def default_steps(comfy):
     spec = comfy["CSA_TrainPersonalizedResidual"].INPUT_TYPES()["required"]
     return spec["steps"][1]["default"], spec["lr"][1]["default"]
+
+
+@pytest.fixture(scope="module")
+def compat(comfy, comfy_base):
+    from comfy_host import pack_module
+
+    return pack_module(comfy_base, "nodes.comfy_compat")
+
+
+def test_residual_with_token_embedding_trains_only_the_residuals_and_the_identifier_rows(comfy, tiny_sd15, sets,
+                                                                                          training, compat):
+    import comfy.model_management as mm
+
+    model, clip, vae = tiny_sd15
+    key = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
+    module = "text_encoders." + key[: -len(".weight")]
+    node = comfy["CSA_TrainPersonalizedResidual"]
+    inputs = {"identifier": "sks", "class_word": "square", "caption": "a photo of a {identifier} {class_word}",
+              "rank_fraction": 0.05, "lr": 1e-2, "loss": "epsilon", "seed": 0, "filename": "host_residual_token",
+              "overwrite": True, "resume_from": "none", "options": options(comfy, weight_decay=0.0)}
+    residual, _, _, path = node.execute(model=model, clip=clip, vae=vae, data=sets["content"], steps=6,
+                                        learn_token_embedding=True, token_lr=5e-2, **inputs).args
+    ids = [t for t in compat.token_ids(clip, "sks") if t not in compat.special_token_ids(clip)]
+    token = residual.modules[module]
+    expected_up = torch.zeros(49408, len(ids))
+    expected_up[ids, torch.arange(len(ids))] = 1.0
+    assert torch.equal(token.up, expected_up) and token.down.abs().sum() > 0 and token.scale == 1.0
+    proj_outs = [n for n in residual.modules if n.endswith(".proj_out")]
+    assert sorted(residual.modules) == sorted(proj_outs + [module]) and len(proj_outs) == 4
+    change = token.delta()
+    assert torch.equal(change[ids].abs().sum(1) > 0, torch.ones(len(ids), dtype=torch.bool))
+    assert torch.count_nonzero(change.abs().sum(1)) == len(ids), "a row other than the identifier's changed"
+    assert all(p.grad is None and not p.requires_grad for p in (*model.model.parameters(),
+                                                                *clip.cond_stage_model.parameters()))
+    file = checkpoint_weights(["transformer.text_model.embeddings.token_embedding.weight"], "cond_stage_model.")
+    base = clip.cond_stage_model.state_dict()[key]
+    assert torch.equal(base.to(torch.float32), next(iter(file.values())).to(torch.float32)), "the CLIP's embedding changed"
+    with safe_open(path, "pt") as handle:
+        assert module + ".lora_up.weight" in handle.keys() and module + ".lora_down.weight" in handle.keys()
+        recipe = json.loads(handle.metadata()["csa.created_with"])
+    assert recipe["settings"]["learn_token_embedding"] and recipe["settings"]["token_ids"] == ids
+
+    # the file, applied by Apply Adapters with the CLIP, reproduces the trainee's conditioning and prediction
+    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_residual_token.safetensors", strength=1.0,
+                                              part="whole file", role="from file").args[0]
+    patched_model, patched_clip, report = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=loaded,
+                                                                              clip=clip).args
+    assert "5 of 5 modules mapped" in report, report
+    caption = "a photo of a sks square"
+    trainee = training.Trainee(model, residual.modules, clip, training.TrainedToken(
+        module, key, tuple(ids), base[ids].float().clone(), base.dtype))
+    try:
+        with torch.no_grad():
+            trained = trainee.conditioning(caption)[0][0]
+            reloaded = patched_clip.encode_from_tokens_scheduled(patched_clip.tokenize(caption))[0][0]
+            plain = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0][0]
+            assert torch.allclose(trained, reloaded, atol=1e-6) and not torch.allclose(trained, plain, atol=1e-3)
+            latents, captions = training.encode_training_set(model, vae, clip, residual_data(sets, training),
+                                                             as_captions=True)
+            sigma = torch.tensor([0.5, 2.0])
+            noisy = latents + sigma.view(-1, 1, 1, 1) * torch.randn(latents.shape,
+                                                                    generator=torch.Generator().manual_seed(3))
+            x0_trainee = trainee.predict(noisy, sigma, captions)
+        mm.unload_all_models()
+        with torch.no_grad():
+            cc = compat
+            conds = [cc.model_conds(patched_model, patched_clip.encode_from_tokens_scheduled(
+                patched_clip.tokenize(c)), noisy[:1]) for c in captions]
+            cc.load_for_direct_calls(patched_model)
+            x0_file = cc.denoised(patched_model, noisy, sigma, cc.batch_conds(conds), {})
+        assert torch.allclose(x0_trainee, x0_file, atol=1e-4), (x0_trainee - x0_file).abs().max()
+    finally:
+        mm.unload_all_models()
+    # Apply Localized Residual patches its CLIP with the token rows: its conditioning is the trained one
+    _, positive = comfy["CSA_ApplyLocalizedResidual"].execute(
+        model=model, residual=loaded, clip=clip, prompt=caption, concept_words="sks square", lag=True,
+        threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args
+    assert torch.allclose(positive[0][0], reloaded, atol=1e-6)
+    with pytest.raises(ValueError, match="no caption contains the identifier 'qqv'"):
+        node.execute(model=model, clip=clip, vae=vae, data=sets["content"], steps=1, learn_token_embedding=True,
+                     **{**inputs, "identifier": "qqv", "caption": "", "filename": ""})

@@ -25,8 +25,9 @@ def kohya_module(model_key: str) -> str:
     return "lora_unet_" + model_key[len("diffusion_model."):-len(".weight")].replace(".", "_")
 
 
-def checkpoint_weights(keys) -> dict[str, torch.Tensor]:
-    """The tiny SD1.5 checkpoint's own UNet weights, read from its file: the independent base for exact checks.
+def checkpoint_weights(keys, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """The tiny SD1.5 checkpoint's own UNet weights (``prefix`` 'cond_stage_model.': its text encoder's), read from
+    its file: the independent base for exact checks.
 
     (A loaded model's state_dict is not: ComfyUI leaves the last loaded clone's patches in the weights.)"""
     import comfy_host
@@ -34,4 +35,4 @@ def checkpoint_weights(keys) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     with safe_open(str(comfy_host.TINY_MODELS_DIR / model_names.TINY_CHECKPOINT_NAME), "pt") as handle:
-        return {key: handle.get_tensor("model." + key) for key in keys}
+        return {key: handle.get_tensor(prefix + key) for key in keys}
