@@ -36,7 +36,7 @@ from world import BACKGROUND, BASE_STYLES  # noqa: E402
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); B4M rank 8: the
 # official 64 gave no star either on the world (0%, bench/RESULTS.md)
 RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6},
-           "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine", "per_pair": 6}}
+           "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine", "per_pair": 6, "token_lr": 0.0}}
 
 
 def data_node(nodes, kind: str, per_pair: int):
@@ -100,7 +100,8 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
         model=model, clip=clip, vae=vae, data=data_node(nodes, "star", recipe["per_pair"]), identifier=CONTENT_WORD,
         class_word="star", caption="", rank_fraction=0.05, steps=recipe["steps"], lr=recipe["lr"], loss="epsilon",
         seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
-        options=training_options(nodes, schedule=recipe["schedule"])).args)
+        options=training_options(nodes, schedule=recipe["schedule"]), learn_token_embedding=recipe["token_lr"] > 0,
+        token_lr=recipe["token_lr"] or recipe["lr"]).args)
     residual, size = outputs[0], keep(outputs[-1], args.out)
     prompts = [f"a {style} {CONTENT_WORD}" for style in BASE_STYLES][:args.prompts]
 

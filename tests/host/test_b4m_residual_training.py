@@ -316,3 +316,38 @@ def test_residual_with_token_embedding_trains_only_the_residuals_and_the_identif
     with pytest.raises(ValueError, match="no caption contains the identifier 'qqv'"):
         node.execute(model=model, clip=clip, vae=vae, data=sets["content"], steps=1, learn_token_embedding=True,
                      **{**inputs, "identifier": "qqv", "caption": "", "filename": ""})
+
+
+def test_token_gradient_through_comfyuis_encode_equals_an_out_of_place_forward(comfy, comfy_base, tiny_sd15, training,
+                                                                               compat):
+    """ComfyUI's CLIP adds residuals in place; under in_place_safe_autograd its own encode gives the gradient that the
+    same layers run out of place give."""
+    from comfy_host import pack_module
+
+    features = pack_module(comfy_base, "nodes.clip_features")
+    _, clip, _ = tiny_sd15
+    key = compat.token_embedding_key(clip)
+    ids = tuple(t for t in compat.token_ids(clip, "sks") if t not in compat.special_token_ids(clip))
+    rows, _ = compat.token_embedding_rows(clip, key, ids)
+    token = training.TrainedToken("text_encoders." + key[:-7], key, ids, rows)  # float32: no rounding
+    weights = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(5))
+    gradients = []
+    with training.grad_enabled():
+        training.make_autograd_safe(clip.cond_stage_model)
+        for path in ("comfyui", "out of place"):
+            change = (torch.randn(len(ids), 768, generator=torch.Generator().manual_seed(6)) * 0.1).requires_grad_()
+            tokens = compat.tokens_with_vectors(clip, "a photo of a sks square", token.vectors(change))
+            if path == "comfyui":
+                with compat.in_place_safe_autograd():
+                    cond = clip.encode_from_tokens_scheduled(tokens)[0][0]
+            else:
+                encoder = clip.cond_stage_model.clip_l
+                embeds, _, _, _ = encoder.process_tokens([[t[0] for t in tokens["l"][0]]], torch.device("cpu"))
+                text = encoder.transformer.text_model
+                x = embeds + text.embeddings.position_embedding.weight.float()
+                mask = torch.full((77, 77), -torch.finfo(x.dtype).max).triu_(1)
+                cond = text.final_layer_norm(features._encoder_out_of_place(text.encoder, x, mask)).float()
+            (cond * weights).sum().backward()
+            gradients.append(change.grad)
+    assert gradients[0].abs().sum() > 0
+    assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-6), (gradients[0] - gradients[1]).abs().max()

@@ -134,3 +134,19 @@ def test_b_lora_parts_follow_the_split_a_file_records():
     trained = plain.replace(metadata=split)
     assert list(select_b_lora_part(trained, "content").modules) == [names[0]]
     assert list(select_b_lora_part(trained, "style").modules) == [names[1]]
+
+
+def test_token_rows_change_adds_each_trained_row_to_its_token_and_nothing_else():
+    from core.trainers import trainable_token_rows
+
+    factors, mask = trainable_token_rows((7, 2), vocab=10, width=3)
+    assert factors.down.requires_grad and not factors.up.requires_grad and torch.equal(mask, torch.zeros(10, 2))
+    assert torch.equal(factors.delta(), torch.zeros(10, 3))  # a fresh change is zero
+    with torch.no_grad():
+        factors.down.copy_(torch.tensor([[1.0, 2.0, 3.0], [-4.0, 5.0, 0.5]]))
+    dense = torch.zeros(10, 3, dtype=torch.float64)
+    dense[7], dense[2] = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-4.0, 5.0, 0.5])
+    assert torch.equal(factors.delta(torch.float64), dense) and factors.scale == 1.0
+    for ids in ((), (3, 3), (10,)):
+        with pytest.raises(ValueError, match="distinct and within the vocabulary of 10"):
+            trainable_token_rows(ids, vocab=10, width=3)
