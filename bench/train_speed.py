@@ -34,6 +34,7 @@ TRAINERS = {
     "ours, all linear layers": "all linear",
     "ours, Train B4M Content (PLP + MCP, attention projections)": "b4m",
     "ours, Train Personalized Residual (proj_out, 5%)": "residual",
+    "ours, Train Personalized Residual + V*'s token embedding (one caption)": "residual+token",
     "TrainLoraNode (every layer)": None,
 }
 
@@ -95,11 +96,13 @@ def run_ours(nodes, model, clip, vae, images, captions, steps: int, args) -> Non
                                              lr=1e-4, lr_auxiliary=1e-5, orthogonal_init=True, loss="x0", seed=0,
                                              filename="", overwrite=False, resume_from="none", options=options)
         return
-    if args.targets == "residual":
-        nodes["CSA_TrainPersonalizedResidual"].execute(model=model, clip=clip, vae=vae, data=data, identifier="sks",
-                                                       class_word="shape", caption="", rank_fraction=0.05, steps=steps,
-                                                       lr=1e-3, loss="x0", seed=0, filename="", overwrite=False,
-                                                       resume_from="none", options=options)
+    if args.targets.startswith("residual"):  # with the token: the paper's one caption, encoded at every step
+        token = args.targets == "residual+token"
+        nodes["CSA_TrainPersonalizedResidual"].execute(
+            model=model, clip=clip, vae=vae, data=data, identifier="sks", class_word="shape",
+            caption="a photo of a {identifier} {class_word}" if token else "", rank_fraction=0.05, steps=steps,
+            lr=1e-3, loss="x0", seed=0, filename="", overwrite=False, resume_from="none", options=options,
+            learn_token_embedding=token)
         return
     nodes["CSA_TrainAdapter"].execute(model=model, clip=clip, vae=vae, data=data, targets=args.targets, blocks="",
                                       rank=args.rank, alpha=float(args.rank), steps=steps, lr=1e-4, loss="x0",
