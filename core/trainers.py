@@ -43,8 +43,9 @@ BLOCK_PRESET = "attention in blocks"
 # (content blocks, style blocks), ComfyUI names. SDXL: B-LoRA's up_blocks.0.attentions.0 / .1. The world model
 # (one-level SD1.5-shaped UNet), measured by bench/world/block_split.py on the retrained world (bench/RESULTS.md
 # "Block split"): no block is shape alone there, so each part takes half of the four transformer blocks: content the
-# two whose one-block adapters change the shape most (input_blocks.1.1, middle_block.1), style the other two. SD1.5 (not measured: no SD1.5 weights here) keeps the split the first world
-# suggested: its middle block, and its first up-block transformer output_blocks.3.1 (diffusers up_blocks.1.attentions.0).
+# two whose one-block adapters change the shape most (input_blocks.1.1, middle_block.1), style the other two. SD1.5
+# (not measured: no SD1.5 weights here) keeps the split the first world suggested: its middle block, and its first
+# up-block transformer output_blocks.3.1 (diffusers up_blocks.1.attentions.0).
 BLOCK_SPLITS = {
     "SDXL": (("output_blocks.0.1",), ("output_blocks.1.1",)),
     "world": (("input_blocks.1.1", "middle_block.1"), ("output_blocks.0.1", "output_blocks.1.1")),

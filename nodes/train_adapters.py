@@ -218,8 +218,9 @@ class TrainConsisLoRA(PackNode):
                                tooltip="content image, style image (two stages), or B-LoRA (ε loss only)."),
                 io.Combo.Input("block_split", options=list(SPLIT_PRESETS), default="auto",
                                tooltip="Content / style blocks. SDXL: output_blocks.0.1 / 1.1 (B-LoRA's); world: "
-                                       "input_blocks.1.1 + middle_block.1 / output_blocks.0.1 + 1.1 (measured, bench/RESULTS.md); SD1.5: "
-                                       "middle_block.1 / output_blocks.3.1 (unmeasured). Recorded in the file."),
+                                       "input_blocks.1.1 + middle_block.1 / output_blocks.0.1 + 1.1 (measured, "
+                                       "bench/RESULTS.md); SD1.5: middle_block.1 / output_blocks.3.1 (unmeasured). "
+                                       "Recorded in the file."),
                 io.String.Input("content_blocks", default="", tooltip="Content blocks for block_split 'custom'."),
                 io.String.Input("style_blocks", default="", tooltip="Style blocks for block_split 'custom'."),
                 io.Int.Input("rank", default=64, min=1, max=1024, tooltip="LoRA rank (official: 64)."),

@@ -106,4 +106,3 @@ class TrainPersonalizedResidual(PackNode):
                   settings, masks=masks, tensor_lr_scales=scales, token=token,
                   metadata={CONCEPT_WORDS_KEY: f"{identifier.strip()} {class_word.strip()}"})
         return node_output(run_training(model, vae, clip, data, job, filename, overwrite, resume_from))
-
