@@ -351,3 +351,25 @@ def test_token_gradient_through_comfyuis_encode_equals_an_out_of_place_forward(c
             gradients.append(change.grad)
     assert gradients[0].abs().sum() > 0
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-6), (gradients[0] - gradients[1]).abs().max()
+
+
+def test_residual_with_token_embedding_resumes_where_it_stopped(comfy, comfy_base, tiny_sd15, sets):
+    model, clip, vae = tiny_sd15
+    inputs = {"identifier": "sks", "class_word": "square", "caption": "a photo of a {identifier} {class_word}",
+              "rank_fraction": 0.05, "lr": 1e-2, "loss": "epsilon", "seed": 0, "overwrite": True, "steps": 4,
+              "learn_token_embedding": True, "token_lr": 5e-2}
+    node = comfy["CSA_TrainPersonalizedResidual"]
+    straight = node.execute(model=model, clip=clip, vae=vae, data=sets["content"], filename="host_token_straight",
+                            resume_from="none", options=options(comfy, save_every=2), **inputs).args[0]
+    resumed = node.execute(model=model, clip=clip, vae=vae, data=sets["content"], filename="host_token_resumed",
+                           resume_from="host_token_straight_step000002.safetensors", options=options(comfy),
+                           **inputs).args[0]
+    state = {}
+    for name in ("host_token_straight", "host_token_resumed"):
+        with safe_open(str(comfy_base / "models" / "loras" / f"{name}.optimizer-state"), "pt") as handle:
+            state[name] = json.loads(handle.metadata()["csa.losses"])
+    assert state["host_token_resumed"] == pytest.approx(state["host_token_straight"], abs=1e-6)
+    assert sorted(resumed.modules) == sorted(straight.modules)
+    for name, factors in straight.modules.items():
+        assert torch.allclose(resumed.modules[name].down, factors.down, atol=1e-6), name
+        assert torch.allclose(resumed.modules[name].up, factors.up, atol=1e-6), name
