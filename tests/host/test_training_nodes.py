@@ -190,19 +190,23 @@ def test_consislora_style_mode_freezes_the_content_block_in_stage_two(comfy, com
         style_noise_offset=0.03, seed=0, filename="host_consis_style", overwrite=True, resume_from="none",
         options=options(comfy, save_every=3)).args
     adapter, content_block, style_block = outputs[:3]
-    assert adapter.method == "consislora" and adapter.role == "style" and len(adapter.modules) == 16
-    assert content_block.role == "content" and all(".input_blocks.1.1." in n for n in content_block.modules)
-    assert style_block.role == "style" and all(".middle_block.1." in n for n in style_block.modules)
+    content_blocks, style_blocks = (".input_blocks.1.1.", ".middle_block.1."), (".output_blocks.0.1.", ".output_blocks.1.1.")
+    assert adapter.method == "consislora" and adapter.role == "style" and len(adapter.modules) == 32
+    assert content_block.role == "content" and len(content_block.modules) == 16
+    assert all(any(b in n for b in content_blocks) for n in content_block.modules)
+    assert style_block.role == "style" and len(style_block.modules) == 16
+    assert all(any(b in n for b in style_blocks) for n in style_block.modules)
     stage_one = comfy["CSA_LoadAdapter"].execute(adapter_name="host_consis_style_step000003.safetensors", strength=1.0,
                                                  part="whole file", role="from file").args[0]
     for name, factors in adapter.modules.items():
         same = torch.equal(factors.down, stage_one.modules[name].down)
         assert same == (name in content_block.modules), name
-    split = {"content": ["input_blocks.1.1"], "style": ["middle_block.1"]}  # auto: the world layout's measured split
+    split = {"content": ["input_blocks.1.1", "middle_block.1"],  # auto: the world layout's measured split
+             "style": ["output_blocks.0.1", "output_blocks.1.1"]}
     assert json.loads(stage_one.metadata["csa.block_split"]) == split
     composed = comfy["CSA_ComposeContentAndStyle"].execute(model=model, content_image_adapter=stage_one,
                                                            style_image_adapter=adapter).args[0]
-    assert len(composed.patches) == 16
+    assert len(composed.patches) == 32
     recipe = json.loads(state_of(comfy_base, "host_consis_style")["csa.recipe"])
     assert [s["noise_offset"] for s in recipe["stages"]] == [0.0, 0.03]
     assert [p["target"] for p in recipe["stages"][0]["phases"]] == ["epsilon", "x0"]
