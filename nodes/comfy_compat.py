@@ -207,11 +207,17 @@ def base_weights(model, keys) -> dict[str, torch.Tensor]:
 
     After sampling, ComfyUI keeps the last loaded clone's patches written into the shared weights; clones
     share the backup of the originals, so a patched key is read from the backup."""
-    state = model.model.state_dict()
+    return unpatched_weights(model, keys, model_name(model))
+
+
+def unpatched_weights(patcher, keys, owner: str) -> dict[str, torch.Tensor]:
+    """A ModelPatcher's weights for these keys, read from its backup where a patch is written in (``owner`` names
+    the model in the error)."""
+    state = patcher.model.state_dict()
     missing = [k for k in keys if k not in state]
     if missing:
-        raise KeyError(f"{model_name(model)} has no weight {missing[0]!r}")
-    return {k: (model.backup[k].weight if k in model.backup else state[k]).detach() for k in keys}
+        raise KeyError(f"{owner} has no weight {missing[0]!r}")
+    return {k: (patcher.backup[k].weight if k in patcher.backup else state[k]).detach() for k in keys}
 
 
 def model_name(model) -> str:
@@ -310,12 +316,7 @@ def token_embedding_rows(clip, key: str, ids: tuple[int, ...]) -> tuple[torch.Te
 
 def clip_base_weights(clip, keys) -> dict[str, torch.Tensor]:
     """The CLIP's own weights for these keys, without the patches ComfyUI may have left in place (as base_weights)."""
-    patcher = clip.patcher
-    state = patcher.model.state_dict()
-    missing = [k for k in keys if k not in state]
-    if missing:
-        raise KeyError(f"the text encoder has no weight {missing[0]!r}")
-    return {k: (patcher.backup[k].weight if k in patcher.backup else state[k]).detach() for k in keys}
+    return unpatched_weights(clip.patcher, keys, "the text encoder")
 
 
 def in_place_safe_autograd():
