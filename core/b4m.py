@@ -40,11 +40,16 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(mixed))
 
 
+def _is_pointwise(shape: tuple[int, ...]) -> bool:
+    """A Linear weight (out, in) or a 1x1 conv weight (out, in, 1, 1), which is the same map per pixel."""
+    return len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))
+
+
 def frozen_masks(shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up mask (out, r), down mask (r, in)): 0 on the frozen halves (up's first out//2 rows, down's first in//2
-    columns), 1 where the factor trains."""
-    out_dim, in_dim = shape[0], shape[1]
-    up, down = torch.ones(out_dim, rank), torch.ones(rank, in_dim)
+    """(up mask (out, r), down mask (r, in); with (1, 1) trailing for a 1x1 conv): 0 on the frozen halves (up's
+    first out//2 rows, down's first in//2 columns), 1 where the factor trains."""
+    out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
+    up, down = torch.ones(out_dim, rank, *kernel), torch.ones(rank, in_dim, *kernel)
     up[: out_dim // 2] = 0
     down[:, : in_dim // 2] = 0
     return up, down
@@ -52,9 +57,9 @@ def frozen_masks(shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch
 
 def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal: bool = True) -> LowRank:
     """Fresh Partly Learnable Projection factors for a linear layer of weight ``shape`` (see the module docstring)."""
-    if len(shape) != 2:
-        raise ValueError(f"B4M adapts linear layers (attention projections); {name} has a weight of shape {shape}")
-    out_dim, in_dim = shape
+    if not _is_pointwise(shape):
+        raise ValueError(f"B4M adapts linear layers and 1x1 convs; {name} has a weight of shape {tuple(shape)}")
+    out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
     rank = min(rank, out_dim, in_dim)
     generator = layer_generator(seed, name)
     down = torch.randn(rank, in_dim, generator=generator) / rank
@@ -67,7 +72,7 @@ def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal
         order = torch.randperm(rows, generator=generator)
         down[:, :half] = basis[order[:half]].T
         up[:half] = basis[order[half:2 * half]]
-    return LowRank(up=up, down=down, alpha=None)
+    return LowRank(up=up.reshape(out_dim, rank, *kernel), down=down.reshape(rank, in_dim, *kernel), alpha=None)
 
 
 def frozen_halves(factors: LowRank) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
 from .training import (SEED_MAX, Job, Stage, node_output, outputs, run_training, save_adapter_file, saving_inputs,
                        shared_inputs)
 
-B4M_TARGETS = ("attention projections", BLOCK_PRESET)
+B4M_TARGETS = ("attention projections", BLOCK_PRESET, "all linear")
 OTHER_PART = {"down": "up", "up": "down"}
 
 
@@ -35,7 +35,10 @@ def b4m_inputs(run: str) -> list:
                                  f"values."),
         io.Combo.Input("targets", options=list(B4M_TARGETS), default="attention projections",
                        tooltip="B4M adapts to_q / to_k / to_v / to_out.0 of attn1 and attn2 of every transformer block "
-                               "(or only inside the listed blocks)."),
+                               "(official; or only inside the listed blocks). 'all linear' also adapts the feed-forward "
+                               "layers, proj_in / proj_out and the other Linear and 1x1 conv weights, each split into "
+                               "halves the same way (not in the paper: for bases whose attention alone cannot hold a "
+                               "shape)."),
         io.String.Input("blocks", default="", tooltip=f"Blocks for '{BLOCK_PRESET}'."),
         io.Int.Input("rank", default=64, min=2, max=1024, tooltip="LoRA rank (official: 64)."),
         io.Int.Input("steps", default=1000, min=1, max=1000000, tooltip="Optimiser steps (official: 1000)."),

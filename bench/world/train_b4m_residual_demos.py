@@ -35,7 +35,8 @@ from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); B4M rank 8: the
 # official 64 gave no star either on the world (0%, bench/RESULTS.md)
-RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6},
+RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6,
+                   "targets": "attention projections", "loss": "epsilon"},
            "residual": {"steps": 600, "lr": 6e-3, "schedule": "cosine", "per_pair": 6, "token_lr": 0.0}}
 
 
@@ -64,9 +65,9 @@ def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
         node = nodes["CSA_TrainB4MContent" if run == "content" else "CSA_TrainB4MStyle"]
         outputs, cost = timed(lambda: node.execute(
-            model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets="attention projections",
+            model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets=recipe["targets"],
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
-            loss="epsilon", seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
+            loss=recipe["loss"], seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
             options=training_options(nodes, schedule=recipe["schedule"])).args)
         runs[run] = outputs[0]
         size = keep(outputs[-1], args.out)
@@ -146,7 +147,7 @@ def main() -> None:
         residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes)
     b4m, res = with_overrides(RECIPES["b4m"], args), with_overrides(RECIPES["residual"], args)
     record("World demo adapters: B4M and Personalized Residual", rows, notes=(
-        f"B4M: attention projections, rank {b4m['rank']}, ε loss, {b4m['steps']} steps, lr {b4m['lr']} "
+        f"B4M: {b4m['targets']}, rank {b4m['rank']}, {b4m['loss']} loss, {b4m['steps']} steps, lr {b4m['lr']} "
         f"({b4m['schedule']}; auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other kind's "
         f"pictures; Personalized Residual: every proj_out, rank 5% of the channels, ε loss, {res['steps']} steps "
         f"at lr {res['lr']} ({res['schedule']}), the pictures' own captions 'a <style> "

@@ -123,6 +123,37 @@ def test_b4m_file_reloads_and_reproduces_the_prediction(comfy, tiny_sd15, runs, 
     assert torch.allclose(reloaded, expected, atol=1e-6) and (expected - base).abs().max() > 0
 
 
+def test_b4m_all_linear_splits_convs_and_feed_forwards_into_halves_and_reloads(comfy, tiny_sd15, sets, training):
+    import comfy.model_management as mm
+    from core.b4m import plp_lora
+
+    model = tiny_sd15[0]
+    adapter, _, _, path = b4m_run(comfy, tiny_sd15, "content", sets["content"], sets["aux"], steps=2,
+                                  filename="host_b4m_all_linear", targets="all linear")
+    shapes = {n: tuple(f.delta_shape) for n, f in adapter.modules.items()}
+    convs = [n for n, s in shapes.items() if len(s) == 4]
+    assert len(adapter.modules) > 32 and convs and any(n.endswith("ff.net.2") for n in shapes)
+    for name, factors in adapter.modules.items():
+        start = plp_lora(shapes[name], RANK, 0, name)
+        assert factors.up.shape == start.up.shape and factors.down.shape == start.down.shape, name
+        assert all(torch.equal(a, b) for a, b in zip(halves(factors), halves(start))), f"{name}: a frozen half changed"
+        assert not torch.equal(factors.down, start.down), f"{name}: down's free half did not train"
+    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_b4m_all_linear.safetensors", strength=1.0,
+                                              part="whole file", role="from file").args[0]
+    assert len(loaded.modules) == len(adapter.modules) and path.endswith("host_b4m_all_linear.safetensors")
+    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1.5])
+    cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
+    patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=loaded, block_strengths="").args[0]
+    try:
+        with torch.no_grad():
+            expected = training.cc.denoised(training.Trainee(model, adapter.modules).model, x, sigma, cond, {})
+            training.cc.load_for_direct_calls(patched)
+            reloaded = training.cc.denoised(patched, x, sigma, cond, {})
+    finally:
+        mm.unload_all_models()
+    assert torch.allclose(reloaded, expected, atol=1e-6)
+
+
 def make(comfy, tiny_sd15, content, style, **extra):
     inputs = {"steps": 0, "lr": 1e-3, "preconditioned": True, "reg": 1e-4, "loss": "epsilon", "seed": 0,
               "filename": "", "overwrite": True, **extra}

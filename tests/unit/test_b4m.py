@@ -20,8 +20,14 @@ def test_plp_init_square_layers_get_orthonormal_frozen_halves_from_the_seed():
     assert not torch.equal(plp_lora((64, 64), 8, 3, "b.to_q").down, factors.down)  # each layer its own draw
     wide = plp_lora((32, 48), 8, 3, "a.to_k")  # not square: usual init, up all zero
     assert not wide.up.abs().sum() and torch.allclose(wide.down.std(), torch.tensor(1 / 8), rtol=0.2)
-    with pytest.raises(ValueError, match="linear layers"):
-        plp_lora((32, 32, 1, 1), 8, 3, "conv")
+    conv = plp_lora((64, 64, 1, 1), 8, 3, "a.to_q")  # a 1x1 conv is the same map: the same draw, kernel dims added
+    assert conv.up.shape == (64, 8, 1, 1) and conv.down.shape == (8, 64, 1, 1)
+    assert torch.equal(conv.up.flatten(1), factors.up) and torch.equal(conv.down.flatten(1), factors.down)
+    up_mask, down_mask = frozen_masks((64, 64, 1, 1), 8)
+    assert up_mask.shape == conv.up.shape and down_mask.shape == conv.down.shape
+    assert not up_mask[:32].any() and up_mask[32:].all() and not down_mask[:, :32].any() and down_mask[:, 32:].all()
+    with pytest.raises(ValueError, match="1x1 convs; conv has a weight of shape"):
+        plp_lora((32, 32, 3, 3), 8, 3, "conv")
 
 
 def test_training_through_masks_keeps_frozen_halves_bit_identical_even_with_weight_decay():
