@@ -24,6 +24,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
     ["bench/world/evaluate.py"],
+    ["bench/world/evaluate.py", "--parts", "c"],  # the attention part alone
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
@@ -60,7 +61,7 @@ def test_bench_script_smoke(script):
     run([script], "--smoke")
 
 
-@pytest.mark.parametrize("command", MAKE_TARGET_SCRIPTS, ids=lambda c: c[0])
+@pytest.mark.parametrize("command", MAKE_TARGET_SCRIPTS, ids=" ".join)
 def test_make_target_script_smoke(command):
     run(command, "--smoke")
 
