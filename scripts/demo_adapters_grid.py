@@ -10,7 +10,8 @@ each:
 - style: the style adapter (the held-out style zigzag, 'zkz'), 'a zkz circle';
 - composed: both, 'a zkz sks': LoRA applied together, ConsisLoRA's content block + style block (Compose Content
   and Style), QR-LoRA through QR Merge, B4M's content and style runs through B4M Make (no fine-tune); the
-  Personalized Residual through Apply Localized Residual (concept word 'sks') on the model with the LoRA style demo.
+  Personalized Residual through Apply Localized Residual (concept words 'sks cross', the prompts 'a checkered sks
+  cross' and 'a zkz sks cross': it was trained on 'a <style> sks cross') on the model with the LoRA style demo.
 
 Writes the grid to the server's output folder and prints its path.
 """
@@ -21,11 +22,12 @@ import numpy as np
 from PIL import Image
 
 from comfy_host import ComfyServer
-from model_names import WORLD_DEMO_ADAPTERS, WORLD_DEMO_RESIDUAL
+from model_names import WORLD_DEMO_ADAPTERS, WORLD_DEMO_RESIDUAL, WORLD_DEMO_RESIDUAL_WORDS
 from world_grid import caption_graph, grid_arguments, pictures_side_by_side
 
 PROMPTS = {"base": "a zkz sks", "content": "a checkered sks", "style": "a zkz circle", "composed": "a zkz sks"}
 RESIDUAL_ROWS = {"residual, LAG off": False, "residual, LAG on": True}
+RESIDUAL_PROMPTS = {cell: prompt.replace("sks", WORLD_DEMO_RESIDUAL_WORDS) for cell, prompt in PROMPTS.items()}
 ROWS = [*WORLD_DEMO_ADAPTERS, *RESIDUAL_ROWS]
 
 
@@ -70,7 +72,7 @@ def model_for(row: str, cell: str) -> tuple[dict, list, list | None]:
 
 
 def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
-    """The residual star (Apply Localized Residual, concept word 'sks') on the base model (content) or on the model
+    """The residual star (Apply Localized Residual, concept words 'sks cross') on the base model (content) or on the model
     with the LoRA style demo (composed); the style cell is the LoRA style demo alone."""
     style = WORLD_DEMO_ADAPTERS["lora"][1]
     nodes = {**load("22", style), **apply("24", ["1", 0], ["22", 0])}
@@ -79,7 +81,7 @@ def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
     nodes.update(load("20", WORLD_DEMO_RESIDUAL))
     nodes["21"] = {"class_type": "CSA_ApplyLocalizedResidual", "inputs": {
         "model": ["24", 0] if cell == "composed" else ["1", 0], "residual": ["20", 0], "clip": ["1", 1],
-        "prompt": PROMPTS[cell], "concept_words": "sks", "lag": lag, "threshold_mode": "median", "threshold": 0.5,
+        "prompt": RESIDUAL_PROMPTS[cell], "concept_words": WORLD_DEMO_RESIDUAL_WORDS, "lag": lag, "threshold_mode": "median", "threshold": 0.5,
         "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}}
     return nodes, ["21", 0], ["21", 1]
 
@@ -87,7 +89,8 @@ def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
 def cell_graph(row: str, cell: str, seeds: int, steps: int) -> dict:
     nodes, model, positive = model_for(row, cell)
     prefix = f"csa/demo/{row.replace(', ', '_').replace(' ', '_')}_{cell}"
-    return caption_graph(PROMPTS[cell], 1000, seeds, prefix, steps, model, nodes, positive)
+    prompt = RESIDUAL_PROMPTS[cell] if row in RESIDUAL_ROWS and cell != "style" else PROMPTS[cell]
+    return caption_graph(prompt, 1000, seeds, prefix, steps, model, nodes, positive)
 
 
 def labelled(rows: list[np.ndarray], names: list[str], columns: list[str], left: int = 110, top: int = 14) -> Image.Image:
