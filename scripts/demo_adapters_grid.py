@@ -10,8 +10,8 @@ each:
 - style: the style adapter (the held-out style zigzag, 'zkz'), 'a zkz circle';
 - composed: both, 'a zkz sks': LoRA applied together, ConsisLoRA's content block + style block (Compose Content
   and Style), QR-LoRA through QR Merge, B4M's content and style runs through B4M Make (no fine-tune); the
-  Personalized Residual through Apply Localized Residual (concept words 'sks cross', the prompts 'a checkered sks
-  cross' and 'a zkz sks cross': it was trained on 'a <style> sks cross') on the model with the LoRA style demo.
+  Personalized Residual through Apply Localized Residual (concept words 'sks diamond', the prompts 'a checkered sks
+  diamond' and 'a zkz sks diamond': it was trained on 'a <style> sks diamond') on the model with the LoRA style demo.
 
 Writes the grid to the server's output folder and prints its path.
 """
@@ -72,7 +72,7 @@ def model_for(row: str, cell: str) -> tuple[dict, list, list | None]:
 
 
 def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
-    """The residual star (Apply Localized Residual, concept words 'sks cross') on the base model (content) or on the model
+    """The residual star (Apply Localized Residual, concept words 'sks diamond') on the base model (content) or on the model
     with the LoRA style demo (composed); the style cell is the LoRA style demo alone."""
     style = WORLD_DEMO_ADAPTERS["lora"][1]
     nodes = {**load("22", style), **apply("24", ["1", 0], ["22", 0])}

@@ -23,7 +23,8 @@ WORLD_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "bench" / "world" 
 WORLD_DEMO_ADAPTERS = {method: (f"csa_world_{method}_star.safetensors", f"csa_world_{method}_zigzag.safetensors")
                        for method in ("lora", "consislora", "qr", "b4m")}
 WORLD_DEMO_RESIDUAL = "csa_world_residual_star.safetensors"
-# Its class word (trained on 'a <style> sks cross', the paper's 'a V* <class>': the world has no superclass word, so
-# a base shape stands in) and the concept words to give Apply Localized Residual.
-WORLD_DEMO_RESIDUAL_CLASS = "cross"
+# Its class word (trained on 'a <style> sks diamond', the paper's 'a V* <class>': the world has no superclass word, so
+# a base shape stands in, the one the base model draws for 'a <style> sks'; 'cross' gave 60% star with LAG, 'diamond'
+# 90%) and the concept words to give Apply Localized Residual.
+WORLD_DEMO_RESIDUAL_CLASS = "diamond"
 WORLD_DEMO_RESIDUAL_WORDS = f"sks {WORLD_DEMO_RESIDUAL_CLASS}"

@@ -12,7 +12,8 @@ The sibling of train_demo_adapters.py (same pictures, prompts, sampler and evalu
 - Personalized Residual on the star pictures captioned as the paper's 'a photo of a V* <class>': 'a <style> sks
   <class>', applied with Apply Localized Residual (concept words 'sks <class>', the identifier and the class word) with
   LAG on and off. The world has no superclass word for its shapes, so the class word is a base shape the model draws
-  (RECIPES: 'cross', the star's nearest base shape in the residual's failures): the star share of 'a <base style> sks' (bar 80% with LAG) and the mean change outside the object against
+  (RECIPES: 'diamond', what the base model draws for 'a <style> sks'; 'cross' gave 60% star with LAG, bench/RESULTS.md):
+  the star share of 'a <base style> sks diamond' (bar 80% with LAG) and the mean change outside the object against
   the base model's picture of the same prompt and seed (evaluators.change_outside_mask; the object is every pixel
   farther than 40 levels from the world's plain background in either picture): LAG should change less.
 
