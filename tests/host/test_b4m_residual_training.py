@@ -101,35 +101,41 @@ def test_b4m_runs_keep_frozen_halves_share_them_by_seed_and_train_the_free_halve
     assert recipe["second_data"]["captions"] == ["a green thing"]
 
 
-def test_b4m_file_reloads_and_reproduces_the_prediction(comfy, tiny_sd15, runs, training):
+def predictions(comfy, training, model, modules: dict, loaded) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the trainer's prediction with ``modules``, the prediction with the reloaded file applied by Apply Adapters, the
+    base model's) on one fixed input."""
     import comfy.model_management as mm
 
-    model = tiny_sd15[0]
-    content = runs[0][0]
-    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_b4m_content.safetensors", strength=1.0,
-                                              part="whole file", role="from file").args[0]
-    assert loaded.method == "b4m" and loaded.role == "content" and loaded.metadata["csa.b4m_seed"] == "0"
     x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1.5])
     cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
     patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=loaded, block_strengths="").args[0]
     try:
         with torch.no_grad():
-            expected = training.cc.denoised(training.Trainee(model, content.modules).model, x, sigma, cond, {})
+            expected = training.cc.denoised(training.Trainee(model, modules).model, x, sigma, cond, {})
             training.cc.load_for_direct_calls(patched)
             reloaded = training.cc.denoised(patched, x, sigma, cond, {})
             base = training.cc.denoised(model, x, sigma, cond, {})
     finally:
         mm.unload_all_models()
+    return expected, reloaded, base
+
+
+def test_b4m_file_reloads_and_reproduces_the_prediction(comfy, tiny_sd15, runs, training):
+    content = runs[0][0]
+    loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_b4m_content.safetensors", strength=1.0,
+                                              part="whole file", role="from file").args[0]
+    assert loaded.method == "b4m" and loaded.role == "content" and loaded.metadata["csa.b4m_seed"] == "0"
+    expected, reloaded, base = predictions(comfy, training, tiny_sd15[0], content.modules, loaded)
     assert torch.allclose(reloaded, expected, atol=1e-6) and (expected - base).abs().max() > 0
 
 
 def test_b4m_all_linear_splits_convs_and_feed_forwards_into_halves_and_reloads(comfy, tiny_sd15, sets, training):
-    import comfy.model_management as mm
     from core.b4m import plp_lora
 
-    model = tiny_sd15[0]
+    # no weight decay: a free half that moved was moved by its gradient
     adapter, _, _, path = b4m_run(comfy, tiny_sd15, "content", sets["content"], sets["aux"], steps=2,
-                                  filename="host_b4m_all_linear", targets="all linear")
+                                  filename="host_b4m_all_linear", targets="all linear",
+                                  options=options(comfy, weight_decay=0.0))
     shapes = {n: tuple(f.delta_shape) for n, f in adapter.modules.items()}
     convs = [n for n, s in shapes.items() if len(s) == 4]
     assert len(adapter.modules) > 32 and convs and any(n.endswith("ff.net.2") for n in shapes)
@@ -141,17 +147,8 @@ def test_b4m_all_linear_splits_convs_and_feed_forwards_into_halves_and_reloads(c
     loaded = comfy["CSA_LoadAdapter"].execute(adapter_name="host_b4m_all_linear.safetensors", strength=1.0,
                                               part="whole file", role="from file").args[0]
     assert len(loaded.modules) == len(adapter.modules) and path.endswith("host_b4m_all_linear.safetensors")
-    x, sigma = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([1.5])
-    cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
-    patched = comfy["CSA_ApplyAdapters"].execute(model=model, adapter=loaded, block_strengths="").args[0]
-    try:
-        with torch.no_grad():
-            expected = training.cc.denoised(training.Trainee(model, adapter.modules).model, x, sigma, cond, {})
-            training.cc.load_for_direct_calls(patched)
-            reloaded = training.cc.denoised(patched, x, sigma, cond, {})
-    finally:
-        mm.unload_all_models()
-    assert torch.allclose(reloaded, expected, atol=1e-6)
+    expected, reloaded, base = predictions(comfy, training, tiny_sd15[0], adapter.modules, loaded)
+    assert torch.allclose(reloaded, expected, atol=1e-6) and (expected - base).abs().max() > 0
 
 
 def make(comfy, tiny_sd15, content, style, **extra):
