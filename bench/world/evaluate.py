@@ -225,12 +225,12 @@ def main() -> None:
     title = {"a": "prompt forms", "b": "two objects", "c": "attention"}
     record(f"World base model: {', '.join(title[p] for p in parts)}"
            + (f" ({images} images per cell of (a))" if "a" in parts else ""), rows, notes=(
-        f"(a) every one of {args.captions} base captions x {args.seeds} seeds per cell; the form "
-        f"'{next(iter(HELD_OUT_FORM))}' was never used in training. (c) LAG masks of the shape word "
-        "with a zero residual: a median mask is half of the 8x8 positions, a top-20% mask a fifth, a top-10% mask a "
-        "tenth, so the share on an object can reach at most the object's area divided by that; "
-        f"pictures judged: {counted['one object']} one-object, {counted['two objects']} two-object (those where the "
-        "evaluators found the named shape), each under every threshold."
+        (f"(a) every one of {args.captions} base captions x {args.seeds} seeds per cell; the form "
+         f"'{next(iter(HELD_OUT_FORM))}' was never used in training. " if "a" in parts else "")
+        + ("(c) LAG masks of the shape word with a zero residual: a median mask is half of the 8x8 positions, a "
+           "top-20% mask a fifth, a top-10% mask a tenth, so the share on an object can reach at most the object's area "
+           f"divided by that; pictures judged: {counted['one object']} one-object, {counted['two objects']} two-object "
+           "(those where the evaluators found the named shape), each under every threshold." if "c" in parts else "")
         + ("\n\nTwo-object pictures, Euler:\n\n" + "\n".join(f"- {n}" for n in two_notes) if two_notes else "")))
 
 
