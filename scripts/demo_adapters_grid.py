@@ -72,8 +72,8 @@ def model_for(row: str, cell: str) -> tuple[dict, list, list | None]:
 
 
 def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
-    """The residual star (Apply Localized Residual, concept words 'sks diamond') on the base model (content) or on the model
-    with the LoRA style demo (composed); the style cell is the LoRA style demo alone."""
+    """The residual star (Apply Localized Residual, concept words 'sks diamond') on the base model (content) or on the
+    model with the LoRA style demo (composed); the style cell is the LoRA style demo alone."""
     style = WORLD_DEMO_ADAPTERS["lora"][1]
     nodes = {**load("22", style), **apply("24", ["1", 0], ["22", 0])}
     if cell == "style":
@@ -81,8 +81,8 @@ def residual_nodes(lag: bool, cell: str) -> tuple[dict, list, list | None]:
     nodes.update(load("20", WORLD_DEMO_RESIDUAL))
     nodes["21"] = {"class_type": "CSA_ApplyLocalizedResidual", "inputs": {
         "model": ["24", 0] if cell == "composed" else ["1", 0], "residual": ["20", 0], "clip": ["1", 1],
-        "prompt": RESIDUAL_PROMPTS[cell], "concept_words": WORLD_DEMO_RESIDUAL_WORDS, "lag": lag, "threshold_mode": "median", "threshold": 0.5,
-        "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}}
+        "prompt": RESIDUAL_PROMPTS[cell], "concept_words": WORLD_DEMO_RESIDUAL_WORDS, "lag": lag,
+        "threshold_mode": "median", "threshold": 0.5, "start_percent": 0.0, "end_percent": 1.0, "strength": 1.0}}
     return nodes, ["21", 0], ["21", 1]
 
 

@@ -112,8 +112,8 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
     recipe = with_overrides(RECIPES["residual"], args)
     outputs, cost = timed(lambda: nodes["CSA_TrainPersonalizedResidual"].execute(
         model=model, clip=clip, vae=vae, data=residual_data(nodes, recipe["per_pair"], recipe["class_word"]),
-        identifier=CONTENT_WORD, class_word=recipe["class_word"], caption="", rank_fraction=0.05, steps=recipe["steps"], lr=recipe["lr"], loss="epsilon",
-        seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
+        identifier=CONTENT_WORD, class_word=recipe["class_word"], caption="", rank_fraction=0.05, steps=recipe["steps"],
+        lr=recipe["lr"], loss="epsilon", seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
         options=training_options(nodes, schedule=recipe["schedule"]), learn_token_embedding=recipe["token_lr"] > 0,
         token_lr=recipe["token_lr"] or recipe["lr"]).args)
     residual, size = outputs[0], keep(outputs[-1], args.out)
