@@ -200,6 +200,11 @@ def add_lowrank_output(out: torch.Tensor, x: torch.Tensor, factors: LowRank, str
     return out + term
 
 
+def is_pointwise_weight(shape: tuple[int, ...]) -> bool:
+    """A Linear weight (out, in) or a 1x1 conv weight (out, in, 1, 1): the same map at every pixel."""
+    return len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))
+
+
 def new_lowrank(weight_shape: tuple[int, ...], rank: int, generator: torch.Generator,
                 up_std: float | None = None) -> LowRank:
     """Fresh LoRA factors for a layer, scale 1: down ~ N(0, 1/in); up = 0 (the layer starts unchanged) or,

@@ -24,7 +24,7 @@ import zlib
 import numpy as np
 import torch
 
-from .adapter import LowRank
+from .adapter import LowRank, is_pointwise_weight
 
 SEED_KEY = "csa.b4m_seed"  # file metadata: the seed of the frozen halves
 RUN_KEY = "csa.b4m_run"  # file metadata: content, style or made
@@ -40,11 +40,6 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(mixed))
 
 
-def _is_pointwise(shape: tuple[int, ...]) -> bool:
-    """A Linear weight (out, in) or a 1x1 conv weight (out, in, 1, 1), which is the same map per pixel."""
-    return len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))
-
-
 def frozen_masks(shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up mask (out, r), down mask (r, in); with (1, 1) trailing for a 1x1 conv): 0 on the frozen halves (up's
     first out//2 rows, down's first in//2 columns), 1 where the factor trains."""
@@ -57,7 +52,7 @@ def frozen_masks(shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch
 
 def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal: bool = True) -> LowRank:
     """Fresh Partly Learnable Projection factors for a linear layer of weight ``shape`` (see the module docstring)."""
-    if not _is_pointwise(shape):
+    if not is_pointwise_weight(shape):
         raise ValueError(f"B4M adapts linear layers and 1x1 convs; {name} has a weight of shape {tuple(shape)}")
     out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
     rank = min(rank, out_dim, in_dim)

@@ -21,22 +21,18 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import LowRank, new_lowrank
+from .adapter import LowRank, is_pointwise_weight, new_lowrank
 from .blocks import in_block, is_attention_projection, transformer_of_proj_out
 from .qr_lora import qr_factorise, upper_triangular_mask
 from .training import (Optimiser, Phase, Recipe, TrainState, optimiser_state_from_tensors,
                        optimiser_state_tensors)
 
 
-def _is_linear(key: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 or (len(shape) == 4 and tuple(shape[2:]) == (1, 1))
-
-
 TARGET_PRESETS = {
     "attention projections": lambda key, shape: is_attention_projection(key),
     "proj_out": lambda key, shape: transformer_of_proj_out(key) is not None,
     "attention in blocks": lambda key, shape: is_attention_projection(key),
-    "all linear": _is_linear,
+    "all linear": lambda key, shape: is_pointwise_weight(shape),
 }
 BLOCK_PRESET = "attention in blocks"
 
