@@ -13,6 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,6 +47,19 @@ SD15_FULL_UNET_CONFIG = {  # the real SD1.5 UNet layout (860M parameters)
     "use_linear_in_transformer": False, "legacy": False, "adm_in_channels": None,
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
+
+
+_ENCODINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CLIP object -> {prompt: conditioning}
+
+
+def encode_prompt(clip, text: str) -> list:
+    """ComfyUI conditioning of ``text``, encoded once per CLIP object and prompt: the world benches sample the same
+    prompts (and the empty negative) many times, and each encode is a full CLIP-L pass. Safe because ComfyUI and the
+    pack never patch a CLIP in place (a CLIP with a text-encoder adapter is a clone, so it has its own entries)."""
+    encoded = _ENCODINGS.setdefault(clip, {})
+    if text not in encoded:
+        encoded[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text))
+    return encoded[text]
 
 
 def start_comfy():

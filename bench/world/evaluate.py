@@ -50,8 +50,8 @@ def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: flo
     """(seeds, 3, 64, 64) images in [0, 1] for one caption, through ComfyUI's KSampler."""
     import nodes
 
-    positive = positive if positive is not None else clip.encode_from_tokens_scheduled(clip.tokenize(text))
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    positive = positive if positive is not None else harness.encode_prompt(clip, text)
+    negative = harness.encode_prompt(clip, "")
     latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
     samples = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
     with torch.no_grad():
@@ -137,7 +137,7 @@ def attention(nodes, model, clip, vae, evaluators, args) -> tuple[list[tuple], d
     import nodes as comfy_nodes
 
     residual = nodes["CSA_NewResidualAdapter"].execute(model=model, rank_fraction=0.05, init_scale=0.0, seed=0).args[0]
-    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    negative = harness.encode_prompt(clip, "")
     prompts = [("one object", phrase(shape, style, "a <style> <shape>"), shape, None)
                for shape in BASE_SHAPES for style in BASE_STYLES][:args.captions]
     prompts += [("two objects", phrase_two(a, b, "a <style> <shape> and a <style> <shape>"), a[0], b[0])

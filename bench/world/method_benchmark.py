@@ -257,10 +257,10 @@ def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
 
     blocks = {"content_of_content": content.blocks["content"], "style_of_content": content.blocks["style"],
               "content_of_style": style.blocks["content"], "style_of_style": style.blocks["style"]}
-    negative = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(""))
+    negative = harness.encode_prompt(ctx.clip, "")
 
     def sample(prompt: str) -> torch.Tensor:
-        positive = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(prompt))
+        positive = harness.encode_prompt(ctx.clip, prompt)
         guider = ctx.nodes["CSA_ContentStyleGuider"].execute(
             model=ctx.model, clip=ctx.clip, positive=positive, negative=negative, cfg=SAMPLING["cfg"],
             lambda_content=variant["lambda"], lambda_style=variant["lambda"], content_token=CONTENT_WORD,
@@ -292,7 +292,7 @@ def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
     import nodes as comfy_nodes
 
     styled = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter, block_strengths="").args[0]
-    negative = ctx.clip.encode_from_tokens_scheduled(ctx.clip.tokenize(""))
+    negative = harness.encode_prompt(ctx.clip, "")
 
     def sample(prompt: str) -> torch.Tensor:
         named = CONTENT_WORD in prompt.split()
