@@ -90,7 +90,8 @@ def make_base_directory(base: Path, models_dir: Path = TINY_MODELS_DIR) -> Path:
             link_or_copy(models_dir / checkpoint, base / "models" / "checkpoints" / checkpoint)
     for adapter in (names.DEMO_LORA_NAME, names.DEMO_CONTENT_NAME, *names.DEMO_BLORA_NAMES):
         link_or_copy(models_dir / adapter, base / "models" / "loras" / adapter)
-    for adapter in (*(name for pair in names.WORLD_DEMO_ADAPTERS.values() for name in pair), names.WORLD_DEMO_RESIDUAL):
+    for adapter in (*(name for pair in names.WORLD_DEMO_ADAPTERS.values() for name in pair), names.WORLD_DEMO_B4M_MADE,
+                    names.WORLD_DEMO_RESIDUAL):
         if (names.WORLD_ADAPTERS_DIR / adapter).exists():
             link_or_copy(names.WORLD_ADAPTERS_DIR / adapter, base / "models" / "loras" / adapter)
     for folder, name in (("prompt_mappers", names.DEMO_MAPPER_NAME), ("text_encoders", names.CLIP_L_NAME),

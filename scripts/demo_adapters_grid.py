@@ -9,9 +9,10 @@ each:
 - content: the content adapter (the held-out shape star, 'sks'), 'a checkered sks';
 - style: the style adapter (the held-out style zigzag, 'zkz'), 'a zkz circle';
 - composed: both, 'a zkz sks': LoRA applied together, ConsisLoRA's content block + style block (Compose Content
-  and Style), QR-LoRA through QR Merge, B4M's content and style runs through B4M Make (no fine-tune); the
-  Personalized Residual through Apply Localized Residual (concept words 'sks diamond', the prompts 'a checkered sks
-  diamond' and 'a zkz sks diamond': it was trained on 'a <style> sks diamond') on the model with the LoRA style demo.
+  and Style), QR-LoRA through QR Merge, B4M the committed made adapter (B4M Make of its two runs with the joint
+  fine-tune), the Personalized Residual through Apply Localized Residual (concept words 'sks diamond', the prompts
+  'a checkered sks diamond' and 'a zkz sks diamond': it was trained on 'a <style> sks diamond') on the model with the
+  LoRA style demo.
 
 Writes the grid to the server's output folder and prints its path.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from comfy_host import ComfyServer
-from model_names import WORLD_DEMO_ADAPTERS, WORLD_DEMO_RESIDUAL, WORLD_DEMO_RESIDUAL_WORDS
+from model_names import WORLD_DEMO_ADAPTERS, WORLD_DEMO_B4M_MADE, WORLD_DEMO_RESIDUAL, WORLD_DEMO_RESIDUAL_WORDS
 from world_grid import caption_graph, grid_arguments, pictures_side_by_side
 
 PROMPTS = {"base": "a zkz sks", "content": "a checkered sks", "style": "a zkz circle", "composed": "a zkz sks"}
@@ -60,11 +61,8 @@ def model_for(row: str, cell: str) -> tuple[dict, list, list | None]:
         nodes["21"] = {"class_type": "CSA_QRMerge", "inputs": {
             "model": ["1", 0], "content": ["20", 0], "style": ["22", 0], "lambda_content": 1.0, "lambda_style": 1.0,
             "interference": "off"}}
-    elif row == "b4m":
-        nodes["23"] = {"class_type": "CSA_B4MMake", "inputs": {
-            "content_run": ["20", 0], "style_run": ["22", 0], "model": ["1", 0], "steps": 0, "lr": 1e-4,
-            "preconditioned": True, "reg": 1e-4, "loss": "epsilon", "seed": 0, "filename": "", "overwrite": False}}
-        nodes.update(apply("21", ["1", 0], ["23", 0]))
+    elif row == "b4m":  # Make's joint fine-tune takes minutes: the committed made file (workflows/train_b4m runs Make)
+        nodes = {**load("20", WORLD_DEMO_B4M_MADE), **apply("21", ["1", 0], ["20", 0])}
     else:
         nodes["21"] = {"class_type": "CSA_ApplyAdapters", "inputs": {
             "model": ["1", 0], "adapter": ["20", 0], "adapter_2": ["22", 0], "block_strengths": ""}}

@@ -22,6 +22,8 @@ WORLD_WEIGHTS = Path(__file__).resolve().parent.parent / "bench" / "world" / "we
 WORLD_ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "bench" / "world" / "adapters"
 WORLD_DEMO_ADAPTERS = {method: (f"csa_world_{method}_star.safetensors", f"csa_world_{method}_zigzag.safetensors")
                        for method in ("lora", "consislora", "qr", "b4m")}
+# B4M Make of the two B4M runs above with its joint fine-tune on both picture sets (a made adapter: content and style)
+WORLD_DEMO_B4M_MADE = "csa_world_b4m_made.safetensors"
 WORLD_DEMO_RESIDUAL = "csa_world_residual_star.safetensors"
 # Its class word (trained on 'a <style> sks diamond', the paper's 'a V* <class>': the world has no superclass word, so
 # a base shape stands in, the one the base model draws for 'a <style> sks'; 'cross' gave 60% star with LAG, 'diamond'
