@@ -48,6 +48,34 @@ def test_api_workflow_runs_and_saves_real_images(comfy_server, workflow):
         assert_real_images(result.images_by_node[node_id], expected_image_size(graph, node_id))
 
 
+def test_b4m_workflow_on_every_linear_layer_saves_convs_and_feed_forwards(comfy_server):
+    """The B4M workflow with both runs on 'all linear': it runs through the server, and the made file holds the 1x1
+    conv proj_in / proj_out and the feed-forwards beside the attention projections, with the runs' keys."""
+    from safetensors import safe_open
+
+    graph = comfy_host.load_api_workflow(API_WORKFLOWS[0].parent / "train_b4m.json")
+    trainers = [node for node in graph.values() if node["class_type"] in ("CSA_TrainB4MContent", "CSA_TrainB4MStyle")]
+    made = [node for node in graph.values() if node["class_type"] == "CSA_B4MMake"]
+    assert len(trainers) == 2 and len(made) == 1
+    for node in (*trainers, *made):
+        node["inputs"]["filename"] = f"e2e_all_linear_{node['class_type'].lower()}"
+        node["inputs"]["overwrite"] = False
+    for node in trainers:
+        node["inputs"]["targets"] = "all linear"
+    result = comfy_server.run_prompt(graph)
+    for node_id in (i for i, node in graph.items() if node["class_type"] == "SaveImage"):
+        assert_real_images(result.images_by_node[node_id], expected_image_size(graph, node_id))
+    loras = comfy_server.base_directory / "models" / "loras"
+    keys = {}
+    for node in (*trainers, *made):
+        with safe_open(loras / f"{node['inputs']['filename']}.safetensors", "pt") as file:
+            keys[node["class_type"]] = {key.rsplit(".lora.", 1)[0] for key in file.keys()}
+    modules = keys["CSA_B4MMake"]
+    assert keys["CSA_TrainB4MContent"] == keys["CSA_TrainB4MStyle"] == modules
+    for part in ("attn1.to_q", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"):
+        assert any(module.endswith(part) for module in modules), f"no {part} module in the made file"
+
+
 def test_every_ui_workflow_reads_back_as_its_api_twin(comfy_server):
     import json
 
