@@ -130,7 +130,7 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
 
     def draw(patched, prompt, positive=None):
         images = sample_caption(patched, clip, vae, prompt, args.seeds, args.sample_steps, SAMPLING["cfg"],
-                                SAMPLING["seed"], positive=positive)
+                                args.judge_seed, positive=positive)
         return images, (images.movedim(1, -1).numpy() * 255).round().astype(np.uint8)
 
     results = {}
@@ -176,8 +176,8 @@ def main() -> None:
         f"({mk['schedule']}), preconditioned (λ 1e-4), ε loss; Personalized Residual: every proj_out, rank 5% of the channels, ε loss, {res['steps']} steps "
         f"at lr {res['lr']} ({res['schedule']}), captions 'a <style> {CONTENT_WORD} {res['class_word']}', concept "
         f"words '{CONTENT_WORD} {res['class_word']}', median threshold. Batch 4, AdamW (weight decay 0.01, clip 1.0), "
-        f"fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds {SAMPLING['seed']}.."
-        f"{SAMPLING['seed'] + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
+        f"fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds {args.judge_seed}.."
+        f"{args.judge_seed + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def judged(nodes, model, clip, vae, adapter, kind: str, evaluators, args) -> tup
     hits, notes = [], []
     for prompt in prompts:
         images = sample_caption(patched, clip, vae, prompt, args.seeds, args.sample_steps, SAMPLING["cfg"],
-                                SAMPLING["seed"])
+                                args.judge_seed)
         shapes, styles = classify(evaluators, images)
         labels = shapes if kind == "star" else styles
         hits += [label == kind for label in labels]
@@ -176,6 +176,8 @@ def demo_arguments(description: str, only_help: str, only_default: str = "") -> 
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=6, help="judge with the first N prompts (5 styles / 6 shapes)")
     parser.add_argument("--sample-steps", type=int, default=SAMPLING["steps"])
+    parser.add_argument("--judge-seed", type=int, default=SAMPLING["seed"],
+                        help="first sampling seed of the judgement (seeds judge-seed .. judge-seed + seeds - 1)")
     parser.add_argument("--out", type=Path, default=ADAPTERS)
     args = parse_args(parser, {"steps": 2, "per_pair": 1, "seeds": 1, "prompts": 1, "sample_steps": 2})
     if harness.SMOKE:
@@ -226,7 +228,7 @@ def main() -> None:
                                for m, r in ((m, with_overrides(r, args)) for m, r in RECIPES.items()))
         + f". Batch 4, AdamW (weight decay 0.01, "
         f"clip 1.0), fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds "
-        f"{SAMPLING['seed']}..{SAMPLING['seed'] + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
+        f"{args.judge_seed}..{args.judge_seed + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
 
 if __name__ == "__main__":
     main()
