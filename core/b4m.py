@@ -8,6 +8,9 @@ has no alpha). As in the official code (ICTMCG/Break-for-make, models/lora.py an
   (down[:, :in // 2]) are frozen; the other halves train.
 - Init: down ~ N(0, 1/r²), up = 0; for square layers (out == in) the frozen halves are replaced by disjoint random
   row subsets of one orthonormal basis of max(1280, in) x r: down[:, :in/2] = basis[rows1]ᵀ, up[:out/2] = basis[rows2].
+  Not in the official code: ``non_square=True`` does the same on non-square layers (a basis of max(1280, in, out) rows,
+  in/2 rows for down, out/2 for up), whose up then has a frozen half that is not zero; square layers draw exactly as
+  without it.
   Every draw comes from a generator seeded by (seed, layer name), so a content run and a style run with one seed
   start from identical factors and share their frozen halves.
 - Break (each run): the content run trains down's free half on the content images and up's free half on
@@ -50,7 +53,8 @@ def frozen_masks(shape: tuple[int, ...], rank: int) -> tuple[torch.Tensor, torch
     return up, down
 
 
-def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal: bool = True) -> LowRank:
+def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal: bool = True,
+             non_square: bool = False) -> LowRank:
     """Fresh Partly Learnable Projection factors for a linear layer of weight ``shape`` (see the module docstring)."""
     if not is_pointwise_weight(shape):
         raise ValueError(f"B4M adapts linear layers and 1x1 convs; {name} has a weight of shape {tuple(shape)}")
@@ -59,14 +63,14 @@ def plp_lora(shape: tuple[int, ...], rank: int, seed: int, name: str, orthogonal
     generator = layer_generator(seed, name)
     down = torch.randn(rank, in_dim, generator=generator) / rank
     up = torch.zeros(out_dim, rank)
-    if orthogonal and out_dim == in_dim:
-        rows = max(BASIS_ROWS, in_dim)
+    if orthogonal and (out_dim == in_dim or non_square):
+        rows = max(BASIS_ROWS, in_dim, out_dim)
         basis, _ = torch.linalg.qr(torch.randn(rows, rank, generator=generator, dtype=torch.float64))
         basis = basis.float()
-        half = in_dim // 2
+        half_in, half_out = in_dim // 2, out_dim // 2
         order = torch.randperm(rows, generator=generator)
-        down[:, :half] = basis[order[:half]].T
-        up[:half] = basis[order[half:2 * half]]
+        down[:, :half_in] = basis[order[:half_in]].T
+        up[:half_out] = basis[order[half_in:half_in + half_out]]
     return LowRank(up=up.reshape(out_dim, rank, *kernel), down=down.reshape(rank, in_dim, *kernel), alpha=None)
 
 
@@ -102,7 +106,7 @@ def make(content: dict[str, LowRank], style: dict[str, LowRank], content_seed: s
     if differing:
         raise ValueError(f"the content run (seed {content_seed}) and the style run (seed {style_seed}) have different "
                          f"frozen halves in {len(differing)} of {len(content)} layers (first: {differing[0]}); B4M can "
-                         f"only make runs trained from one seed")
+                         f"only make runs trained from one seed and one init (orthogonal_init, orthogonal_non_square)")
     return made
 
 

@@ -54,16 +54,21 @@ def b4m_inputs(run: str) -> list:
                      "the content run and the style run one seed, or they cannot be made into one adapter), batches, "
                      "noise and timesteps. Recorded in the file."),
         *saving_inputs(),
+        io.Boolean.Input("orthogonal_non_square", default=False, optional=True,
+                         tooltip="Not in the paper: also give non-square layers (cross-attention to_k / to_v, "
+                                 "feed-forwards) orthonormal frozen halves, so the content run's trained half of down "
+                                 "reaches them (with the official init their up's frozen half is zero). Square layers "
+                                 "draw the same either way. Give both runs the same choice."),
     ]
 
 
-def plp_modules(model, targets: str, blocks: str, rank: int, seed: int, orthogonal: bool):
+def plp_modules(model, targets: str, blocks: str, rank: int, seed: int, orthogonal: bool, non_square: bool):
     """{module: fresh PLP factors with gradients}, {'<module>.<part>': frozen-half mask}, a redraw function."""
     shapes = select_targets(cc.weight_shapes(model), targets, parse_blocks(blocks))
     by_name = {generic_module_name(key): shape for key, shape in shapes.items()}
 
     def fresh(name: str):
-        factors = plp_lora(by_name[name], rank, seed, name, orthogonal)
+        factors = plp_lora(by_name[name], rank, seed, name, orthogonal, non_square)
         factors.up.requires_grad_()
         factors.down.requires_grad_()
         return factors
@@ -78,13 +83,14 @@ def plp_modules(model, targets: str, blocks: str, rank: int, seed: int, orthogon
 
 def train_run(run: str, model, clip, vae, data, targets: str, blocks: str, rank: int, steps: int, lr: float,
               lr_auxiliary: float, orthogonal_init: bool, loss: str, seed: int, filename: str, overwrite: bool,
-              resume_from: str, options: TrainingOptions | None, auxiliary_data=None):
+              resume_from: str, options: TrainingOptions | None, auxiliary_data=None, orthogonal_non_square=False):
     options = options or METHOD_OPTIONS["b4m"]
-    modules, masks, fresh = plp_modules(model, targets, blocks, rank, seed, orthogonal_init)
+    modules, masks, fresh = plp_modules(model, targets, blocks, rank, seed, orthogonal_init, orthogonal_non_square)
     main = MAIN_PART[run]
     stage = Stage(options.recipe((Phase(steps, loss, lr),), seed), tuple(modules))
     settings = {"run": run, "targets": targets, "blocks": blocks, "rank": rank, "steps": steps, "lr": lr,
-                "lr_auxiliary": lr_auxiliary, "orthogonal_init": orthogonal_init, "loss": loss, "seed": seed,
+                "lr_auxiliary": lr_auxiliary, "orthogonal_init": orthogonal_init,
+                "orthogonal_non_square": orthogonal_non_square, "loss": loss, "seed": seed,
                 "main_part": main, "auxiliary_part": OTHER_PART[main] if auxiliary_data is not None else None}
     title = f"Train B4M {run.capitalize()}"
     if auxiliary_data is None:  # no MCP: only the main factor trains

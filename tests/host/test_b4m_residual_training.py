@@ -151,6 +151,27 @@ def test_b4m_all_linear_splits_convs_and_feed_forwards_into_halves_and_reloads(c
     assert torch.allclose(reloaded, expected, atol=1e-6) and (expected - base).abs().max() > 0
 
 
+def test_orthogonal_non_square_option_draws_non_square_frozen_halves_and_make_refuses_mixed_inits(comfy, tiny_sd15,
+                                                                                                   runs, sets):
+    from core.b4m import plp_lora
+
+    adapter, _, _, path = b4m_run(comfy, tiny_sd15, "content", sets["content"], sets["aux"], steps=2,
+                                  filename="host_b4m_non_square", orthogonal_non_square=True,
+                                  options=options(comfy, weight_decay=0.0))
+    shapes = {n: tuple(f.delta_shape) for n, f in adapter.modules.items()}
+    non_square = [n for n, s in shapes.items() if s[0] != s[1]]
+    assert non_square and all(n.endswith(("attn2.to_k", "attn2.to_v")) for n in non_square)
+    for name, factors in adapter.modules.items():
+        start = plp_lora(shapes[name], RANK, 0, name, non_square=True)
+        assert all(torch.equal(a, b) for a, b in zip(halves(factors), halves(start))), f"{name}: a frozen half changed"
+        assert halves(factors)[0].abs().sum() > 0, f"{name}: up's frozen half is zero"
+        assert not torch.equal(factors.down, start.down), f"{name}: down's free half did not train"
+    with safe_open(path, "pt") as handle:
+        assert json.loads(handle.metadata()["csa.created_with"])["settings"]["orthogonal_non_square"] is True
+    with pytest.raises(ValueError, match=r"one seed and one init \(orthogonal_init, orthogonal_non_square\)"):
+        make(comfy, tiny_sd15, adapter, runs[1][0])
+
+
 def make(comfy, tiny_sd15, content, style, **extra):
     inputs = {"steps": 0, "lr": 1e-3, "preconditioned": True, "reg": 1e-4, "loss": "epsilon", "seed": 0,
               "filename": "", "overwrite": True, **extra}

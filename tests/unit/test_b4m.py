@@ -30,6 +30,31 @@ def test_plp_init_square_layers_get_orthonormal_frozen_halves_from_the_seed():
         plp_lora((32, 32, 3, 3), 8, 3, "conv")
 
 
+def test_non_square_option_gives_non_square_layers_frozen_halves_from_one_basis_and_leaves_square_ones_alone():
+    from core.b4m import layer_generator
+
+    square, official = plp_lora((64, 64), 8, 3, "a.to_q", non_square=True), plp_lora((64, 64), 8, 3, "a.to_q")
+    assert torch.equal(square.up, official.up) and torch.equal(square.down, official.down)
+    wide = plp_lora((32, 48), 8, 3, "a.to_k", non_square=True)
+    up_frozen, down_frozen = frozen_halves(wide)
+    assert up_frozen.shape == (16, 8) and down_frozen.shape == (8, 24)
+    assert up_frozen.abs().min() > 0 and not wide.up[16:].abs().sum()  # up's frozen half is no longer zero
+    # the frozen halves are disjoint rows of one orthonormal basis: QᵀQ = I summed over all rows, so the Gram matrix
+    # of any subset of rows lies between 0 and I, and it is I only for all of them
+    gram = torch.cat([down_frozen.T, up_frozen]).double()
+    eigenvalues = torch.linalg.eigvalsh(gram.T @ gram)
+    assert eigenvalues.min() > 0 and eigenvalues.max() < 1 + 1e-6
+    # an independent re-draw of the definition: the layer's generator, down's N(0, 1/r²), the basis, one permutation
+    generator = layer_generator(3, "a.to_k")
+    down = torch.randn(8, 48, generator=generator) / 8
+    basis = torch.linalg.qr(torch.randn(1280, 8, generator=generator, dtype=torch.float64))[0].float()
+    order = torch.randperm(1280, generator=generator)
+    assert torch.equal(wide.down[:, 24:], down[:, 24:]) and torch.equal(down_frozen, basis[order[:24]].T)
+    assert torch.equal(up_frozen, basis[order[24:40]])
+    with pytest.raises(ValueError, match=r"one seed and one init \(orthogonal_init, orthogonal_non_square\)"):
+        make({"m": plp_lora((32, 48), 8, 3, "m", non_square=True)}, {"m": plp_lora((32, 48), 8, 3, "m")})
+
+
 def test_training_through_masks_keeps_frozen_halves_bit_identical_even_with_weight_decay():
     factors = plp_lora((16, 16), 4, 0, "m")
     up, down = factors.up.clone().requires_grad_(), factors.down.clone().requires_grad_()
