@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from core.b4m import frozen_halves, frozen_masks, make, plp_lora, precondition_all, preconditioned
+from core.b4m import frozen_halves, frozen_masks, layer_generator, make, plp_lora, precondition_all, preconditioned
 from core.training import Optimiser, Phase, Recipe, SecondSet, grouped_names, optimise, train_diffusion
 
 
@@ -31,8 +31,6 @@ def test_plp_init_square_layers_get_orthonormal_frozen_halves_from_the_seed():
 
 
 def test_non_square_option_gives_non_square_layers_frozen_halves_from_one_basis_and_leaves_square_ones_alone():
-    from core.b4m import layer_generator
-
     square, official = plp_lora((64, 64), 8, 3, "a.to_q", non_square=True), plp_lora((64, 64), 8, 3, "a.to_q")
     assert torch.equal(square.up, official.up) and torch.equal(square.down, official.down)
     wide = plp_lora((32, 48), 8, 3, "a.to_k", non_square=True)
