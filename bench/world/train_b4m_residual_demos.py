@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/world/train_b4m_residual_demos.py [--only b4m,residual] [--steps N]
 
+B4M's stages can run side by side, one core each, then Make from their saved files:
+
+    ... --only b4m_content & ... --only b4m_style & wait; ... --only b4m_make
+
 The sibling of train_demo_adapters.py (same pictures, prompts, sampler and evaluators):
 
 - B4M: a content run on the held-out shape 'star' ('a <style> sks'; auxiliary data: the zigzag pictures) and a style
@@ -41,7 +45,7 @@ from world import BACKGROUND, BASE_STYLES  # noqa: E402
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5); B4M rank 8: the
 # official 64 gave no star either on the world (0%, bench/RESULTS.md)
 RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6,
-                   "targets": "attention projections", "loss": "epsilon"},
+                   "targets": "attention projections", "loss": "epsilon", "non_square": False},
            # Make's joint fine-tune on both picture sets (400 steps at 1e-3: star 25%, zigzag 83%; the official 1e-4 and
            # Make alone draw neither, bench/RESULTS.md "B4M Make with its joint fine-tune")
            "b4m_make": {"steps": 400, "lr": 1e-3, "schedule": "cosine", "per_pair": 6},
@@ -76,18 +80,29 @@ def keep(path: str, out: Path) -> str:
     return f"{(out / Path(path).name).stat().st_size / 1024:.0f} KiB"
 
 
-def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
+B4M_STAGES = ("b4m_content", "b4m_style", "b4m_make")
+
+
+def b4m_run_file(kind: str) -> str:
+    return f"csa_world_b4m_{kind}.safetensors"
+
+
+def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages) -> dict:
+    """Train and judge the content and / or style run (``stages``); {'content' | 'style': adapter}."""
     recipe = with_overrides(RECIPES["b4m"], args)
     star, zigzag = data_node(nodes, "star", recipe["per_pair"]), data_node(nodes, "zigzag", recipe["per_pair"])
     steps, lr = recipe["steps"], recipe["lr"]
     runs = {}
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
+        if f"b4m_{run}" not in stages:
+            continue
         node = nodes["CSA_TrainB4MContent" if run == "content" else "CSA_TrainB4MStyle"]
         outputs, cost = timed(lambda: node.execute(
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets=recipe["targets"],
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
-            loss=recipe["loss"], seed=0, filename=f"csa_world_b4m_{kind}", overwrite=True, resume_from="none",
-            options=training_options(nodes, schedule=recipe["schedule"])).args)
+            loss=recipe["loss"], seed=0, filename=Path(b4m_run_file(kind)).stem, overwrite=True, resume_from="none",
+            options=training_options(nodes, schedule=recipe["schedule"]),
+            orthogonal_non_square=recipe["non_square"]).args)
         runs[run] = outputs[0]
         size = keep(outputs[-1], args.out)
         share, labels = judged(nodes, model, clip, vae, outputs[0], kind, evaluators, args)
@@ -95,6 +110,34 @@ def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes):
                      f" at 80%); {cost}; {size}"))
         notes.append(f"- csa_world_b4m_{kind}: " + "; ".join(labels))
         print(rows[-1], flush=True)
+    return runs
+
+
+def saved_run(nodes, kind: str, out: Path):
+    """A run an earlier process of this script saved to ``out``, through Load Adapter as a user would load it."""
+    import folder_paths
+
+    source = out / b4m_run_file(kind)
+    if not source.is_file():
+        raise SystemExit(f"b4m_make: {source} is missing; train it first with --only b4m_content / b4m_style")
+    # a name of its own: the session's loras folder links the committed demo files, and a copy onto a link would
+    # write through to them
+    loaded = f"saved_run_{source.name}"
+    shutil.copyfile(source, Path(folder_paths.get_folder_paths("loras")[0]) / loaded)
+    return nodes["CSA_LoadAdapter"].execute(adapter_name=loaded, strength=1.0, part="whole file",
+                                            role="from file").args[0]
+
+
+def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes, stages):
+    """The runs in ``stages``, then (with 'b4m_make') B4M Make of this process's runs or the saved ones; the stages
+    can run in separate processes side by side, each on one core."""
+    runs = b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages)
+    if "b4m_make" not in stages:
+        return
+    for run, kind in (("content", "star"), ("style", "zigzag")):
+        runs[run] = runs[run] if run in runs else saved_run(nodes, kind, args.out)
+    per_pair = with_overrides(RECIPES["b4m"], args)["per_pair"]
+    star, zigzag = data_node(nodes, "star", per_pair), data_node(nodes, "zigzag", per_pair)
     fine_tune = with_overrides(RECIPES["b4m_make"], args)
     (made, *_, path), cost = timed(lambda: nodes["CSA_B4MMake"].execute(
         content_run=runs["content"], style_run=runs["style"], model=model, clip=clip, vae=vae, content_data=star,
@@ -161,18 +204,24 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
 
 
 def main() -> None:
-    args = demo_arguments(__doc__.splitlines()[0], "b4m, residual or both", "b4m,residual")
+    args = demo_arguments(__doc__.splitlines()[0], "comma-separated: b4m (its three stages), b4m_content, b4m_style, "
+                          "b4m_make, residual", "b4m,residual")
     nodes, model, clip, vae, evaluators = world_session()
     rows, notes = [], []
-    chosen = args.only.split(",")
-    if "b4m" in chosen:
-        b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes)
+    chosen = [stage for part in args.only.split(",") for stage in (B4M_STAGES if part == "b4m" else (part,))]
+    unknown = sorted(set(chosen) - {*B4M_STAGES, "residual"})
+    if unknown:
+        raise SystemExit(f"--only: unknown part(s) {', '.join(unknown)}; choose from b4m, {', '.join(B4M_STAGES)}, "
+                         "residual")
+    if set(chosen) & set(B4M_STAGES):
+        b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes, chosen)
     if "residual" in chosen:
         residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes)
     b4m, res = with_overrides(RECIPES["b4m"], args), with_overrides(RECIPES["residual"], args)
     mk = with_overrides(RECIPES["b4m_make"], args)
     described = {  # only what this run trained
-        "b4m": f"B4M: {b4m['targets']}, rank {b4m['rank']}, {b4m['loss']} loss, {b4m['steps']} steps, lr {b4m['lr']} "
+        "b4m": f"B4M: {b4m['targets']}, rank {b4m['rank']}, orthonormal halves "
+               f"{'on every layer' if b4m['non_square'] else 'on square layers only'}, {b4m['loss']} loss, {b4m['steps']} steps, lr {b4m['lr']} "
                f"({b4m['schedule']}; auxiliary factor at a tenth), seed 0 for both runs, auxiliary data the other "
                f"kind's pictures; B4M Make with the joint fine-tune on both picture sets, {mk['steps']} steps at lr "
                f"{mk['lr']} ({mk['schedule']}), preconditioned (λ 1e-4), ε loss",
@@ -181,7 +230,8 @@ def main() -> None:
                     f"{CONTENT_WORD} {res['class_word']}', concept words '{CONTENT_WORD} {res['class_word']}', median "
                     f"threshold"}
     record("World demo adapters: B4M and Personalized Residual", rows, notes=(
-        "; ".join(text for part, text in described.items() if part in chosen) + ". Batch 4, AdamW (weight decay 0.01, "
+        "; ".join(text for part, text in described.items() if any(stage.startswith(part) for stage in chosen))
+        + ". Batch 4, AdamW (weight decay 0.01, "
         f"clip 1.0), fp16 files. Judged with Euler {args.sample_steps} steps, CFG {SAMPLING['cfg']}, seeds "
         f"{args.judge_seed}..{args.judge_seed + args.seeds - 1}. Labels per prompt:\n\n" + "\n".join(notes)))
 

@@ -166,7 +166,7 @@ def vae_ceiling(vae, evaluators) -> float:
 
 def demo_arguments(description: str, only_help: str, only_default: str = "") -> argparse.Namespace:
     """The options every world demo-adapter script shares (what to train, training size, judging, where the files
-    go), parsed; a smoke run trains 2 steps, judges one prompt and writes to a scratch folder."""
+    go), parsed; a smoke run trains 2 steps, judges one prompt and writes to a scratch folder (or --out)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--only", default=only_default, help=only_help)
     parser.add_argument("--steps", type=int, default=0, help="override every method's steps (0: RECIPES)")
@@ -178,9 +178,10 @@ def demo_arguments(description: str, only_help: str, only_default: str = "") -> 
     parser.add_argument("--sample-steps", type=int, default=SAMPLING["steps"])
     parser.add_argument("--judge-seed", type=int, default=SAMPLING["seed"],
                         help="first sampling seed of the judgement (seeds judge-seed .. judge-seed + seeds - 1)")
-    parser.add_argument("--out", type=Path, default=ADAPTERS)
+    parser.add_argument("--out", type=Path, default=ADAPTERS, help="where the files go (a smoke run: a new scratch "
+                        "folder unless given)")
     args = parse_args(parser, {"steps": 2, "per_pair": 1, "seeds": 1, "prompts": 1, "sample_steps": 2})
-    if harness.SMOKE:
+    if harness.SMOKE and args.out == ADAPTERS:  # a smoke run never writes the committed adapters
         args.out = Path(tempfile.mkdtemp(prefix="csa-demo-adapters-smoke-"))
     return args
 

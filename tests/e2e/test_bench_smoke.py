@@ -103,3 +103,22 @@ def test_benchmark_in_workers_equals_one_process(tmp_path):
     assert [r.get("leakage_alone") for r in added["rows"]] == [r.get("leakage_alone") for r in recorded["rows"]]
     assert [{k: v for k, v in r.items() if k != "leakage_alone"} for r in added["rows"]] == \
         [{k: v for k, v in r.items() if k != "leakage_alone"} for r in recorded["rows"]]
+
+
+def test_b4m_demo_stages_in_separate_processes(tmp_path):
+    """make demo-adapters' B4M stages split over processes: the two runs saved by one process, B4M Make of those files
+    (through Load Adapter) in another; Make alone without them stops with the missing file's name."""
+    script, out = "bench/world/train_b4m_residual_demos.py", ["--smoke", "--out", str(tmp_path)]
+    runs = table_without_timings(run([script], *out, "--only", "b4m_content,b4m_style"))
+    assert [row[0].strip() for row in runs] == ["csa_world_b4m_star (B4M content run)", "csa_world_b4m_zigzag (B4M style run)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["csa_world_b4m_star.safetensors",
+                                                          "csa_world_b4m_zigzag.safetensors"]
+    made = table_without_timings(run([script], *out, "--only", "b4m_make"))
+    assert [row[0].split(" on the ")[-1].strip() for row in made] == ["star prompts", "zigzag prompts"]
+    assert (tmp_path / "csa_world_b4m_made.safetensors").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    alone = subprocess.run([sys.executable, script, "--smoke", "--out", str(empty), "--only", "b4m_make"], cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=900)
+    assert alone.returncode != 0 and f"{empty / 'csa_world_b4m_star.safetensors'} is missing" in alone.stderr
+    assert list(empty.iterdir()) == []
