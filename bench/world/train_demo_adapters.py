@@ -164,7 +164,7 @@ def vae_ceiling(vae, evaluators) -> float:
     return float(np.mean([s == "zigzag" for s in classify(evaluators, round_trip)[1]]))
 
 
-def demo_arguments(description: str, only_help: str, only_default: str = "") -> argparse.Namespace:
+def demo_arguments(description: str, only_help: str, only_default: str = "", extra_arguments=None) -> argparse.Namespace:
     """The options every world demo-adapter script shares (what to train, training size, judging, where the files
     go), parsed; a smoke run trains 2 steps, judges one prompt and writes to a scratch folder (or --out)."""
     parser = argparse.ArgumentParser(description=description)
@@ -178,6 +178,8 @@ def demo_arguments(description: str, only_help: str, only_default: str = "") -> 
     parser.add_argument("--sample-steps", type=int, default=SAMPLING["steps"])
     parser.add_argument("--judge-seed", type=int, default=SAMPLING["seed"],
                         help="first sampling seed of the judgement (seeds judge-seed .. judge-seed + seeds - 1)")
+    if extra_arguments:  # a script's own options
+        extra_arguments(parser)
     parser.add_argument("--out", type=Path, default=ADAPTERS, help="where the files go (a smoke run: a new scratch "
                         "folder unless given)")
     args = parse_args(parser, {"steps": 2, "per_pair": 1, "seeds": 1, "prompts": 1, "sample_steps": 2})
