@@ -217,13 +217,13 @@ def main() -> None:
     if args.b4m_recipe != "b4m" and args.out == ADAPTERS:
         raise SystemExit(f"--b4m-recipe {args.b4m_recipe} is not the committed demo's recipe: give --out, a folder other "
                          f"than {ADAPTERS}")
-    nodes, model, clip, vae, evaluators = world_session()
-    rows, notes = [], []
     chosen = [stage for part in args.only.split(",") for stage in (B4M_STAGES if part == "b4m" else (part,))]
     unknown = sorted(set(chosen) - {*B4M_STAGES, "residual"})
     if unknown:
         raise SystemExit(f"--only: unknown part(s) {', '.join(unknown)}; choose from b4m, {', '.join(B4M_STAGES)}, "
                          "residual")
+    nodes, model, clip, vae, evaluators = world_session()
+    rows, notes = [], []
     if set(chosen) & set(B4M_STAGES):
         b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes, chosen)
     if "residual" in chosen:
