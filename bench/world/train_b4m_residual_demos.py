@@ -39,7 +39,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 from harness import record  # noqa: E402
 from train_demo_adapters import (ADAPTERS, CONTENT_WORD, SAMPLING, demo_arguments, judged, role_pictures, training_data,  # noqa: E402
                                  training_options, with_overrides, world_session)
-from model_names import WORLD_DEMO_B4M_MADE, WORLD_DEMO_RESIDUAL_CLASS  # noqa: E402  (scripts/ is on the path through harness)
+from model_names import WORLD_DEMO_ADAPTERS, WORLD_DEMO_B4M_MADE, WORLD_DEMO_RESIDUAL_CLASS  # noqa: E402  (scripts/ is on the path through harness)
 from world import BACKGROUND, BASE_STYLES  # noqa: E402
 
 # lr: the main factor's (B4M: the auxiliary factor at a tenth of it, as the official 1e-4 / 1e-5). The committed B4M
@@ -89,8 +89,7 @@ def keep(path: str, out: Path) -> str:
 B4M_STAGES = ("b4m_content", "b4m_style", "b4m_make")
 
 
-def b4m_run_file(kind: str) -> str:
-    return f"csa_world_b4m_{kind}.safetensors"
+B4M_RUN_FILES = dict(zip(("star", "zigzag"), WORLD_DEMO_ADAPTERS["b4m"]))  # the content and style runs' file names
 
 
 def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages) -> dict:
@@ -106,7 +105,7 @@ def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages) -> 
         outputs, cost = timed(lambda: node.execute(
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets=recipe["targets"],
             blocks="", rank=recipe["rank"], steps=steps, lr=lr, lr_auxiliary=lr / 10, orthogonal_init=True,
-            loss=recipe["loss"], seed=0, filename=Path(b4m_run_file(kind)).stem, overwrite=True, resume_from="none",
+            loss=recipe["loss"], seed=0, filename=Path(B4M_RUN_FILES[kind]).stem, overwrite=True, resume_from="none",
             options=training_options(nodes, schedule=recipe["schedule"]),
             orthogonal_non_square=recipe["non_square"]).args)
         runs[run] = outputs[0]
@@ -123,7 +122,7 @@ def saved_run(nodes, kind: str, out: Path):
     """A run an earlier process of this script saved to ``out``, through Load Adapter as a user would load it."""
     import folder_paths
 
-    source = out / b4m_run_file(kind)
+    source = out / B4M_RUN_FILES[kind]
     if not source.is_file():
         raise SystemExit(f"b4m_make: {source} is missing; train it first with --only b4m_content / b4m_style")
     # a name of its own: the session's loras folder links the committed demo files, and a copy onto a link would
