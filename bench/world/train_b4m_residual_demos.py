@@ -92,10 +92,9 @@ B4M_STAGES = ("b4m_content", "b4m_style", "b4m_make")
 B4M_RUN_FILES = dict(zip(("star", "zigzag"), WORLD_DEMO_ADAPTERS["b4m"]))  # the content and style runs' file names
 
 
-def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages) -> dict:
-    """Train and judge the content and / or style run (``stages``); {'content' | 'style': adapter}."""
-    recipe = with_overrides(RECIPES[args.b4m_recipe], args)
-    star, zigzag = data_node(nodes, "star", recipe["per_pair"]), data_node(nodes, "zigzag", recipe["per_pair"])
+def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, recipe, star, zigzag) -> dict:
+    """Train and judge the content and / or style run (``stages``) on the star / zigzag Training Images;
+    {'content' | 'style': adapter}."""
     steps, lr = recipe["steps"], recipe["lr"]
     runs = {}
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
@@ -136,13 +135,13 @@ def saved_run(nodes, kind: str, out: Path):
 def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes, stages):
     """The runs in ``stages``, then (with 'b4m_make') B4M Make of this process's runs or the saved ones; the stages
     can run in separate processes side by side, each on one core."""
-    runs = b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages)
+    recipe = with_overrides(RECIPES[args.b4m_recipe], args)
+    star, zigzag = data_node(nodes, "star", recipe["per_pair"]), data_node(nodes, "zigzag", recipe["per_pair"])
+    runs = b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, recipe, star, zigzag)
     if "b4m_make" not in stages:
         return
     for run, kind in (("content", "star"), ("style", "zigzag")):
         runs[run] = runs[run] if run in runs else saved_run(nodes, kind, args.out)
-    per_pair = with_overrides(RECIPES[args.b4m_recipe], args)["per_pair"]
-    star, zigzag = data_node(nodes, "star", per_pair), data_node(nodes, "zigzag", per_pair)
     fine_tune = with_overrides(RECIPES["b4m_make"], args)
     (made, *_, path), cost = timed(lambda: nodes["CSA_B4MMake"].execute(
         content_run=runs["content"], style_run=runs["style"], model=model, clip=clip, vae=vae, content_data=star,
