@@ -104,8 +104,9 @@ def run_load(count: int) -> dict:
         families = bad_input_families(server.get_json("/object_info"))
         for graph in load_prompts(len(WORKFLOWS)):  # warm-up: every model and method once
             server.run_prompt(graph)
+        baseline = load_prompts(1)[0]  # memory is measured after it, caches freed, before and after the load
         free_caches(server)
-        server.run_prompt(load_prompts(1)[0])
+        server.run_prompt(baseline)
         start_rss = resident_mib(server)
         started = time.monotonic()
         ids = [server.post_json("/prompt", {"prompt": g, "client_id": "load"})["prompt_id"] for g in prompts]
@@ -113,7 +114,7 @@ def run_load(count: int) -> dict:
         queued_seconds = time.monotonic() - started
         drained_rss = resident_mib(server)
         free_caches(server)  # like the warm-up's measure: what the queue left behind, not the last prompt's cache
-        server.run_prompt(load_prompts(1)[0])
+        server.run_prompt(baseline)
         settled_rss = resident_mib(server)
         queued = {}
         for i, prompt_id in enumerate(ids):
