@@ -50,8 +50,11 @@ from world import BACKGROUND, BASE_STYLES  # noqa: E402
 # worse (bench/RESULTS.md "B4M at rank 64 on every linear layer")
 RECIPES = {"b4m": {"steps": 210, "lr": 5e-3, "rank": 8, "schedule": "cosine", "per_pair": 6,
                    "targets": "attention projections", "loss": "epsilon", "non_square": False},
+           # per-run entries ("content" / "style") override the recipe's steps and lr for that run; Make needs only the
+           # runs' layers, ranks and seed to agree
            "b4m_rank64": {"steps": 3000, "lr": 5e-3, "rank": 64, "schedule": "cosine", "per_pair": 6,
-                          "targets": "all linear", "loss": "epsilon", "non_square": True},
+                          "targets": "all linear", "loss": "epsilon", "non_square": True,
+                          "style": {"steps": 800, "lr": 1e-3}},
            # Make's joint fine-tune on both picture sets (400 steps at 1e-3: star 25%, zigzag 83%; the official 1e-4 and
            # Make alone draw neither, bench/RESULTS.md "B4M Make with its joint fine-tune")
            "b4m_make": {"steps": 400, "lr": 1e-3, "schedule": "cosine", "per_pair": 6},
@@ -92,14 +95,21 @@ B4M_STAGES = ("b4m_content", "b4m_style", "b4m_make")
 B4M_RUN_FILES = dict(zip(("star", "zigzag"), WORLD_DEMO_ADAPTERS["b4m"]))  # the content and style runs' file names
 
 
-def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, recipe, star, zigzag) -> dict:
+def run_recipe(name: str, run: str, args) -> dict:
+    """RECIPES[name] for the B4M ``run`` ('content' / 'style'): its per-run steps and lr, then the command line's."""
+    recipe = RECIPES[name]
+    return with_overrides({**recipe, **recipe.get(run, {})}, args)
+
+
+def b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, star, zigzag) -> dict:
     """Train and judge the content and / or style run (``stages``) on the star / zigzag Training Images;
     {'content' | 'style': adapter}."""
-    steps, lr = recipe["steps"], recipe["lr"]
     runs = {}
     for run, main, aux, kind in (("content", star, zigzag, "star"), ("style", zigzag, star, "zigzag")):
         if f"b4m_{run}" not in stages:
             continue
+        recipe = run_recipe(args.b4m_recipe, run, args)
+        steps, lr = recipe["steps"], recipe["lr"]
         node = nodes["CSA_TrainB4MContent" if run == "content" else "CSA_TrainB4MStyle"]
         outputs, cost = timed(lambda: node.execute(
             model=model, clip=clip, vae=vae, data=main, auxiliary_data=aux, targets=recipe["targets"],
@@ -135,9 +145,9 @@ def saved_run(nodes, kind: str, out: Path):
 def b4m_demos(nodes, model, clip, vae, evaluators, args, rows, notes, stages):
     """The runs in ``stages``, then (with 'b4m_make') B4M Make of this process's runs or the saved ones; the stages
     can run in separate processes side by side, each on one core."""
-    recipe = with_overrides(RECIPES[args.b4m_recipe], args)
-    star, zigzag = data_node(nodes, "star", recipe["per_pair"]), data_node(nodes, "zigzag", recipe["per_pair"])
-    runs = b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, recipe, star, zigzag)
+    per_pair = with_overrides(RECIPES[args.b4m_recipe], args)["per_pair"]
+    star, zigzag = data_node(nodes, "star", per_pair), data_node(nodes, "zigzag", per_pair)
+    runs = b4m_runs(nodes, model, clip, vae, evaluators, args, rows, notes, stages, star, zigzag)
     if "b4m_make" not in stages:
         return
     for run, kind in (("content", "star"), ("style", "zigzag")):
@@ -229,12 +239,15 @@ def main() -> None:
     b4m, res = with_overrides(RECIPES[args.b4m_recipe], args), with_overrides(RECIPES["residual"], args)
     mk = with_overrides(RECIPES["b4m_make"], args)
     runs_trained = [run for run in ("content", "style") if f"b4m_{run}" in chosen]
+    per_run = {run: run_recipe(args.b4m_recipe, run, args) for run in ("content", "style")}
     described = {  # only what this run trained
         "b4m_runs": f"B4M {' and '.join(runs_trained) or 'content and style'} run"
                     f"{'s' if len(runs_trained) != 1 else ''}{'' if runs_trained else ' (saved earlier)'}: "
                     f"{b4m['targets']}, rank {b4m['rank']}, orthonormal halves "
                     f"{'on every layer' if b4m['non_square'] else 'on square layers only'}, {b4m['loss']} loss, "
-                    f"{b4m['steps']} steps, lr {b4m['lr']} ({b4m['schedule']}; auxiliary factor at a tenth), seed 0, "
+                    + ", ".join(f"{run} {r['steps']} steps at lr {r['lr']}" for run, r in per_run.items()
+                                if not runs_trained or run in runs_trained)
+                    + f" ({b4m['schedule']}; auxiliary factor at a tenth), seed 0, "
                     "auxiliary data the other kind's pictures",
         "b4m_make": f"B4M Make with the joint fine-tune on both picture sets, {mk['steps']} steps at lr {mk['lr']} "
                     f"({mk['schedule']}), preconditioned (λ 1e-4), ε loss",
