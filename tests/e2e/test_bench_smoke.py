@@ -106,10 +106,10 @@ def test_benchmark_in_workers_equals_one_process(tmp_path):
 
 
 def test_b4m_demo_stages_in_separate_processes(tmp_path):
-    """make demo-adapters' B4M stages split over processes (the rank-64 recipe; the make-target smoke runs the
-    demo's): the two runs saved by one process, B4M Make of those files (through Load Adapter) in another; Make alone
+    """make demo-adapters' B4M stages split over processes (the rank-8 'b4m' recipe; the make-target smoke runs
+    the demo's): the two runs saved by one process, B4M Make of those files (through Load Adapter) in another; Make alone
     without them stops with the missing file's name."""
-    script, out = "bench/world/train_b4m_residual_demos.py", ["--smoke", "--out", str(tmp_path), "--b4m-recipe", "b4m_rank64"]
+    script, out = "bench/world/train_b4m_residual_demos.py", ["--smoke", "--out", str(tmp_path), "--b4m-recipe", "b4m"]
     runs = table_without_timings(run([script], *out, "--only", "b4m_content,b4m_style"))
     assert [row[0].strip() for row in runs] == ["csa_world_b4m_star (B4M content run)", "csa_world_b4m_zigzag (B4M style run)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["csa_world_b4m_star.safetensors",
