@@ -48,7 +48,8 @@ reliability: setup
 	$(PYTHON) bench/reliability.py
 
 # Retrain the committed world demo adapters with the pack's trainers (each at most 3 CPU minutes, but B4M's content run
-# about 70, its style run 20 and Make 12) and judge them; block-split is the measurement behind ConsisLoRA's world / SD1.5 block split.
+# about 70, its style run 20 and Make 12) and judge them; block-split is the measurement behind ConsisLoRA's world /
+# SD1.5 block split.
 demo-adapters: setup
 	$(PYTHON) bench/world/train_demo_adapters.py
 	$(PYTHON) bench/world/train_b4m_residual_demos.py
