@@ -6,7 +6,9 @@ Everything goes through ComfyUI's own loader, KSampler and VAE, and the pack's A
 (a) prompt forms x samplers: every base caption in five phrasings (the last never used in training), sampled with
     Euler / normal at CFG 4 and dpmpp_2m / karras at CFG 6; cells: content / style / both right;
 (b) two-object scenes: "a <style> <shape> and a <style> <shape>"; right when each object, judged in its own region,
-    is one of the two prompted (shape, style) pairs and together they are both;
+    is one of the two prompted (shape, style) pairs and together they are both; also what went wrong (shapes right,
+    styles right, one shape drawn twice), and the ceiling: the same pairs rendered by the world and judged as drawn
+    and after a round trip through the checkpoint's VAE;
 (c) attention: the concept (shape) word's LAG masks per block (median threshold, the node's default; top 20%; top 10%) with a
     zero residual, so nothing changes in the picture: the share of the mask on the named object, on the other object
     (two-object prompts), and its IoU with the named object, at the last step and over all steps. The object is the
@@ -31,7 +33,7 @@ from evaluators import box_around, classify, diversity, foreground, judge_region
 import harness  # noqa: E402
 from harness import comfy_host, parse_args, record  # noqa: E402  (puts scripts/ on the path)
 from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
-from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two  # noqa: E402
+from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two, render_scene  # noqa: E402
 
 WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME
 SAMPLERS = {"Euler / normal, CFG 4": ("euler", "normal", 4.0), "dpmpp_2m / karras, CFG 6": ("dpmpp_2m", "karras", 6.0)}
@@ -96,23 +98,47 @@ def prompt_forms(model, clip, vae, evaluators, args) -> tuple[list[tuple], list[
     return rows, sheet
 
 
-def two_objects(model, clip, vae, evaluators, args) -> tuple[dict[str, float], list[str], np.ndarray]:
-    """(b): share of pictures whose two judged objects are the two prompted ones, per sampler; notes; a sheet."""
-    rates, notes, sheet = {}, [], []
+def two_object_scores(judged: list[list[tuple[str, str]]], prompted: list[tuple]) -> dict[str, float]:
+    """(b)'s rate and what went wrong: per picture, the (shape, style) judged in each region against the prompted pair."""
+    def shares(picture, pair, part):
+        return len(picture) == 2 and sorted(o[part] for o in picture) == sorted(o[part] for o in pair)
+
+    return {"both right": float(np.mean([sorted(j) == sorted(p) for j, p in zip(judged, prompted)])),
+            "shapes right": float(np.mean([shares(j, p, 0) for j, p in zip(judged, prompted)])),
+            "styles right": float(np.mean([shares(j, p, 1) for j, p in zip(judged, prompted)])),
+            "same shape twice": float(np.mean([len(j) == 2 and j[0][0] == j[1][0] for j in judged]))}
+
+
+def two_objects(model, clip, vae, evaluators, args) -> tuple[dict[str, dict], list[str], np.ndarray]:
+    """(b): per sampler, two_object_scores of every picture; notes; a sheet."""
+    scores, notes, sheet = {}, [], []
     for sampler_name, (sampler, scheduler, cfg) in SAMPLERS.items():
-        hits = []
+        judged_all, prompted = [], []
         for first, second in two_object_pairs(args.pairs):
             text = phrase_two(first, second, "a <style> <shape> and a <style> <shape>")
             images = sample_caption(model, clip, vae, text, args.seeds, args.steps, cfg, args.seed, sampler, scheduler)
             pixels = to_pixels(images)
             judged = judge_regions(evaluators, pixels)
-            hits += [sorted(j) == sorted([first, second]) for j in judged]
+            judged_all += judged
+            prompted += [(first, second)] * len(judged)
             if sampler == "euler":
                 sheet.append(np.concatenate(list(pixels), axis=1))
                 notes.append(f"{text}: {['; '.join(f'{a} {b}' for b, a in j) or 'no objects' for j in judged]}")
-        rates[sampler_name] = float(np.mean(hits))
-        print(f"(b) two objects | {sampler_name}: {rates[sampler_name]:.0%}", flush=True)
-    return rates, notes, np.concatenate(sheet, axis=0)
+        scores[sampler_name] = two_object_scores(judged_all, prompted)
+        print(f"(b) two objects | {sampler_name}: {scores[sampler_name]}", flush=True)
+    return scores, notes, np.concatenate(sheet, axis=0)
+
+
+def two_object_ceiling(vae, evaluators, args) -> dict[str, dict]:
+    """(b)'s ceiling: the same pairs rendered by the world (seeds args.seed + k), judged as drawn and after a round trip
+    through the checkpoint's VAE. A UNet whose latents were perfect could score no better than the round trip."""
+    scenes = [render_scene(pair, args.seed + k) for pair in two_object_pairs(args.pairs) for k in range(args.seeds)]
+    drawn = torch.from_numpy(np.stack([scene.image for scene in scenes])).float() / 255.0
+    with torch.no_grad():
+        round_trip = vae.decode(vae.encode(drawn)).clamp(0, 1)
+    prompted = [scene.objects for scene in scenes]
+    return {name: two_object_scores(judge_regions(evaluators, (images.numpy() * 255).round().astype(np.uint8)), prompted)
+            for name, images in (("rendered scenes", drawn), ("their VAE round trips", round_trip))}
 
 
 def object_masks(pixels: np.ndarray, shape_word: str, other_word: str | None, evaluators):
@@ -204,6 +230,7 @@ def main() -> None:
     started = time.time()
     table, sheet = prompt_forms(model, clip, vae, evaluators, args) if "a" in parts else ([], [])
     two, two_notes, two_sheet = two_objects(model, clip, vae, evaluators, args) if "b" in parts else ({}, [], None)
+    ceiling = two_object_ceiling(vae, evaluators, args) if "b" in parts else {}
     attention_rows, counted = (attention(nodes, model, clip, vae, evaluators, args) if "c" in parts else
                                ([], {"one object": 0, "two objects": 0}))
     if not harness.SMOKE and "a" in parts:
@@ -213,8 +240,10 @@ def main() -> None:
     images = args.captions * args.seeds
     rows = [(f"(a) {form} · {sampler}", f"content {c:.1%}, style {s:.1%}, **both {b:.1%}**, diversity {d:.3f}")
             for form, sampler, c, s, b, d in table]
-    rows += [(f"(b) two objects, each right in its region · {sampler}", f"{rate:.1%} of {args.pairs * args.seeds}")
-             for sampler, rate in two.items()]
+    rows += [(f"(b) two objects, each right in its region · {name}",
+              f"**{score['both right']:.1%}** of {args.pairs * args.seeds} (shapes right {score['shapes right']:.1%}, "
+              f"styles right {score['styles right']:.1%}, one shape drawn twice {score['same shape twice']:.1%})")
+             for name, score in [*two.items(), *ceiling.items()]]
     rows += [(f"(c) {kind} · {threshold} · block {block} · {steps}",
               f"on the named object **{named:.2f}**, on the other {other:.2f}, IoU {iou:.2f} (object area {area:.2f}, "
               f"so at most {min(1.0, area / MASK_FRACTION[threshold]):.2f} can lie on it)")
@@ -227,6 +256,9 @@ def main() -> None:
            + (f" ({images} images per cell of (a))" if "a" in parts else ""), rows, notes=(
         (f"(a) every one of {args.captions} base captions x {args.seeds} seeds per cell; the form "
          f"'{next(iter(HELD_OUT_FORM))}' was never used in training. " if "a" in parts else "")
+        + ("(b) shapes / styles right: the two judged shapes (styles) are the two prompted, whatever their pairing; "
+           "the rendered scenes and their VAE round trips are the same pairs drawn by the world itself, the ceiling a "
+           "UNet could reach through this VAE. " if "b" in parts else "")
         + ("(c) LAG masks of the shape word with a zero residual: a median mask is half of the 8x8 positions, a "
            "top-20% mask a fifth, a top-10% mask a tenth, so the share on an object can reach at most the object's area "
            f"divided by that; pictures judged: {counted['one object']} one-object, {counted['two objects']} two-object "

@@ -126,3 +126,15 @@ def test_world_text_encoder_scaling_gives_the_same_values_from_a_checkpoint_or_a
         assert torch.equal(value.float(), loaded[key.replace("cond_stage_model.", "clip_l.")]), key
         factor = 30.0 if "token_embedding" in key else 1.0 if "fc1" in key else 0.3
         assert torch.equal(value, (before[key].float() * factor).half()), key
+
+
+def test_two_object_scores_separate_shapes_styles_and_pairing():
+    from evaluate import two_object_scores
+
+    pair = (("circle", "red"), ("square", "striped"))
+    judged = [[("square", "striped"), ("circle", "red")],  # right, in the other order
+              [("circle", "red"), ("circle", "striped")],  # one shape drawn twice; the styles are right
+              [("square", "red"), ("circle", "striped")],  # shapes and styles right, bound the wrong way
+              [("circle", "red")]]  # one object found
+    assert two_object_scores(judged, [pair] * 4) == {"both right": 0.25, "shapes right": 0.5, "styles right": 0.75,
+                                                      "same shape twice": 0.25}
