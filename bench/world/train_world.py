@@ -1,6 +1,8 @@
 """Train the miniature world's base model on the CPU: a TAESD-shaped VAE, then a tiny SD1.5-shaped UNet.
 
     .venv/bin/python bench/world/train_world.py [--vae-steps 900] [--unet-steps 2000] [--vae-only | --reuse-vae]
+    .venv/bin/python bench/world/train_world.py --unet-from bench/world/weights/world_unet_vae.safetensors \
+        --unet-steps 1800 --lr 1e-4 --snapshots 900 --out DIR   # longer training: continue the committed UNet
 
 Writes bench/world/weights/world_unet_vae.safetensors (UNet EMA + TAESD, fp16, 53.9 MiB) and the loss
 curves (bench/world/weights/losses.json, and a table in bench/RESULTS.md). The VAE stage is kept in
@@ -68,6 +70,16 @@ def init_vae_(taesd, generator: torch.Generator) -> None:
         taesd.vae_shift.fill_(0.0)
 
 
+def world_part(weights: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """One part of world weights (the VAE: "first_stage_model.", the UNet: "model.diffusion_model."), in float32."""
+    from safetensors.torch import load_file
+
+    part = {k[len(prefix):]: v.float() for k, v in load_file(str(weights)).items() if k.startswith(prefix)}
+    if not part:
+        raise ValueError(f"{weights}: no tensors under {prefix!r}; is it a world weights file?")
+    return part
+
+
 def cosine_tail(step: int, steps: int) -> float:
     """Learning-rate factor: 1 for the first two thirds, then a cosine down to 0.05."""
     start = 2 * steps // 3
@@ -79,13 +91,11 @@ def cosine_tail(step: int, steps: int) -> float:
 def train_vae(pool: torch.Tensor, steps: int, batch: int, generator: torch.Generator, start: Path | None = None):
     """A TAESD trained on ``pool``: from a fresh init, or fine-tuned from the VAE inside world weights ``start``."""
     from comfy.taesd.taesd import TAESD
-    from safetensors.torch import load_file
 
     taesd = TAESD(latent_channels=4)
     init_vae_(taesd, generator)
     if start is not None:
-        prefix = "first_stage_model."
-        taesd.load_state_dict({k[len(prefix):]: v.float() for k, v in load_file(str(start)).items() if k.startswith(prefix)})
+        taesd.load_state_dict(world_part(start, "first_stage_model."))
     params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
     # A fine-tune at 1e-3 wrecked the trained VAE within 20 steps (round-trip content accuracy 99% -> 12%); 2e-4 kept it.
     optimizer = torch.optim.Adam(params, lr=1e-3 if start is None else 2e-4)
@@ -120,8 +130,12 @@ def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
         return torch.cat([taesd.encode(pool[i:i + 256] * 2 - 1) for i in range(0, len(pool), 256)]) * SD15_SCALE
 
 
-def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, generator: torch.Generator):
-    """conds: (captions, 77, 768), one per distinct caption; caption_index: (images, CAPTIONS_PER_IMAGE) rows of it."""
+def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, generator: torch.Generator,
+               start: dict[str, torch.Tensor] | None = None, lr: float = 5e-4, snapshot=None):
+    """conds: (captions, 77, 768), one per distinct caption; caption_index: (images, CAPTIONS_PER_IMAGE) rows of it.
+
+    start: a trained UNet's state to continue from (it is also where the EMA starts) instead of a fresh init.
+    snapshot(step, ema): called after each step, so a caller can save the EMA on the way."""
     import comfy.ops
     from build_tiny_models import TINY_SD15_UNET_CONFIG, init_weights_
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -130,13 +144,15 @@ def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, gen
     init_weights_(unet, generator)
     with torch.no_grad():
         unet.out[2].weight.zero_()
+    if start is not None:
+        unet.load_state_dict(start)
     ema = copy.deepcopy(unet).requires_grad_(False)
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas_bar = torch.cumprod(1 - betas, 0).float()
     snr = alphas_bar / (1 - alphas_bar)
     min_snr_weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 weighting for epsilon prediction (Hang et al. 2023)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=5e-4, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
     losses = []
     for step in range(steps):
         index = torch.randint(0, len(latents), (batch,), generator=generator)
@@ -162,6 +178,8 @@ def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, gen
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             print(f"unet step {step} loss {np.mean(losses[-50:]):.4f}", flush=True)
+        if snapshot is not None:
+            snapshot(step + 1, ema)
     return ema, losses
 
 
@@ -255,6 +273,12 @@ def main() -> None:
     parser.add_argument("--vae-only", action="store_true",
                         help=f"train the VAE, write {VAE_STAGE} and its round-trip picture, stop")
     parser.add_argument("--reuse-vae", action="store_true", help=f"skip VAE training and use {VAE_STAGE}")
+    parser.add_argument("--unet-from", type=Path, default=None,
+                        help="continue training the UNet inside these world weights, on their VAE as it is (the "
+                             "latents must not move); --unet-steps then counts the extra steps")
+    parser.add_argument("--lr", type=float, default=5e-4, help="the UNet's peak learning rate (one-cycle schedule)")
+    parser.add_argument("--snapshots", type=str, default="",
+                        help="comma-separated steps at which to also write the EMA weights (<weights>.step<N>.safetensors)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write weights, losses and the VAE stage here instead (smoke runs use a temporary folder)")
     args = parse_args(parser, {"vae_steps": 2, "unet_steps": 4, "batch": 2, "per_pair": 1, "scenes": 4})
@@ -273,8 +297,19 @@ def main() -> None:
     # The VAE also sees the held-out shapes and styles (as a real VAE has seen everything); the UNet never does.
     held_out = [s for s in dataset(SHAPES, STYLES, per_pair=max(1, args.per_pair // 6), seed=2)
                 if s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES]
+    snapshot_steps = {int(n) for n in args.snapshots.split(",") if n.strip()}
+    if args.unet_from is not None and args.reuse_vae:
+        parser.error("--unet-from keeps the VAE inside those weights; --reuse-vae would swap in another one")
+    if harness.SMOKE and snapshot_steps:
+        snapshot_steps = {args.unet_steps // 2}
     started = time.time()
-    if args.reuse_vae:
+    if args.unet_from is not None:
+        from comfy.taesd.taesd import TAESD
+
+        taesd = TAESD(latent_channels=4)
+        taesd.load_state_dict(world_part(args.unet_from, "first_stage_model."))
+        vae_losses, vae_seconds = [], 0.0
+    elif args.reuse_vae:
         taesd, vae_losses, vae_seconds = load_vae(vae_stage)
     else:
         vae_pool = torch.cat([pool, images_tensor(held_out)])
@@ -285,7 +320,8 @@ def main() -> None:
         save_vae(taesd, vae_stage, vae_losses, vae_seconds)
     content, style, picture = round_trip_report(taesd)
     Image.fromarray(picture).save(vae_stage.with_suffix(".png"))
-    print(f"vae: final loss {np.mean(vae_losses[-50:]):.5f}; evaluators on round trips: content {content:.1%}, "
+    vae_final = f"{np.mean(vae_losses[-50:]):.5f}" if vae_losses else f"untrained here (from {args.unet_from})"
+    print(f"vae: final loss {vae_final}; evaluators on round trips: content {content:.1%}, "
           f"style {style:.1%}; picture {vae_stage.with_suffix('.png')}", flush=True)
     if args.vae_only:
         return
@@ -302,21 +338,38 @@ def main() -> None:
     caption_index = torch.tensor([[row_of[c] for c in row] for row in captions])
     print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
     unet_started = time.time()
-    unet, unet_losses = train_unet(latents, conds, caption_index, conds[row_of[""]], args.unet_steps, args.batch,
-                                   torch.Generator().manual_seed(UNET_SEED))
-    unet_seconds = time.time() - unet_started
-    print(f"all done in {time.time() - started:.0f} s")
-    state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
-                  if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
     meta = {"csa.world_clip_hash": clip_hash(clip), WORLD_TEXT_ENCODER_KEY: WORLD_TEXT_ENCODER,
             "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object",
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
-    write_safetensors(weights, {k: v.to(torch.float16) for k, v in state.items()}, meta, overwrite=True)
+    if args.unet_from is not None:
+        meta.update({"csa.continued_from": args.unet_from.name, "csa.unet_lr": str(args.lr)})
+
+    def save_weights(unet, path: Path, steps: int) -> None:
+        state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
+        state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
+                      if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
+        write_safetensors(path, {k: v.to(torch.float16) for k, v in state.items()},
+                          {**meta, "csa.unet_steps": str(steps)}, overwrite=True)
+
+    def snapshot(step: int, ema) -> None:
+        if step in snapshot_steps and step < args.unet_steps:
+            path = weights.with_suffix(f".step{step}.safetensors")
+            save_weights(ema, path, step)
+            print(f"wrote {path}", flush=True)
+
+    unet, unet_losses = train_unet(latents, conds, caption_index, conds[row_of[""]], args.unet_steps, args.batch,
+                                   torch.Generator().manual_seed(UNET_SEED), lr=args.lr, snapshot=snapshot,
+                                   start=None if args.unet_from is None else world_part(args.unet_from,
+                                                                                        "model.diffusion_model."))
+    unet_seconds = time.time() - unet_started
+    print(f"all done in {time.time() - started:.0f} s")
+    save_weights(unet, weights, args.unet_steps)
     setup = {"batch": args.batch, "images": f"{len(singles)} single-object, {len(scenes)} two-object",
              "captions": f"{len(distinct) - 1} distinct, {CAPTIONS_PER_IMAGE} per image, one drawn per step", "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
-             "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5), "unet_steps": args.unet_steps,
+             "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5) if vae_losses else "-",
+             "unet_steps": args.unet_steps if args.unet_from is None else f"{args.unet_steps} more, from {args.unet_from.name}",
+             "unet_peak_lr": args.lr,
              "unet_seconds": round(unet_seconds), "vae_round_trip_accuracy": meta["csa.vae_round_trip_accuracy"],
              "weights_MiB": round(weights.stat().st_size / 2**20, 1)}
     partial = losses_path.with_suffix(".partial")

@@ -23,6 +23,8 @@ BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT /
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
+    ["bench/world/train_world.py", "--unet-from", "bench/world/weights/world_unet_vae.safetensors",
+     "--snapshots", "900"],  # longer training: the committed UNet continued
     ["bench/world/evaluate.py"],
     ["bench/world/evaluate.py", "--parts", "c"],  # the attention part alone
     ["bench/world/block_split.py"],  # make block-split
