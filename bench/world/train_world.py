@@ -342,8 +342,13 @@ def main() -> None:
             "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object",
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
-    if args.unet_from is not None:
-        meta.update({"csa.continued_from": args.unet_from.name, "csa.unet_lr": str(args.lr)})
+    if args.unet_from is not None:  # the VAE and the earlier UNet steps are the source's: its metadata says them
+        from safetensors import safe_open
+
+        with safe_open(str(args.unet_from), "pt") as handle:
+            source = handle.metadata() or {}
+        meta.update({"csa.vae_steps": source.get("csa.vae_steps", "?"), "csa.continued_from": args.unet_from.name,
+                     "csa.unet_steps_before": source.get("csa.unet_steps", "?"), "csa.unet_lr": str(args.lr)})
 
     def save_weights(unet, path: Path, steps: int) -> None:
         state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
