@@ -70,14 +70,19 @@ def init_vae_(taesd, generator: torch.Generator) -> None:
         taesd.vae_shift.fill_(0.0)
 
 
-def world_part(weights: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """One part of world weights (the VAE: "first_stage_model.", the UNet: "model.diffusion_model."), in float32."""
+VAE_PREFIX, UNET_PREFIX = "first_stage_model.", "model.diffusion_model."  # the parts of a world weights file
+
+
+def world_parts(weights: Path, *prefixes: str) -> list[dict[str, torch.Tensor]]:
+    """The parts of world weights under each prefix (VAE_PREFIX, UNET_PREFIX), in float32; the file is read once."""
     from safetensors.torch import load_file
 
-    part = {k[len(prefix):]: v.float() for k, v in load_file(str(weights)).items() if k.startswith(prefix)}
-    if not part:
-        raise ValueError(f"{weights}: no tensors under {prefix!r}; is it a world weights file?")
-    return part
+    tensors = load_file(str(weights))
+    parts = [{k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)} for prefix in prefixes]
+    for prefix, part in zip(prefixes, parts):
+        if not part:
+            raise ValueError(f"{weights}: no tensors under {prefix!r}; is it a world weights file?")
+    return parts
 
 
 def cosine_tail(step: int, steps: int) -> float:
@@ -95,7 +100,7 @@ def train_vae(pool: torch.Tensor, steps: int, batch: int, generator: torch.Gener
     taesd = TAESD(latent_channels=4)
     init_vae_(taesd, generator)
     if start is not None:
-        taesd.load_state_dict(world_part(start, "first_stage_model."))
+        taesd.load_state_dict(world_parts(start, VAE_PREFIX)[0])
     params = list(taesd.taesd_encoder.parameters()) + list(taesd.taesd_decoder.parameters())
     # A fine-tune at 1e-3 wrecked the trained VAE within 20 steps (round-trip content accuracy 99% -> 12%); 2e-4 kept it.
     optimizer = torch.optim.Adam(params, lr=1e-3 if start is None else 2e-4)
@@ -300,14 +305,16 @@ def main() -> None:
     snapshot_steps = {int(n) for n in args.snapshots.split(",") if n.strip()}
     if args.unet_from is not None and args.reuse_vae:
         parser.error("--unet-from keeps the VAE inside those weights; --reuse-vae would swap in another one")
-    if harness.SMOKE and snapshot_steps:
+    if harness.SMOKE and snapshot_steps:  # smoke runs have a few steps only: snapshot half-way so the path runs
         snapshot_steps = {args.unet_steps // 2}
     started = time.time()
+    unet_start = None  # the UNet state to continue from (--unet-from)
     if args.unet_from is not None:
         from comfy.taesd.taesd import TAESD
 
+        vae_state, unet_start = world_parts(args.unet_from, VAE_PREFIX, UNET_PREFIX)
         taesd = TAESD(latent_channels=4)
-        taesd.load_state_dict(world_part(args.unet_from, "first_stage_model."))
+        taesd.load_state_dict(vae_state)
         vae_losses, vae_seconds = [], 0.0
     elif args.reuse_vae:
         taesd, vae_losses, vae_seconds = load_vae(vae_stage)
@@ -351,8 +358,8 @@ def main() -> None:
                      "csa.unet_steps_before": source.get("csa.unet_steps", "?"), "csa.unet_lr": str(args.lr)})
 
     def save_weights(unet, path: Path, steps: int) -> None:
-        state = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-        state.update({f"first_stage_model.{k}": v for k, v in taesd.state_dict().items()
+        state = {f"{UNET_PREFIX}{k}": v for k, v in unet.state_dict().items()}
+        state.update({f"{VAE_PREFIX}{k}": v for k, v in taesd.state_dict().items()
                       if k.startswith(("taesd_encoder.", "taesd_decoder.", "vae_"))})
         write_safetensors(path, {k: v.to(torch.float16) for k, v in state.items()},
                           {**meta, "csa.unet_steps": str(steps)}, overwrite=True)
@@ -365,8 +372,7 @@ def main() -> None:
 
     unet, unet_losses = train_unet(latents, conds, caption_index, conds[row_of[""]], args.unet_steps, args.batch,
                                    torch.Generator().manual_seed(UNET_SEED), lr=args.lr, snapshot=snapshot,
-                                   start=None if args.unet_from is None else world_part(args.unet_from,
-                                                                                        "model.diffusion_model."))
+                                   start=unet_start)
     unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     save_weights(unet, weights, args.unet_steps)
