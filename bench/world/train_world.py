@@ -291,6 +291,8 @@ def main() -> None:
         args.out = Path(tempfile.mkdtemp(prefix="csa-world-smoke-"))
     weights, losses_path, vae_stage = ((args.out / WEIGHTS.name, args.out / LOSSES.name, args.out / VAE_STAGE.name)
                                        if args.out else (WEIGHTS, LOSSES, VAE_STAGE))
+    for folder in {weights.parent, losses_path.parent, vae_stage.parent}:  # --unet-from writes no VAE stage first
+        folder.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     comfy_host.import_comfyui(base_directory=Path(tempfile.mkdtemp()))
     import comfy.sd

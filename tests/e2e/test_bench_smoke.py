@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.e2e
 
@@ -23,8 +24,6 @@ BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT /
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
-    ["bench/world/train_world.py", "--unet-from", "bench/world/weights/world_unet_vae.safetensors",
-     "--snapshots", "900"],  # longer training: the committed UNet continued
     ["bench/world/evaluate.py"],
     ["bench/world/evaluate.py", "--parts", "c"],  # the attention part alone
     ["bench/world/block_split.py"],  # make block-split
@@ -74,6 +73,30 @@ def test_demo_script_smoke(command, tmp_path):
 
     base = comfy_host.make_base_directory(tmp_path / "base")
     run(command, "--base", str(base))
+
+
+def test_world_training_continues_the_committed_weights(tmp_path):
+    """train_world.py --unet-from (longer training) at the smoke size, at a learning rate of 0: the written UNet and
+    VAE, and the half-way snapshot's, are the committed ones bit for bit, and the metadata keeps the source's steps."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    source = REPO_ROOT / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
+    out = tmp_path / "continued"  # not there yet: the script makes it
+    run(["bench/world/train_world.py", "--unet-from", str(source.relative_to(REPO_ROOT)), "--lr", "0",
+         "--snapshots", "900", "--out", str(out)], "--smoke")
+    committed = load_file(str(source))
+    with safe_open(str(source), "pt") as handle:
+        committed_meta = handle.metadata()
+    for name, steps in (("world_unet_vae.safetensors", "4"), ("world_unet_vae.step2.safetensors", "2")):
+        written = load_file(str(out / name))
+        assert written.keys() == committed.keys()
+        assert all(torch.equal(written[k], committed[k]) for k in committed), name
+        with safe_open(str(out / name), "pt") as handle:
+            meta = handle.metadata()
+        assert meta["csa.unet_steps"] == steps and meta["csa.unet_steps_before"] == committed_meta["csa.unet_steps"]
+        assert meta["csa.vae_steps"] == committed_meta["csa.vae_steps"]
+        assert meta["csa.continued_from"] == source.name
 
 
 def table_without_timings(output: str) -> list[list[str]]:
