@@ -5,11 +5,13 @@
 Everything goes through ComfyUI's own loader, KSampler and VAE, and the pack's Apply Localized Residual:
 (a) prompt forms x samplers: every base caption in five phrasings (the last never used in training), sampled with
     Euler / normal at CFG 4 and dpmpp_2m / karras at CFG 6; cells: content / style / both right;
-(b) two-object scenes: "a <style> <shape> and a <style> <shape>"; right when each object, judged in its own region,
-    is one of the two prompted (shape, style) pairs and together they are both; also what went wrong (shapes right,
-    styles right, one shape drawn twice), and the ceiling: the same pairs rendered by the world and judged as drawn
-    and after a round trip through the checkpoint's VAE;
-(c) attention: the concept (shape) word's LAG masks per block (median threshold, the node's default; top 20%; top 10%) with a
+(b) two-object scenes: "a <style> <shape> and a <style> <shape>" on the wide canvas the world draws two objects on
+    (world.render_wide_scene: 64x128 for even-numbered pairs, 128x64 for odd ones); right when each object, judged in
+    its own region, is one of the two prompted (shape, style) pairs and together they are both; also what went wrong
+    (shapes right, styles right, one shape drawn twice), and the ceiling: the same pairs rendered by the world and
+    judged as drawn and after a round trip through the checkpoint's VAE; --square-scenes adds the same prompts at
+    64x64, where two objects must share an 8x8 latent;
+(c) attention (two-object prompts on the wide canvas too): the concept (shape) word's LAG masks per block (median threshold, the node's default; top 20%; top 10%) with a
     zero residual, so nothing changes in the picture: the share of the mask on the named object, on the other object
     (two-object prompts), and its IoU with the named object, at the last step and over all steps. The object is the
     drawn one (the generated picture's foreground), so the measure needs no ground truth the model did not draw.
@@ -33,7 +35,7 @@ from evaluators import box_around, classify, diversity, foreground, judge_region
 import harness  # noqa: E402
 from harness import comfy_host, parse_args, record  # noqa: E402  (puts scripts/ on the path)
 from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
-from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two, render_scene  # noqa: E402
+from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two, render_scene, render_wide_scene  # noqa: E402
 
 WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME
 SAMPLERS = {"Euler / normal, CFG 4": ("euler", "normal", 4.0), "dpmpp_2m / karras, CFG 6": ("dpmpp_2m", "karras", 6.0)}
@@ -45,16 +47,18 @@ LOCALIZED_RESIDUAL_STATE = "csa.localized_residual"  # nodes/localized_residual.
 THRESHOLDS = {"median": ("median", 0.5), "top 20%": ("top-k percent", 20.0), "top 10%": ("top-k percent", 10.0)}
 MASK_FRACTION = {"median": 0.5, "top 20%": 0.2, "top 10%": 0.1}
 PARTS = ("a", "b", "c")
+# Picture sizes (height, width) in pixels: one object, and two objects on the wide canvas by orientation.
+SQUARE, LANDSCAPE, PORTRAIT = (64, 64), (64, 128), (128, 64)
 
 
 def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: float, seed: int,
-                   sampler: str = "euler", scheduler: str = "normal", positive=None) -> torch.Tensor:
-    """(seeds, 3, 64, 64) images in [0, 1] for one caption, through ComfyUI's KSampler."""
+                   sampler: str = "euler", scheduler: str = "normal", positive=None, size=SQUARE) -> torch.Tensor:
+    """(seeds, 3, height, width) images in [0, 1] for one caption, through ComfyUI's KSampler; size: (height, width)."""
     import nodes
 
     positive = positive if positive is not None else harness.encode_prompt(clip, text)
     negative = harness.encode_prompt(clip, "")
-    latent = {"samples": torch.zeros(seeds, 4, 8, 8)}
+    latent = {"samples": torch.zeros(seeds, 4, size[0] // 8, size[1] // 8)}
     samples = nodes.common_ksampler(model, seed, steps, cfg, sampler, scheduler, positive, negative, latent)[0]
     with torch.no_grad():
         return vae.decode(samples["samples"]).movedim(-1, 1).clamp(0, 1)
@@ -62,6 +66,17 @@ def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: flo
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
     return (images.movedim(1, -1).numpy() * 255).round().astype(np.uint8)
+
+
+def canvas(index: int) -> tuple[int, int]:
+    """The wide canvas (height, width) of the index-th two-object prompt: landscape and portrait in turn."""
+    return LANDSCAPE if index % 2 == 0 else PORTRAIT
+
+
+def sheet_row(pixels: np.ndarray, width: int) -> np.ndarray:
+    """Pictures side by side, padded with white on the right to ``width`` pixels."""
+    row = np.concatenate(list(pixels), axis=1)
+    return np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=255)
 
 
 def two_object_pairs(count: int, seed: int = 5) -> list[tuple[tuple[str, str], tuple[str, str]]]:
@@ -109,36 +124,55 @@ def two_object_scores(judged: list[list[tuple[str, str]]], prompted: list[tuple]
             "same shape twice": float(np.mean([len(j) == 2 and j[0][0] == j[1][0] for j in judged]))}
 
 
-def two_objects(model, clip, vae, evaluators, args) -> tuple[dict[str, dict], list[str], np.ndarray]:
-    """(b): per sampler, two_object_scores of every picture; notes; a sheet."""
+def two_objects(model, clip, vae, evaluators, args, square: bool = False) -> tuple[dict[str, dict], list[str], np.ndarray]:
+    """(b): per sampler, two_object_scores of every picture (on the wide canvas, or at 64x64 with ``square``); notes;
+    a sheet of the Euler pictures."""
     scores, notes, sheet = {}, [], []
     for sampler_name, (sampler, scheduler, cfg) in SAMPLERS.items():
         judged_all, prompted = [], []
-        for first, second in two_object_pairs(args.pairs):
+        for index, (first, second) in enumerate(two_object_pairs(args.pairs)):
             text = phrase_two(first, second, "a <style> <shape> and a <style> <shape>")
-            images = sample_caption(model, clip, vae, text, args.seeds, args.steps, cfg, args.seed, sampler, scheduler)
+            size = SQUARE if square else canvas(index)
+            images = sample_caption(model, clip, vae, text, args.seeds, args.steps, cfg, args.seed, sampler, scheduler,
+                                    size=size)
             pixels = to_pixels(images)
             judged = judge_regions(evaluators, pixels)
             judged_all += judged
             prompted += [(first, second)] * len(judged)
             if sampler == "euler":
-                sheet.append(np.concatenate(list(pixels), axis=1))
-                notes.append(f"{text}: {['; '.join(f'{a} {b}' for b, a in j) or 'no objects' for j in judged]}")
+                sheet.append(sheet_row(pixels, args.seeds * max(LANDSCAPE[1], PORTRAIT[1])))
+                notes.append(f"{text} ({size[1]}x{size[0]}): "
+                             f"{['; '.join(f'{a} {b}' for b, a in j) or 'no objects' for j in judged]}")
         scores[sampler_name] = two_object_scores(judged_all, prompted)
-        print(f"(b) two objects | {sampler_name}: {scores[sampler_name]}", flush=True)
+        print(f"(b) two objects{' at 64x64' if square else ''} | {sampler_name}: {scores[sampler_name]}", flush=True)
     return scores, notes, np.concatenate(sheet, axis=0)
 
 
-def two_object_ceiling(vae, evaluators, args) -> dict[str, dict]:
-    """(b)'s ceiling: the same pairs rendered by the world (seeds args.seed + k), judged as drawn and after a round trip
-    through the checkpoint's VAE. A UNet whose latents were perfect could score no better than the round trip."""
-    scenes = [render_scene(pair, args.seed + k) for pair in two_object_pairs(args.pairs) for k in range(args.seeds)]
-    drawn = torch.from_numpy(np.stack([scene.image for scene in scenes])).float() / 255.0
-    with torch.no_grad():
-        round_trip = vae.decode(vae.encode(drawn)).clamp(0, 1)
-    prompted = [scene.objects for scene in scenes]
-    return {name: two_object_scores(judge_regions(evaluators, (images.numpy() * 255).round().astype(np.uint8)), prompted)
-            for name, images in (("rendered scenes", drawn), ("their VAE round trips", round_trip))}
+def two_object_ceiling(vae, evaluators, args, square: bool = False) -> dict[str, dict]:
+    """(b)'s ceiling: the same pairs on the same canvases rendered by the world (seeds args.seed + k), judged as drawn
+    and after a round trip through the checkpoint's VAE. A UNet whose latents were perfect could score no better than
+    the round trip."""
+    scores = {}
+    for images, prompted in rendered_pairs(args, square):
+        drawn = torch.from_numpy(images).float() / 255.0
+        with torch.no_grad():
+            round_trip = vae.decode(vae.encode(drawn)).clamp(0, 1)
+        for kind, pictures in (("rendered scenes", images), ("their VAE round trips", to_pixels(round_trip.movedim(-1, 1)))):
+            scores.setdefault(kind, []).append((judge_regions(evaluators, pictures), prompted))
+    return {kind: two_object_scores([j for judged, _ in parts for j in judged], [p for _, ps in parts for p in ps])
+            for kind, parts in scores.items()}
+
+
+def rendered_pairs(args, square: bool) -> list[tuple[np.ndarray, list]]:
+    """(uint8 pictures, prompted pairs) of (b)'s pairs as the world draws them, one entry per canvas size."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for index, pair in enumerate(two_object_pairs(args.pairs)):
+        size = SQUARE if square else canvas(index)
+        for k in range(args.seeds):
+            scene = render_scene(pair, args.seed + k) if square else render_wide_scene(pair, args.seed + k, size == LANDSCAPE)
+            groups.setdefault(size, ([], []))[0].append(scene.image)
+            groups[size][1].append(scene.objects)
+    return [(np.stack(images), prompted) for images, prompted in groups.values()]
 
 
 def object_masks(pixels: np.ndarray, shape_word: str, other_word: str | None, evaluators):
@@ -164,17 +198,17 @@ def attention(nodes, model, clip, vae, evaluators, args) -> tuple[list[tuple], d
 
     residual = nodes["CSA_NewResidualAdapter"].execute(model=model, rank_fraction=0.05, init_scale=0.0, seed=0).args[0]
     negative = harness.encode_prompt(clip, "")
-    prompts = [("one object", phrase(shape, style, "a <style> <shape>"), shape, None)
+    prompts = [("one object", phrase(shape, style, "a <style> <shape>"), shape, None, SQUARE)
                for shape in BASE_SHAPES for style in BASE_STYLES][:args.captions]
-    prompts += [("two objects", phrase_two(a, b, "a <style> <shape> and a <style> <shape>"), a[0], b[0])
-                for a, b in two_object_pairs(args.pairs)]
+    prompts += [("two objects", phrase_two(a, b, "a <style> <shape> and a <style> <shape>"), a[0], b[0], canvas(index))
+                for index, (a, b) in enumerate(two_object_pairs(args.pairs))]
     sums: dict[tuple, list[np.ndarray]] = {}
     counted = {"one object": 0, "two objects": 0}
-    for (kind, text, word, other), (threshold_name, (mode, value)) in itertools.product(prompts, THRESHOLDS.items()):
+    for (kind, text, word, other, size), (threshold_name, (mode, value)) in itertools.product(prompts, THRESHOLDS.items()):
         patched, positive = nodes["CSA_ApplyLocalizedResidual"].execute(
             model=model, residual=residual, clip=clip, prompt=text, concept_words=word, lag=True,
             threshold_mode=mode, threshold=value, start_percent=0.0, end_percent=1.0, strength=1.0).args[:2]
-        latent = {"samples": torch.zeros(args.attention_seeds, 4, 8, 8)}
+        latent = {"samples": torch.zeros(args.attention_seeds, 4, size[0] // 8, size[1] // 8)}
         samples = comfy_nodes.common_ksampler(patched, args.seed, args.steps, 4.0, "euler", "normal", positive, negative,
                                               latent)[0]
         with torch.no_grad():
@@ -214,6 +248,8 @@ def main() -> None:
                         help="how many base captions (in order)")
     parser.add_argument("--pairs", type=int, default=30, help="two-object prompts")
     parser.add_argument("--attention-seeds", type=int, default=2)
+    parser.add_argument("--square-scenes", action="store_true",
+                        help="(b) also at 64x64, both objects in one 8x8 latent (the world's earlier two-object scenes)")
     parser.add_argument("--checkpoint", type=Path, default=WORLD_CHECKPOINT)
     parser.add_argument("--parts", default=",".join(PARTS), help="which of (a) prompt forms, (b) two objects, "
                         "(c) attention to run, e.g. 'c'")
@@ -230,7 +266,11 @@ def main() -> None:
     started = time.time()
     table, sheet = prompt_forms(model, clip, vae, evaluators, args) if "a" in parts else ([], [])
     two, two_notes, two_sheet = two_objects(model, clip, vae, evaluators, args) if "b" in parts else ({}, [], None)
-    ceiling = two_object_ceiling(vae, evaluators, args) if "b" in parts else {}
+    two.update(two_object_ceiling(vae, evaluators, args) if "b" in parts else {})
+    square = {}
+    if "b" in parts and args.square_scenes:
+        square = two_objects(model, clip, vae, evaluators, args, square=True)[0]
+        square.update(two_object_ceiling(vae, evaluators, args, square=True))
     attention_rows, counted = (attention(nodes, model, clip, vae, evaluators, args) if "c" in parts else
                                ([], {"one object": 0, "two objects": 0}))
     if not harness.SMOKE and "a" in parts:
@@ -240,26 +280,28 @@ def main() -> None:
     images = args.captions * args.seeds
     rows = [(f"(a) {form} · {sampler}", f"content {c:.1%}, style {s:.1%}, **both {b:.1%}**, diversity {d:.3f}")
             for form, sampler, c, s, b, d in table]
-    rows += [(f"(b) two objects, each right in its region · {name}",
+    rows += [(f"(b) two objects{where}, each right in its region · {name}",
               f"**{score['both right']:.1%}** of {args.pairs * args.seeds} (shapes right {score['shapes right']:.1%}, "
               f"styles right {score['styles right']:.1%}, one shape drawn twice {score['same shape twice']:.1%})")
-             for name, score in [*two.items(), *ceiling.items()]]
+             for where, scores in (("", two), (" at 64x64", square)) for name, score in scores.items()]
     rows += [(f"(c) {kind} · {threshold} · block {block} · {steps}",
               f"on the named object **{named:.2f}**, on the other {other:.2f}, IoU {iou:.2f} (object area {area:.2f}, "
               f"so at most {min(1.0, area / MASK_FRACTION[threshold]):.2f} can lie on it)")
              for kind, threshold, block, steps, named, other, iou, area in attention_rows]
     rows += [("evaluators' held-out accuracy on generator images",
               ", ".join(f"{k[len('accuracy.'):]} {v}" for k, v in sorted(metadata.items()) if k.startswith("accuracy."))),
-             ("sampling", f"{args.steps} steps, 64x64, {time.time() - started:.0f} s in all; {args.checkpoint.name}")]
+             ("sampling", f"{args.steps} steps; one object 64x64, two objects 128x64 and 64x128 in turn; "
+                          f"{time.time() - started:.0f} s in all; {args.checkpoint.name}")]
     title = {"a": "prompt forms", "b": "two objects", "c": "attention"}
     record(f"World base model: {', '.join(title[p] for p in parts)}"
            + (f" ({images} images per cell of (a))" if "a" in parts else ""), rows, notes=(
         (f"(a) every one of {args.captions} base captions x {args.seeds} seeds per cell; the form "
          f"'{next(iter(HELD_OUT_FORM))}' was never used in training. " if "a" in parts else "")
-        + ("(b) shapes / styles right: the two judged shapes (styles) are the two prompted, whatever their pairing; "
-           "the rendered scenes and their VAE round trips are the same pairs drawn by the world itself, the ceiling a "
-           "UNet could reach through this VAE. " if "b" in parts else "")
-        + ("(c) LAG masks of the shape word with a zero residual: a median mask is half of the 8x8 positions, a "
+        + ("(b) on the wide canvas (128x64 for even-numbered pairs, 64x128 for odd ones); shapes / styles right: the two "
+           "judged shapes (styles) are the two prompted, whatever their pairing; the rendered scenes and their VAE round "
+           "trips are the same pairs on the same canvases drawn by the world itself, the ceiling a UNet could reach "
+           "through this VAE. " if "b" in parts else "")
+        + ("(c) LAG masks of the shape word with a zero residual: a median mask is half of the latent positions, a "
            "top-20% mask a fifth, a top-10% mask a tenth, so the share on an object can reach at most the object's area "
            f"divided by that; pictures judged: {counted['one object']} one-object, {counted['two objects']} two-object "
            "(those where the evaluators found the named shape), each under every threshold." if "c" in parts else "")

@@ -79,7 +79,7 @@ def random_batch(size: int, generator: torch.Generator, seed_offset: int = 0):
 
 
 def foreground(image: np.ndarray) -> np.ndarray:
-    """(64, 64) bool: pixels that differ from the plain background (the light stripes of some styles do not)."""
+    """(H, W) bool: pixels that differ from the plain background (the light stripes of some styles do not)."""
     return np.abs(image.astype(np.int16) - np.array(BACKGROUND, np.int16)).max(-1) > 30
 
 
@@ -100,7 +100,7 @@ def isolate(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def split_two(image: np.ndarray, iterations: int = 20) -> list[np.ndarray]:
-    """The foreground split into two objects (2-means on pixel positions): [(64, 64) bool, (64, 64) bool], or fewer
+    """The foreground split into two objects (2-means on pixel positions): [(H, W) bool, (H, W) bool], or fewer
     when there is too little foreground. A picture of one object comes back as two halves of it (judged wrong)."""
     points = np.argwhere(foreground(image)).astype(np.float32)
     if len(points) < 8:
@@ -120,17 +120,30 @@ def split_two(image: np.ndarray, iterations: int = 20) -> list[np.ndarray]:
     return masks
 
 
+def window_around(mask: np.ndarray, size: int = 64) -> tuple[slice, slice]:
+    """The size x size window of the picture centred on the mask's pixels, moved inside the picture."""
+    rows, cols = np.nonzero(mask)
+    starts = [int(np.clip(round(float(np.mean(c)) - size / 2) if len(c) else 0, 0, extent - size))
+              for c, extent in ((rows, mask.shape[0]), (cols, mask.shape[1]))]
+    return slice(starts[0], starts[0] + size), slice(starts[1], starts[1] + size)
+
+
 def regions_judged(models, image: np.ndarray) -> list[tuple[np.ndarray, str, str]]:
-    """One (64, 64, 3) uint8 picture of two objects: [(region mask, shape, style)], each judged in its own region."""
+    """One (H, W, 3) uint8 picture of two objects, 64x64 or a wide canvas (H, W >= 64): [(region mask, shape, style)],
+    each object judged in its own region (the other painted out), in the 64x64 window centred on it."""
     regions = split_two(image)
     if not regions:
         return []
-    shapes, styles = classify(models, to_tensor(np.stack([isolate(image, box_around(r)) for r in regions])))
+    crops = []
+    for region in regions:
+        rows, cols = window_around(region)
+        crops.append(isolate(image, box_around(region))[rows, cols])
+    shapes, styles = classify(models, to_tensor(np.stack(crops)))
     return list(zip(regions, shapes, styles))
 
 
 def judge_regions(models, images: np.ndarray) -> list[list[tuple[str, str]]]:
-    """Per (64, 64, 3) uint8 picture of two objects: [(shape, style) of each object, judged in its own region]."""
+    """Per (H, W, 3) uint8 picture of two objects (see regions_judged): [(shape, style) of each object, judged in its own region]."""
     return [[(shape, style) for _, shape, style in regions_judged(models, image)] for image in images]
 
 

@@ -135,9 +135,12 @@ def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
         return torch.cat([taesd.encode(pool[i:i + 256] * 2 - 1) for i in range(0, len(pool), 256)]) * SD15_SCALE
 
 
-def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, generator: torch.Generator,
+def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Generator,
                start: dict[str, torch.Tensor] | None = None, lr: float = 5e-4, snapshot=None):
-    """conds: (captions, 77, 768), one per distinct caption; caption_index: (images, CAPTIONS_PER_IMAGE) rows of it.
+    """pools: [(latents (images, 4, h, w), caption_index (images, CAPTIONS_PER_IMAGE))], one per latent size; conds:
+    (captions, 77, 768), one per distinct caption, which caption_index rows point at. Each step draws its batch from
+    one pool, chosen in proportion to the pools' sizes (with one pool, no draw is made), with batch x 64 / (h x w)
+    images, so every step sees about as many latent cells.
 
     start: a trained UNet's state to continue from (it is also where the EMA starts) instead of a fresh init.
     snapshot(step, ema): called after each step, so a caller can save the EMA on the way."""
@@ -159,13 +162,17 @@ def train_unet(latents, conds, caption_index, empty, steps: int, batch: int, gen
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
     losses = []
+    pool_weights = torch.tensor([float(len(latents)) for latents, _ in pools])
     for step in range(steps):
-        index = torch.randint(0, len(latents), (batch,), generator=generator)
-        pick = torch.randint(0, caption_index.shape[1], (batch,), generator=generator)
+        chosen = 0 if len(pools) == 1 else int(torch.multinomial(pool_weights, 1, generator=generator))
+        latents, caption_index = pools[chosen]
+        size = max(1, batch * 64 // (latents.shape[-2] * latents.shape[-1]))
+        index = torch.randint(0, len(latents), (size,), generator=generator)
+        pick = torch.randint(0, caption_index.shape[1], (size,), generator=generator)
         x0, context = latents[index], conds[caption_index[index, pick]].clone()
-        drop = torch.rand(batch, generator=generator) < 0.1  # classifier-free guidance dropout
+        drop = torch.rand(size, generator=generator) < 0.1  # classifier-free guidance dropout
         context[drop] = empty
-        t = torch.randint(0, 1000, (batch,), generator=generator)
+        t = torch.randint(0, 1000, (size,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         ab = alphas_bar[t].view(-1, 1, 1, 1)
         noisy = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
@@ -273,6 +280,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--per-pair", type=int, default=96, help="single-object images per base (shape, style) pair")
     parser.add_argument("--scenes", type=int, default=2880, help="two-object scenes")
+    parser.add_argument("--wide-scenes", action="store_true",
+                        help="draw the two-object scenes on the wide canvas (world.render_wide_scene: 64x128 or 128x64, "
+                             "each object at a single object's size) instead of both objects in 64x64")
     parser.add_argument("--vae-from", type=Path, default=WEIGHTS,
                         help="fine-tune the VAE inside these world weights (a missing file: train one from scratch)")
     parser.add_argument("--vae-only", action="store_true",
@@ -299,8 +309,13 @@ def main() -> None:
     from PIL import Image
     generator = torch.Generator().manual_seed(VAE_SEED)
     singles = dataset(BASE_SHAPES, BASE_STYLES, per_pair=args.per_pair, seed=1)
-    scenes = two_object_scenes(args.scenes, seed=1)
-    pool = images_tensor(singles + scenes)
+    scenes = two_object_scenes(args.scenes, seed=1, wide=args.wide_scenes)
+    # The 64x64 pictures the VAE trains on, and the UNet's pools of equal-sized pictures (one per canvas shape; with
+    # 64x64 scenes, one pool in the committed order, so that run draws the same batches as before).
+    canvases = sorted({s.image.shape for s in scenes} - {(64, 64, 3)})
+    pool = images_tensor(singles + [s for s in scenes if s.image.shape == (64, 64, 3)])
+    tiles = [tile for s in scenes if s.image.shape != (64, 64, 3)
+             for tile in np.split(s.image, 2, axis=0 if s.image.shape[0] > 64 else 1)]
     # The VAE also sees the held-out shapes and styles (as a real VAE has seen everything); the UNet never does.
     held_out = [s for s in dataset(SHAPES, STYLES, per_pair=max(1, args.per_pair // 6), seed=2)
                 if s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES]
@@ -321,7 +336,8 @@ def main() -> None:
     elif args.reuse_vae:
         taesd, vae_losses, vae_seconds = load_vae(vae_stage)
     else:
-        vae_pool = torch.cat([pool, images_tensor(held_out)])
+        vae_pool = torch.cat([pool, images_tensor(held_out)] + ([torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2)
+                                                                  .float() / 255.0] if tiles else []))
         taesd, vae_losses = train_vae(vae_pool, args.vae_steps, args.batch, generator,
                                       args.vae_from if args.vae_from.exists() else None)
         set_latent_scale(taesd, vae_pool)
@@ -336,6 +352,8 @@ def main() -> None:
         return
     latents = model_latents(taesd, pool)
     print(f"latent std {latents.std():.3f} mean {latents.mean():.3f}")
+    canvas_of = [[i for i, s in enumerate(scenes) if s.image.shape == shape] for shape in canvases]
+    canvas_latents = [model_latents(taesd, images_tensor([scenes[i] for i in chosen])) for chosen in canvas_of]
     _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)
     clip = world_clip(clip)
@@ -345,10 +363,13 @@ def main() -> None:
     with torch.no_grad():
         conds = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in distinct]).float()
     caption_index = torch.tensor([[row_of[c] for c in row] for row in captions])
+    in_pool = len(pool)  # the first rows of captions: singles, then the 64x64 scenes
+    pools = [(latents, caption_index[:in_pool])]
+    pools += [(lat, caption_index[[len(singles) + i for i in chosen]]) for lat, chosen in zip(canvas_latents, canvas_of)]
     print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
     unet_started = time.time()
     meta = {"csa.world_clip_hash": clip_hash(clip), WORLD_TEXT_ENCODER_KEY: WORLD_TEXT_ENCODER,
-            "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object",
+            "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object" + (" (wide canvas)" if args.wide_scenes else ""),
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
     if args.unet_from is not None:  # the VAE and the earlier UNet steps are the source's: its metadata says them
@@ -372,13 +393,13 @@ def main() -> None:
             save_weights(ema, path, step)
             print(f"wrote {path}", flush=True)
 
-    unet, unet_losses = train_unet(latents, conds, caption_index, conds[row_of[""]], args.unet_steps, args.batch,
+    unet, unet_losses = train_unet(pools, conds, conds[row_of[""]], args.unet_steps, args.batch,
                                    torch.Generator().manual_seed(UNET_SEED), lr=args.lr, snapshot=snapshot,
                                    start=unet_start)
     unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     save_weights(unet, weights, args.unet_steps)
-    setup = {"batch": args.batch, "images": f"{len(singles)} single-object, {len(scenes)} two-object",
+    setup = {"batch": args.batch, "images": f"{len(singles)} single-object, {len(scenes)} two-object" + (" (wide canvas)" if args.wide_scenes else ""),
              "captions": f"{len(distinct) - 1} distinct, {CAPTIONS_PER_IMAGE} per image, one drawn per step", "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
              "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5) if vae_losses else "-",
              "unet_steps": args.unet_steps if args.unet_from is None else f"{args.unet_steps} more, from {args.unet_from.name}",

@@ -6,6 +6,7 @@ hold one object or two side by side; captions come in several phrasings, as peop
 
     render("triangle", "striped", seed=3) -> Sample(image uint8 (64, 64, 3), mask bool (64, 64), caption)
     render_scene((("circle", "red"), ("square", "striped")), seed=3) -> Scene(image, masks, objects)
+    render_wide_scene((("circle", "red"), ("square", "striped")), seed=3) -> Scene on a 64x128 or 128x64 canvas
     phrase("circle", "red", "no article") -> "red circle"
 """
 from __future__ import annotations
@@ -157,15 +158,43 @@ def render_scene(objects, seed: int) -> Scene:
     return Scene(image.round().clip(0, 255).astype(np.uint8), tuple(masks), tuple(objects))
 
 
-def two_object_scenes(count: int, shapes=BASE_SHAPES, styles=BASE_STYLES, seed: int = 0) -> list[Scene]:
-    """``count`` scenes of two objects with different shapes and different styles, deterministic from seed."""
+def render_wide_scene(objects, seed: int, landscape: bool | None = None) -> Scene:
+    """Two objects on a canvas of two 64x64 halves, each drawn as a single object is (radius 17-23 px, centre within
+    5 px of its half's): landscape (64 high, 128 wide) or portrait (128 x 64), chosen by the seed unless given; which
+    object takes the first half is chosen by the seed too.
+
+    At 64x64 two objects fit only at radius 11-14 px, about three cells of the 8x8 latent, where the world's VAE
+    already loses a fifth of the shapes; on the wider canvas each object keeps a single object's size in the latent."""
+    rng = np.random.default_rng([seed, 8_888, *(SHAPES.index(h) * 10 + STYLES.index(t) for h, t in objects)])
+    chosen_landscape = bool(rng.integers(0, 2))
+    landscape = chosen_landscape if landscape is None else landscape
+    order = rng.permutation(len(objects))
+    halves = [render(shape, style, int(rng.integers(0, 2**31))) for shape, style in (objects[i] for i in order)]
+    axis = 1 if landscape else 0
+    image = np.concatenate([half.image for half in halves], axis=axis)
+    empty = np.zeros_like(halves[0].mask)
+    placed = [np.concatenate([h.mask, empty] if k == 0 else [empty, h.mask], axis=axis) for k, h in enumerate(halves)]
+    masks = [None] * len(objects)
+    for k, i in enumerate(order):
+        masks[i] = placed[k]
+    return Scene(image, tuple(masks), tuple(objects))
+
+
+def object_pairs(count: int, shapes=BASE_SHAPES, styles=BASE_STYLES, seed: int = 0) -> list[tuple]:
+    """``count`` pairs of objects with different shapes and different styles, deterministic from seed."""
     rng = np.random.default_rng([seed, 4_242])
-    scenes = []
-    for i in range(count):
+    pairs = []
+    for _ in range(count):
         first, second = rng.choice(len(shapes), 2, replace=False), rng.choice(len(styles), 2, replace=False)
-        objects = ((shapes[first[0]], styles[second[0]]), (shapes[first[1]], styles[second[1]]))
-        scenes.append(render_scene(objects, seed * 100_003 + i))
-    return scenes
+        pairs.append(((shapes[first[0]], styles[second[0]]), (shapes[first[1]], styles[second[1]])))
+    return pairs
+
+
+def two_object_scenes(count: int, shapes=BASE_SHAPES, styles=BASE_STYLES, seed: int = 0, wide: bool = False) -> list[Scene]:
+    """``count`` scenes of two objects with different shapes and different styles, deterministic from seed: 64x64
+    (render_scene) or on the wide canvas (render_wide_scene)."""
+    draw = render_wide_scene if wide else render_scene
+    return [draw(objects, seed * 100_003 + i) for i, objects in enumerate(object_pairs(count, shapes, styles, seed))]
 
 
 def dataset(shapes=BASE_SHAPES, styles=BASE_STYLES, per_pair: int = 8, seed: int = 0) -> list[Sample]:

@@ -9,7 +9,8 @@ WORLD = Path(__file__).resolve().parents[2] / "bench" / "world"
 sys.path.insert(0, str(WORLD))
 
 from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_FORM, SHAPES, STYLES, TWO_OBJECT_FORMS,  # noqa: E402
-                   caption, contact_sheet, dataset, phrase, phrase_two, render, render_scene, two_object_scenes)
+                   caption, contact_sheet, dataset, phrase, phrase_two, render, render_scene, render_wide_scene,
+                   two_object_scenes)
 
 
 def test_generator_is_deterministic_and_labels_are_exact():
@@ -79,6 +80,31 @@ def test_two_object_scenes_are_deterministic_with_disjoint_objects_on_either_sid
     assert len({s.objects for s in two_object_scenes(40, seed=3)}) > 30
 
 
+def test_wide_scenes_hold_two_single_objects_one_per_half_in_either_orientation():
+    objects = (("circle", "red"), ("square", "striped"))
+    a, b = render_wide_scene(objects, 5), render_wide_scene(objects, 5)
+    assert np.array_equal(a.image, b.image) and a.objects == objects
+    scenes = two_object_scenes(40, seed=3, wide=True)
+    assert {s.image.shape for s in scenes} == {(64, 128, 3), (128, 64, 3)}, "both orientations are drawn"
+    assert [s.objects for s in scenes] == [s.objects for s in two_object_scenes(40, seed=3)], "the same pairs"
+    left_first = set()
+    for scene in scenes:
+        axis = 1 if scene.image.shape[1] == 128 else 0
+        halves = np.split(scene.image, 2, axis=axis)
+        for k, ((shape, style), mask) in enumerate(zip(scene.objects, scene.masks)):
+            half = int(np.argwhere(mask).mean(0)[axis] >= 64)
+            inside = np.split(mask, 2, axis=axis)[half]
+            assert not np.split(mask, 2, axis=axis)[1 - half].any(), "an object stays in its half"
+            # the half is a single object as render() draws it: its pixels are the object's, the rest background
+            assert (halves[half][~inside] == [236, 236, 230]).all() and (halves[half][inside] != [236, 236, 230]).any(axis=-1).mean() > 0.5
+            extent = max(np.ptp(np.nonzero(inside)[0]), np.ptp(np.nonzero(inside)[1])) + 1
+            assert 300 < inside.sum() < 64 * 64 / 2 and extent > 2 * 14, "a single object's size, not a 64x64 scene's"
+            left_first.add((k, half))
+    assert left_first == {(0, 0), (0, 1), (1, 0), (1, 1)}, "either object takes either half"
+    portrait = render_wide_scene(objects, 5, landscape=False)
+    assert portrait.image.shape == (128, 64, 3) and render_wide_scene(objects, 5, landscape=True).image.shape == (64, 128, 3)
+
+
 def test_caption_forms():
     assert phrase("circle", "red", "a <style> <shape>") == caption("circle", "red") == "a red circle"
     assert phrase("circle", "red", "no article") == "red circle"
@@ -102,6 +128,29 @@ def test_objects_of_a_generator_scene_are_found_and_judged_in_their_regions():
     right = np.mean([sorted(j) == sorted(s.objects) for j, s in zip(judged, scenes)])
     assert right >= 0.9, right
     assert judge_regions(models, np.full((1, 64, 64, 3), 236, np.uint8)) == [[]]
+
+
+def test_objects_of_a_wide_scene_are_judged_in_a_window_around_each():
+    from evaluators import judge_regions, load, window_around
+
+    mask = np.zeros((64, 128), bool)
+    mask[10:20, 100:110] = True
+    assert window_around(mask) == (slice(0, 64), slice(64, 128)), "moved inside the picture"
+    mask[:] = False
+    mask[40:51, 50:61] = True  # centred on (45, 55)
+    assert window_around(mask) == (slice(0, 64), slice(23, 87))
+    assert window_around(np.ones((64, 64), bool)) == (slice(0, 64), slice(0, 64)), "a 64x64 picture is its own window"
+    models, _ = load()
+    for landscape in (True, False):
+        scenes = [render_wide_scene(pair, seed, landscape) for seed, pair in
+                  enumerate(s.objects for s in two_object_scenes(60, seed=11))]
+        judged = judge_regions(models, np.stack([s.image for s in scenes]))
+        right = np.mean([sorted(j) == sorted(s.objects) for j, s in zip(judged, scenes)])
+        assert right >= 0.95, (landscape, right)
+        # a wide picture of one object is split into two halves of it, and so judged wrong, as at 64x64
+        lone = np.concatenate([render("circle", "red", 1).image, np.full((64, 64, 3), (236, 236, 230), np.uint8)],
+                              axis=1 if landscape else 0)
+        assert sorted(judge_regions(models, lone[None])[0]) != sorted((("circle", "red"), ("square", "striped")))
 
 
 def test_world_text_encoder_scaling_gives_the_same_values_from_a_checkpoint_or_a_loaded_model():
