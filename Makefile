@@ -5,7 +5,7 @@
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters block-split benchmark clean
+.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters judge-adapters block-split benchmark clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -53,6 +53,10 @@ reliability: setup
 demo-adapters: setup
 	$(PYTHON) bench/world/train_demo_adapters.py
 	$(PYTHON) bench/world/train_b4m_residual_demos.py
+
+# Judge the committed demo adapters again on the current world checkpoint, without retraining (about 15 minutes).
+judge-adapters: setup
+	$(PYTHON) bench/world/judge_demo_adapters.py
 
 block-split: setup
 	$(PYTHON) bench/world/block_split.py

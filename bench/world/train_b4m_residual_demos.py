@@ -177,9 +177,6 @@ def object_pixels(images: np.ndarray) -> np.ndarray:
 
 
 def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
-    from evaluate import sample_caption
-    from evaluators import change_outside_mask, classify
-
     recipe = with_overrides(RECIPES["residual"], args)
     outputs, cost = timed(lambda: nodes["CSA_TrainPersonalizedResidual"].execute(
         model=model, clip=clip, vae=vae, data=residual_data(nodes, recipe["per_pair"], recipe["class_word"]),
@@ -187,8 +184,21 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
         lr=recipe["lr"], loss="epsilon", seed=0, filename="csa_world_residual_star", overwrite=True, resume_from="none",
         options=training_options(nodes, schedule=recipe["schedule"]), learn_token_embedding=recipe["token_lr"] > 0,
         token_lr=recipe["token_lr"] or recipe["lr"]).args)
-    residual, size = outputs[0], keep(outputs[-1], args.out)
-    concept = f"{CONTENT_WORD} {recipe['class_word']}"
+    rows_judged, notes_judged = judge_residual(nodes, model, clip, vae, evaluators, outputs[0], recipe["class_word"], args,
+                                               f"{cost}; {keep(outputs[-1], args.out)}")
+    rows += rows_judged
+    notes += notes_judged
+    print(*rows[-2:], sep="\n", flush=True)
+
+
+def judge_residual(nodes, model, clip, vae, evaluators, residual, class_word: str, args, cost: str = "") -> tuple:
+    """The residual star through Apply Localized Residual with LAG on and off: (rows, notes) with the star share of
+    'a <base style> sks <class_word>' and the change outside the object against the base model's picture."""
+    from evaluate import sample_caption
+    from evaluators import change_outside_mask, classify
+
+    rows, notes = [], []
+    concept = f"{CONTENT_WORD} {class_word}"
     prompts = [f"a {style} {concept}" for style in BASE_STYLES][:args.prompts]
 
     def draw(patched, prompt, positive=None):
@@ -215,10 +225,10 @@ def residual_demo(nodes, model, clip, vae, evaluators, args, rows, notes):
     (on_share, on_change), (off_share, off_change) = results[True], results[False]
     rows.append(("csa_world_residual_star (Personalized Residual) with LAG",
                  f"{on_share:.0%} star ({'pass' if on_share >= 0.8 else 'FAIL'} at 80%); change outside the object "
-                 f"{on_change:.4f}; {cost}; {size}"))
+                 f"{on_change:.4f}" + (f"; {cost}" if cost else "")))
     rows.append(("csa_world_residual_star without LAG", f"{off_share:.0%} star; change outside the object "
                  f"{off_change:.4f} (LAG {'changes less: pass' if on_change < off_change else 'does not change less: FAIL'})"))
-    print(*rows[-2:], sep="\n", flush=True)
+    return rows, notes
 
 
 def main() -> None:

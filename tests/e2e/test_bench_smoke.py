@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT / "bench").glob("*.py")
                        if p.name != "harness.py")
-# make target -> its scripts (Makefile): world, evaluate, demo-adapters, block-split, benchmark
+# make target -> its scripts (Makefile): world, evaluate, demo-adapters, judge-adapters, block-split, benchmark
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
@@ -29,6 +29,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
+    ["bench/world/judge_demo_adapters.py"],  # make judge-adapters
 ]  # make benchmark: test_benchmark_in_workers_equals_one_process
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
@@ -76,15 +77,16 @@ def test_demo_script_smoke(command, tmp_path):
 
 
 def test_world_training_continues_the_committed_weights(tmp_path):
-    """train_world.py --unet-from (longer training) at the smoke size, at a learning rate of 0: the written UNet and
-    VAE, and the half-way snapshot's, are the committed ones bit for bit, and the metadata keeps the source's steps."""
+    """train_world.py --unet-from (longer training) at the smoke size, on the wide two-object canvas (--wide-scenes:
+    batches of three latent shapes), at a learning rate of 0: the written UNet and VAE, and the half-way snapshot's,
+    are the committed ones bit for bit, and the metadata keeps the source's steps and names the canvas."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     source = REPO_ROOT / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
     out = tmp_path / "continued"  # not there yet: the script makes it
     run(["bench/world/train_world.py", "--unet-from", str(source.relative_to(REPO_ROOT)), "--lr", "0",
-         "--snapshots", "900", "--out", str(out)], "--smoke")
+         "--snapshots", "900", "--wide-scenes", "--out", str(out)], "--smoke")
     committed = load_file(str(source))
     with safe_open(str(source), "pt") as handle:
         committed_meta = handle.metadata()
@@ -97,6 +99,7 @@ def test_world_training_continues_the_committed_weights(tmp_path):
         assert meta["csa.unet_steps"] == steps and meta["csa.unet_steps_before"] == committed_meta["csa.unet_steps"]
         assert meta["csa.vae_steps"] == committed_meta["csa.vae_steps"]
         assert meta["csa.continued_from"] == source.name
+        assert meta["csa.scenes"].endswith("two-object (wide canvas)"), meta["csa.scenes"]
 
 
 def table_without_timings(output: str) -> list[list[str]]:
