@@ -215,6 +215,30 @@ def training_captions(singles, scenes, generator: np.random.Generator) -> list[l
     return captions
 
 
+CONDS_CACHE = VAE_STAGE.parent / "caption_conds.safetensors"  # the last run's encoded captions (fp32, ~0.6 GB)
+
+
+def caption_conds(clip, captions: list[str], cache: Path | None) -> torch.Tensor:
+    """(captions, 77, 768) float32: the text encoder's output for each caption, in order. Encoding the ~2600 training
+    captions takes 5-15 CPU minutes, so the result is kept in ``cache`` and read back when the same encoder (its hash)
+    is asked for the same captions; anything else is encoded afresh and replaces the cache."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    key = f"{clip_hash(clip)}:{hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]}"
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), "pt") as handle:
+            if (handle.metadata() or {}).get("csa.key") == key:
+                print(f"{len(captions)} encoded captions read from {cache}", flush=True)
+                return handle.get_tensor("conds")
+    with torch.no_grad():
+        conds = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions]).float()
+    if cache is not None:
+        write_safetensors(cache, {"conds": conds.contiguous()}, {"csa.key": key}, overwrite=True)
+    return conds
+
+
 def world_clip(clip):
     """The world's text encoder (build_tiny_models.WORLD_TEXT_ENCODER), made from the tiny checkpoint's CLIP in place."""
     scale_to_world_text_encoder_(clip.cond_stage_model.state_dict())
@@ -360,8 +384,7 @@ def main() -> None:
     captions = training_captions(singles, scenes, np.random.default_rng(UNET_SEED))
     distinct = sorted({c for row in captions for c in row}) + [""]
     row_of = {c: i for i, c in enumerate(distinct)}
-    with torch.no_grad():
-        conds = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in distinct]).float()
+    conds = caption_conds(clip, distinct, None if harness.SMOKE else CONDS_CACHE)
     caption_index = torch.tensor([[row_of[c] for c in row] for row in captions])
     in_pool = len(pool)  # the first rows of captions: singles, then the 64x64 scenes
     pools = [(latents, caption_index[:in_pool])]
