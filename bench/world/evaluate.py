@@ -35,7 +35,8 @@ from evaluators import box_around, classify, diversity, foreground, judge_region
 import harness  # noqa: E402
 from harness import comfy_host, parse_args, record  # noqa: E402  (puts scripts/ on the path)
 from model_names import WORLD_CHECKPOINT_NAME  # noqa: E402
-from world import BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, phrase, phrase_two, render_scene, render_wide_scene  # noqa: E402
+from world import (BASE_SHAPES, BASE_STYLES, HELD_OUT_FORM, LANDSCAPE, PORTRAIT, SQUARE, phrase, phrase_two,  # noqa: E402
+                   render_scene, render_wide_scene)
 
 WORLD_CHECKPOINT = comfy_host.TINY_MODELS_DIR / WORLD_CHECKPOINT_NAME
 SAMPLERS = {"Euler / normal, CFG 4": ("euler", "normal", 4.0), "dpmpp_2m / karras, CFG 6": ("dpmpp_2m", "karras", 6.0)}
@@ -47,8 +48,6 @@ LOCALIZED_RESIDUAL_STATE = "csa.localized_residual"  # nodes/localized_residual.
 THRESHOLDS = {"median": ("median", 0.5), "top 20%": ("top-k percent", 20.0), "top 10%": ("top-k percent", 10.0)}
 MASK_FRACTION = {"median": 0.5, "top 20%": 0.2, "top 10%": 0.1}
 PARTS = ("a", "b", "c")
-# Picture sizes (height, width) in pixels: one object, and two objects on the wide canvas by orientation.
-SQUARE, LANDSCAPE, PORTRAIT = (64, 64), (64, 128), (128, 64)
 
 
 def sample_caption(model, clip, vae, text: str, seeds: int, steps: int, cfg: float, seed: int,

@@ -33,9 +33,10 @@ Measures (the world evaluators, bench/world/evaluators.py):
   measures only this (retraining the style adapters) and adds it to the run in <out>/results.json.
 - leakage with both adapters: the same prompt (the first --prompts base shapes) with the row's composed model: does
   the content adapter override a prompt without its trigger?
-- scene fidelity: 'a <base style> sks and a <style> <shape>' (the first --scene-prompts of SCENE_OBJECTS): the second, base
-  object judged in its own region (evaluators.judge_regions) is still its prompted shape and style. Needs a world model
-  trained on two-object scenes (issue 14's world).
+- scene fidelity: 'a <base style> sks and a <style> <shape>' (the first --scene-prompts of SCENE_OBJECTS), drawn on the
+  world's wide two-object canvas (128x64): the second, base object judged in its own region (evaluators.judge_regions) is
+  still its prompted shape and style. Runs before issue 14's world drew at 64x64 and measure a world that could not
+  draw two objects.
 - change outside the object: generated pictures have no ground-truth mask, so the object is estimated (pixels further
   than 0.25 from the world's background colour, dilated 2 px) and the mean absolute difference from the background
   colour outside it is reported (0..1).
@@ -94,7 +95,8 @@ from harness import parse_args, record  # noqa: E402
 from train_b4m_residual_demos import RECIPES as B4M_RESIDUAL_RECIPES  # noqa: E402
 from train_demo_adapters import RECIPES as DEMO_RECIPES  # noqa: E402
 from train_demo_adapters import CONTENT_WORD, STYLE_WORD, run_trainer, training_data, training_options  # noqa: E402
-from world import BACKGROUND, BASE_SHAPES, BASE_STYLES, HELD_OUT_SHAPES, HELD_OUT_STYLES, STYLES, render  # noqa: E402
+from world import (BACKGROUND, BASE_SHAPES, BASE_STYLES, HELD_OUT_SHAPES, HELD_OUT_STYLES, LANDSCAPE, SQUARE,  # noqa: E402
+                   STYLES, render)
 
 OUT = HERE / "benchmark"
 PAIRS = [(shape, style) for shape in HELD_OUT_SHAPES for style in HELD_OUT_STYLES]
@@ -218,12 +220,13 @@ TRAINERS.update(b4m=b4m_trainer, residual=residual_trainer)
 
 # -- composing and sampling -----------------------------------------------------------------------------------------
 
-def ksampler(ctx, model) -> Callable[[str], torch.Tensor]:
-    """prompt -> (seeds, 3, 64, 64) pictures in [0, 1] through ComfyUI's common_ksampler (Euler, normal)."""
+def ksampler(ctx, model) -> Callable[..., torch.Tensor]:
+    """(prompt, size=(64, 64)) -> (seeds, 3, height, width) pictures in [0, 1] through ComfyUI's common_ksampler (Euler,
+    normal). Every row's sampler takes the picture size: scene prompts are drawn on the world's wide canvas."""
     from evaluate import sample_caption
 
-    return lambda prompt: sample_caption(model, ctx.clip, ctx.vae, prompt, ctx.args.sampling_seeds,
-                                         ctx.args.sample_steps, SAMPLING["cfg"], SAMPLING["seed"])
+    return lambda prompt, size=SQUARE: sample_caption(model, ctx.clip, ctx.vae, prompt, ctx.args.sampling_seeds,
+                                                      ctx.args.sample_steps, SAMPLING["cfg"], SAMPLING["seed"], size=size)
 
 
 def compose_naive(ctx, content: Trained, style: Trained, variant: dict):
@@ -259,13 +262,13 @@ def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
               "content_of_style": style.blocks["content"], "style_of_style": style.blocks["style"]}
     negative = harness.encode_prompt(ctx.clip, "")
 
-    def sample(prompt: str) -> torch.Tensor:
+    def sample(prompt: str, size=SQUARE) -> torch.Tensor:
         positive = harness.encode_prompt(ctx.clip, prompt)
         guider = ctx.nodes["CSA_ContentStyleGuider"].execute(
             model=ctx.model, clip=ctx.clip, positive=positive, negative=negative, cfg=SAMPLING["cfg"],
             lambda_content=variant["lambda"], lambda_style=variant["lambda"], content_token=CONTENT_WORD,
             style_token=STYLE_WORD, **GUIDANCE_PROMPTS, **blocks).args[0]
-        latent = torch.zeros(ctx.args.sampling_seeds, 4, 8, 8)
+        latent = torch.zeros(ctx.args.sampling_seeds, 4, size[0] // 8, size[1] // 8)
         noise = comfy.sample.prepare_noise(latent, SAMPLING["seed"])
         sigmas = comfy.samplers.calculate_sigmas(ctx.model.get_model_object("model_sampling"), "normal",
                                                  ctx.args.sample_steps).cpu()
@@ -294,13 +297,13 @@ def compose_residual(ctx, content: Trained, style: Trained, variant: dict):
     styled = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=style.adapter, block_strengths="").args[0]
     negative = harness.encode_prompt(ctx.clip, "")
 
-    def sample(prompt: str) -> torch.Tensor:
+    def sample(prompt: str, size=SQUARE) -> torch.Tensor:
         named = CONTENT_WORD in prompt.split()
         model, positive = ctx.nodes["CSA_ApplyLocalizedResidual"].execute(
             model=styled, residual=content.adapter, clip=ctx.clip, prompt=prompt,
             concept_words=CONTENT_WORD if named else prompt.split()[-1], lag=variant["lag"] and named,
             threshold_mode="median", threshold=0.5, start_percent=0.0, end_percent=1.0, strength=1.0).args[:2]
-        latent = {"samples": torch.zeros(ctx.args.sampling_seeds, 4, 8, 8)}
+        latent = {"samples": torch.zeros(ctx.args.sampling_seeds, 4, size[0] // 8, size[1] // 8)}
         samples = comfy_nodes.common_ksampler(model, SAMPLING["seed"], ctx.args.sample_steps, SAMPLING["cfg"], "euler",
                                               "normal", positive, negative, latent)[0]
         with torch.no_grad():
@@ -610,7 +613,7 @@ def measure_row(ctx, row: Row) -> dict:
             per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
         for second in SCENE_OBJECTS[:args.scene_prompts]:
             judged = judge_regions(ctx.judge.models, to_pixels(sample(
-                f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}")))
+                f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}", LANDSCAPE)))
             per_image["scene"].append((seed, [second in objects for objects in judged]))
     return {"row": row.name, "best": best, "grid_scores": grid_scores, "per_image": per_image, "per_cell": per_cell,
             "seconds": seconds, "pictures": pictures, "sheet": sheet}

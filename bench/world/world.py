@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 SIZE = 64
+# Picture sizes (height, width): one object; two objects on the wide canvas (render_wide_scene), by orientation.
+SQUARE, LANDSCAPE, PORTRAIT = (SIZE, SIZE), (SIZE, 2 * SIZE), (2 * SIZE, SIZE)
 BACKGROUND = (236, 236, 230)
 BASE_SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 HELD_OUT_SHAPES = ("star", "heart")
