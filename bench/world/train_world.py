@@ -391,8 +391,10 @@ def main() -> None:
     pools += [(lat, caption_index[[len(singles) + i for i in chosen]]) for lat, chosen in zip(canvas_latents, canvas_of)]
     print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
     unet_started = time.time()
+    scenes_described = (f"{len(singles)} single-object, {len(scenes)} two-object"
+                        + (" (wide canvas)" if args.wide_scenes else ""))
     meta = {"csa.world_clip_hash": clip_hash(clip), WORLD_TEXT_ENCODER_KEY: WORLD_TEXT_ENCODER,
-            "csa.vae_steps": str(len(vae_losses)), "csa.scenes": f"{len(singles)} single, {len(scenes)} two-object" + (" (wide canvas)" if args.wide_scenes else ""),
+            "csa.vae_steps": str(len(vae_losses)), "csa.scenes": scenes_described,
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
             "csa.vae_round_trip_accuracy": f"content {content:.3f}, style {style:.3f}"}
     if args.unet_from is not None:  # the VAE and the earlier UNet steps are the source's: its metadata says them
@@ -422,7 +424,7 @@ def main() -> None:
     unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     save_weights(unet, weights, args.unet_steps)
-    setup = {"batch": args.batch, "images": f"{len(singles)} single-object, {len(scenes)} two-object" + (" (wide canvas)" if args.wide_scenes else ""),
+    setup = {"batch": args.batch, "images": scenes_described,
              "captions": f"{len(distinct) - 1} distinct, {CAPTIONS_PER_IMAGE} per image, one drawn per step", "vae_steps": len(vae_losses), "vae_seconds": round(vae_seconds),
              "vae_final_mse": round(float(np.mean(vae_losses[-50:])), 5) if vae_losses else "-",
              "unet_steps": args.unet_steps if args.unet_from is None else f"{args.unet_steps} more, from {args.unet_from.name}",
