@@ -54,7 +54,7 @@ demo-adapters: setup
 	$(PYTHON) bench/world/train_demo_adapters.py
 	$(PYTHON) bench/world/train_b4m_residual_demos.py
 
-# Judge the committed demo adapters again on the current world checkpoint, without retraining (about 15 minutes).
+# Judge the committed demo adapters again on the current world checkpoint, without retraining them.
 judge-adapters: setup
 	$(PYTHON) bench/world/judge_demo_adapters.py
 
