@@ -6,15 +6,16 @@ Everything goes through ComfyUI's own loader, KSampler and VAE, and the pack's A
 (a) prompt forms x samplers: every base caption in five phrasings (the last never used in training), sampled with
     Euler / normal at CFG 4 and dpmpp_2m / karras at CFG 6; cells: content / style / both right;
 (b) two-object scenes: "a <style> <shape> and a <style> <shape>" on the wide canvas the world draws two objects on
-    (world.render_wide_scene: 64x128 for even-numbered pairs, 128x64 for odd ones); right when each object, judged in
-    its own region, is one of the two prompted (shape, style) pairs and together they are both; also what went wrong
-    (shapes right, styles right, one shape drawn twice), and the ceiling: the same pairs rendered by the world and
-    judged as drawn and after a round trip through the checkpoint's VAE; --square-scenes adds the same prompts at
-    64x64, where two objects must share an 8x8 latent;
-(c) attention (two-object prompts on the wide canvas too): the concept (shape) word's LAG masks per block (median threshold, the node's default; top 20%; top 10%) with a
-    zero residual, so nothing changes in the picture: the share of the mask on the named object, on the other object
-    (two-object prompts), and its IoU with the named object, at the last step and over all steps. The object is the
-    drawn one (the generated picture's foreground), so the measure needs no ground truth the model did not draw.
+    (world.render_wide_scene: 128 wide x 64 high for even-numbered pairs, 64 wide x 128 high for odd ones); right when
+    each object, judged in its own region, is one of the two prompted (shape, style) pairs and together they are both;
+    also what went wrong (shapes right, styles right, one shape drawn twice), and the ceiling: the same pairs rendered
+    by the world and judged as drawn and after a round trip through the checkpoint's VAE; --square-scenes adds the
+    same prompts at 64x64, where two objects must share an 8x8 latent;
+(c) attention (two-object prompts on the wide canvas too): the concept (shape) word's LAG masks per block (median
+    threshold, the node's default; top 20%; top 10%) with a zero residual, so nothing changes in the picture: the share
+    of the mask on the named object, on the other object (two-object prompts), and its IoU with the named object, at
+    the last step and over all steps. The object is the drawn one (the generated picture's foreground), so the measure
+    needs no ground truth the model did not draw.
 Records a table in bench/RESULTS.md and writes the contact sheets bench/world/generations.png (form x sampler
 rows for the first caption of each shape) and bench/world/two_objects.png.
 """

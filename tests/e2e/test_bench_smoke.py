@@ -24,7 +24,7 @@ BENCH_SCRIPTS = sorted(p.relative_to(REPO_ROOT).as_posix() for p in (REPO_ROOT /
 MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluators.py", "train"],
     ["bench/world/train_world.py"],
-    ["bench/world/evaluate.py"],
+    ["bench/world/evaluate.py", "--square-scenes"],  # make evaluate, and (b) at 64x64 too
     ["bench/world/evaluate.py", "--parts", "c"],  # the attention part alone
     ["bench/world/block_split.py"],  # make block-split
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
