@@ -36,7 +36,7 @@ from build_tiny_models import (WORLD_TEXT_ENCODER, WORLD_TEXT_ENCODER_KEY, clip_
                                scale_to_world_text_encoder_)  # root on the path)
 from core.adapter_file import write_safetensors  # noqa: E402
 from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, SHAPES, STYLES,  # noqa: E402
-                   TWO_OBJECT_FORMS, dataset, phrase, phrase_two, two_object_scenes)
+                   TWO_OBJECT_FORMS, dataset, phrase, phrase_two, reading_order, two_object_scenes)
 
 WEIGHTS = names.WORLD_WEIGHTS
 LOSSES = HERE / "weights" / "losses.json"
@@ -136,11 +136,12 @@ def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
 
 
 def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Generator,
-               start: dict[str, torch.Tensor] | None = None, lr: float = 5e-4, snapshot=None):
+               start: dict[str, torch.Tensor] | None = None, lr: float = 5e-4, snapshot=None,
+               pool_weights: list[float] | None = None):
     """pools: [(latents (images, 4, h, w), caption_index (images, CAPTIONS_PER_IMAGE))], one per latent size; conds:
     (captions, 77, 768), one per distinct caption, which caption_index rows point at. Each step draws its batch from
-    one pool, chosen in proportion to the pools' sizes (with one pool, no draw is made), with batch x 64 / (h x w)
-    images, so every step sees about as many latent cells.
+    one pool, chosen in proportion to ``pool_weights`` (by default the pools' sizes; with one pool, no draw is made),
+    with batch x 64 / (h x w) images, so every step sees about as many latent cells.
 
     start: a trained UNet's state to continue from (it is also where the EMA starts) instead of a fresh init.
     snapshot(step, ema): called after each step, so a caller can save the EMA on the way."""
@@ -162,7 +163,7 @@ def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Gen
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
     losses = []
-    pool_weights = torch.tensor([float(len(latents)) for latents, _ in pools])
+    pool_weights = torch.tensor(pool_weights or [float(len(latents)) for latents, _ in pools], dtype=torch.float32)
     for step in range(steps):
         chosen = 0 if len(pools) == 1 else int(torch.multinomial(pool_weights, 1, generator=generator))
         latents, caption_index = pools[chosen]
@@ -198,9 +199,11 @@ def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Gen
 CAPTIONS_PER_IMAGE = 4
 
 
-def training_captions(singles, scenes, generator: np.random.Generator) -> list[list[str]]:
+def training_captions(singles, scenes, generator: np.random.Generator, reading_order_share: float | None = None
+                      ) -> list[list[str]]:
     """CAPTIONS_PER_IMAGE captions per image, one drawn per step: single objects in every CAPTION_FORMS form (the
-    one-word forms half as often), two-object scenes in every TWO_OBJECT_FORMS form with the objects in either order."""
+    one-word forms half as often), two-object scenes in every TWO_OBJECT_FORMS form with the objects in either order:
+    at random (None), or with this share of the captions naming them as a reader meets them (world.reading_order)."""
     forms = list(CAPTION_FORMS)
     weights = np.array([0.5 if form in ("shape alone", "style alone") else 1.0 for form in forms])
     captions = [[phrase(s.shape, s.style, forms[i]) for i in generator.choice(len(forms), CAPTIONS_PER_IMAGE,
@@ -209,7 +212,12 @@ def training_captions(singles, scenes, generator: np.random.Generator) -> list[l
     for scene in scenes:
         rows = []
         for _ in range(CAPTIONS_PER_IMAGE):
-            first, second = scene.objects[::-1] if generator.integers(0, 2) else scene.objects
+            if reading_order_share is None:
+                first, second = scene.objects[::-1] if generator.integers(0, 2) else scene.objects
+            else:
+                order = reading_order(scene)
+                first, second = (scene.objects[i] for i in (order if generator.random() < reading_order_share
+                                                            else order[::-1]))
             rows.append(phrase_two(first, second, two_forms[generator.integers(0, len(two_forms))]))
         captions.append(rows)
     return captions
@@ -307,6 +315,12 @@ def main() -> None:
     parser.add_argument("--wide-scenes", action="store_true",
                         help="draw the two-object scenes on the wide canvas (world.render_wide_scene: 64x128 or 128x64, "
                              "each object at a single object's size) instead of both objects in 64x64")
+    parser.add_argument("--reading-order", type=float, default=None, metavar="SHARE",
+                        help="name a two-object scene's objects left to right / top to bottom in this share of its "
+                             "captions, the other way round in the rest (default: either order at random)")
+    parser.add_argument("--scene-share", type=float, default=None,
+                        help="with --wide-scenes: the share of steps whose batch is wide two-object scenes (default: "
+                             "in proportion to the images, about a half)")
     parser.add_argument("--vae-from", type=Path, default=WEIGHTS,
                         help="fine-tune the VAE inside these world weights (a missing file: train one from scratch)")
     parser.add_argument("--vae-only", action="store_true",
@@ -344,6 +358,10 @@ def main() -> None:
     held_out = [s for s in dataset(SHAPES, STYLES, per_pair=max(1, args.per_pair // 6), seed=2)
                 if s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES]
     snapshot_steps = {int(n) for n in args.snapshots.split(",") if n.strip()}
+    if args.scene_share is not None and not (args.wide_scenes and 0 < args.scene_share < 1):
+        parser.error("--scene-share needs --wide-scenes and a share between 0 and 1")
+    if args.reading_order is not None and not 0 <= args.reading_order <= 1:
+        parser.error("--reading-order is a share between 0 and 1")
     if args.unet_from is not None and args.reuse_vae:
         parser.error("--unet-from keeps the VAE inside those weights; --reuse-vae would swap in another one")
     if harness.SMOKE and snapshot_steps:  # smoke runs have a few steps only: snapshot half-way so the path runs
@@ -381,7 +399,7 @@ def main() -> None:
     _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)
     clip = world_clip(clip)
-    captions = training_captions(singles, scenes, np.random.default_rng(UNET_SEED))
+    captions = training_captions(singles, scenes, np.random.default_rng(UNET_SEED), args.reading_order)
     distinct = sorted({c for row in captions for c in row}) + [""]
     row_of = {c: i for i, c in enumerate(distinct)}
     conds = caption_conds(clip, distinct, None if harness.SMOKE else CONDS_CACHE)
@@ -389,10 +407,17 @@ def main() -> None:
     in_pool = len(pool)  # the first rows of captions: singles, then the 64x64 scenes
     pools = [(latents, caption_index[:in_pool])]
     pools += [(lat, caption_index[[len(singles) + i for i in chosen]]) for lat, chosen in zip(canvas_latents, canvas_of)]
+    pool_weights = None
+    if args.scene_share is not None:  # the single pictures' pool, then the wide scenes' pools by their sizes
+        wide = np.array([len(lat) for lat, _ in pools[1:]], np.float64)
+        pool_weights = [1 - args.scene_share] + list(args.scene_share * wide / wide.sum())
     print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
     unet_started = time.time()
     scenes_described = (f"{len(singles)} single-object, {len(scenes)} two-object"
-                        + (" (wide canvas)" if args.wide_scenes else ""))
+                        + (" (wide canvas)" if args.wide_scenes else "")
+                        + (f", {args.scene_share:.0%} of steps on two objects" if args.scene_share is not None else "")
+                        + (f", {args.reading_order:.0%} of their captions in reading order"
+                           if args.reading_order is not None else ""))
     meta = {"csa.world_clip_hash": clip_hash(clip), WORLD_TEXT_ENCODER_KEY: WORLD_TEXT_ENCODER,
             "csa.vae_steps": str(len(vae_losses)), "csa.scenes": scenes_described,
             "csa.unet_steps": str(args.unet_steps), "csa.batch": str(args.batch),
@@ -420,7 +445,7 @@ def main() -> None:
 
     unet, unet_losses = train_unet(pools, conds, conds[row_of[""]], args.unet_steps, args.batch,
                                    torch.Generator().manual_seed(UNET_SEED), lr=args.lr, snapshot=snapshot,
-                                   start=unet_start)
+                                   start=unet_start, pool_weights=pool_weights)
     unet_seconds = time.time() - unet_started
     print(f"all done in {time.time() - started:.0f} s")
     save_weights(unet, weights, args.unet_steps)

@@ -182,6 +182,15 @@ def render_wide_scene(objects, seed: int, landscape: bool | None = None) -> Scen
     return Scene(image, tuple(masks), tuple(objects))
 
 
+def reading_order(scene: Scene) -> tuple[int, ...]:
+    """The scene's objects (indices into scene.objects) as a reader meets them: left to right when they sit side by
+    side, top to bottom when they sit one above the other (the axis along which their centres lie further apart)."""
+    centres = [np.argwhere(mask).mean(axis=0) for mask in scene.masks]  # (row, column) each
+    spread = np.ptp(np.stack(centres), axis=0)
+    axis = 1 if spread[1] >= spread[0] else 0
+    return tuple(sorted(range(len(centres)), key=lambda i: centres[i][axis]))
+
+
 def object_pairs(count: int, shapes=BASE_SHAPES, styles=BASE_STYLES, seed: int = 0) -> list[tuple]:
     """``count`` pairs of objects with different shapes and different styles, deterministic from seed."""
     rng = np.random.default_rng([seed, 4_242])

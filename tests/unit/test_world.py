@@ -9,8 +9,8 @@ WORLD = Path(__file__).resolve().parents[2] / "bench" / "world"
 sys.path.insert(0, str(WORLD))
 
 from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_FORM, SHAPES, STYLES, TWO_OBJECT_FORMS,  # noqa: E402
-                   caption, contact_sheet, dataset, phrase, phrase_two, render, render_scene, render_wide_scene,
-                   two_object_scenes)
+                   caption, contact_sheet, dataset, phrase, phrase_two, reading_order, render, render_scene,
+                   render_wide_scene, two_object_scenes)
 
 
 def test_generator_is_deterministic_and_labels_are_exact():
@@ -103,6 +103,20 @@ def test_wide_scenes_hold_two_single_objects_one_per_half_in_either_orientation(
     assert left_first == {(0, 0), (0, 1), (1, 0), (1, 1)}, "either object takes either half"
     portrait = render_wide_scene(objects, 5, landscape=False)
     assert portrait.image.shape == (128, 64, 3) and render_wide_scene(objects, 5, landscape=True).image.shape == (64, 128, 3)
+
+
+def test_reading_order_is_left_to_right_or_top_to_bottom():
+    for wide in (False, True):
+        for scene in two_object_scenes(40, seed=3, wide=wide):
+            first, second = reading_order(scene)
+            (r1, c1), (r2, c2) = (np.argwhere(scene.masks[i]).mean(0) for i in (first, second))
+            side_by_side = abs(c2 - c1) > abs(r2 - r1)
+            assert (c1 < c2) if side_by_side else (r1 < r2), (wide, scene.objects)
+            if wide:  # the first object is in the canvas's first half
+                assert scene.masks[first][:64, :64].any() and not scene.masks[second][:64, :64].any()
+    objects = (("circle", "red"), ("square", "striped"))
+    orders = {reading_order(render_wide_scene(objects, seed)) for seed in range(12)}
+    assert orders == {(0, 1), (1, 0)}, "either object can come first"
 
 
 def test_caption_forms():
