@@ -78,15 +78,17 @@ def test_demo_script_smoke(command, tmp_path):
 
 def test_world_training_continues_the_committed_weights(tmp_path):
     """train_world.py --unet-from (longer training) at the smoke size, on the wide two-object canvas (--wide-scenes:
-    batches of three latent shapes), at a learning rate of 0: the written UNet and VAE, and the half-way snapshot's,
-    are the committed ones bit for bit, and the metadata keeps the source's steps and names the canvas."""
+    batches of three latent shapes, --scene-share, --reading-order), at a learning rate of 0: the written UNet and
+    VAE, and the half-way snapshot's, are the committed ones bit for bit, and the metadata keeps the source's steps and
+    names the canvas and the two-object options."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     source = REPO_ROOT / "bench" / "world" / "weights" / "world_unet_vae.safetensors"
     out = tmp_path / "continued"  # not there yet: the script makes it
     run(["bench/world/train_world.py", "--unet-from", str(source.relative_to(REPO_ROOT)), "--lr", "0",
-         "--snapshots", "900", "--wide-scenes", "--out", str(out)], "--smoke")
+         "--snapshots", "900", "--wide-scenes", "--scene-share", "0.75", "--reading-order", "0.9", "--out", str(out)],
+        "--smoke")
     committed = load_file(str(source))
     with safe_open(str(source), "pt") as handle:
         committed_meta = handle.metadata()
@@ -99,7 +101,8 @@ def test_world_training_continues_the_committed_weights(tmp_path):
         assert meta["csa.unet_steps"] == steps and meta["csa.unet_steps_before"] == committed_meta["csa.unet_steps"]
         assert meta["csa.vae_steps"] == committed_meta["csa.vae_steps"]
         assert meta["csa.continued_from"] == source.name
-        assert meta["csa.scenes"].endswith("two-object (wide canvas)"), meta["csa.scenes"]
+        assert meta["csa.scenes"].endswith("two-object (wide canvas), 75% of steps on two objects, 90% of their "
+                                           "captions in reading order"), meta["csa.scenes"]
 
 
 def table_without_timings(output: str) -> list[list[str]]:

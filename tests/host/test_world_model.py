@@ -62,3 +62,32 @@ def test_world_training_caption_encodings_are_cached_per_encoder_and_caption_lis
         changed.cond_stage_model.clip_l.transformer.text_model.final_layer_norm.bias.add_(1.0)
     assert not torch.equal(caption_conds(changed, captions[:2], cache), torch.full_like(other, 7.0)), \
         "another encoder (its hash) is encoded afresh"
+
+
+def test_world_training_captions_name_two_objects_in_reading_order_in_the_share_asked():
+    """train_world.training_captions: by default either order at random; with a reading-order share of 1 (0) every
+    two-object caption names the objects left to right / top to bottom (the other way round), in every form."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(comfy_host.REPO_ROOT / "bench" / "world"))
+    from train_world import training_captions
+    from world import TWO_OBJECT_FORMS, dataset, phrase_two, reading_order, two_object_scenes
+
+    singles, scenes = dataset(per_pair=1, seed=1)[:3], two_object_scenes(24, seed=1, wide=True)
+
+    def named_in_reading_order(share):
+        rows = training_captions(singles, scenes, np.random.default_rng(8), share)[len(singles):]
+        verdicts = []
+        for scene, row in zip(scenes, rows):
+            first, second = (scene.objects[i] for i in reading_order(scene))
+            forward = {phrase_two(first, second, form) for form in TWO_OBJECT_FORMS}
+            backward = {phrase_two(second, first, form) for form in TWO_OBJECT_FORMS}
+            assert all(caption in forward | backward for caption in row), row
+            verdicts += [caption in forward for caption in row]
+        return verdicts
+
+    assert all(named_in_reading_order(1.0)) and not any(named_in_reading_order(0.0))
+    at_random = named_in_reading_order(None)
+    assert 0.3 < np.mean(at_random) < 0.7, np.mean(at_random)
