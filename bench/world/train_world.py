@@ -35,8 +35,8 @@ import model_names as names  # noqa: E402
 from build_tiny_models import (WORLD_TEXT_ENCODER, WORLD_TEXT_ENCODER_KEY, clip_hash,  # noqa: E402  (puts the repository
                                scale_to_world_text_encoder_)  # root on the path)
 from core.adapter_file import write_safetensors  # noqa: E402
-from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, SHAPES, STYLES,  # noqa: E402
-                   TWO_OBJECT_FORMS, dataset, phrase, phrase_two, reading_order, two_object_scenes)
+from world import (BASE_SHAPES, BASE_STYLES, CAPTION_FORMS, HELD_OUT_SHAPES, HELD_OUT_STYLES, PORTRAIT, SHAPES,  # noqa: E402
+                   SQUARE, STYLES, TWO_OBJECT_FORMS, dataset, phrase, phrase_two, reading_order, two_object_scenes)
 
 WEIGHTS = names.WORLD_WEIGHTS
 LOSSES = HERE / "weights" / "losses.json"
@@ -350,10 +350,10 @@ def main() -> None:
     scenes = two_object_scenes(args.scenes, seed=1, wide=args.wide_scenes)
     # The 64x64 pictures the VAE trains on, and the UNet's pools of equal-sized pictures (one per canvas shape; with
     # 64x64 scenes, one pool in the committed order, so that run draws the same batches as before).
-    canvases = sorted({s.image.shape for s in scenes} - {(64, 64, 3)})
-    pool = images_tensor(singles + [s for s in scenes if s.image.shape == (64, 64, 3)])
-    tiles = [tile for s in scenes if s.image.shape != (64, 64, 3)
-             for tile in np.split(s.image, 2, axis=0 if s.image.shape[0] > 64 else 1)]
+    canvases = sorted({s.image.shape[:2] for s in scenes} - {SQUARE})
+    pool = images_tensor(singles + [s for s in scenes if s.image.shape[:2] == SQUARE])
+    tiles = [tile for s in scenes if s.image.shape[:2] != SQUARE
+             for tile in np.split(s.image, 2, axis=0 if s.image.shape[:2] == PORTRAIT else 1)]
     # The VAE also sees the held-out shapes and styles (as a real VAE has seen everything); the UNet never does.
     held_out = [s for s in dataset(SHAPES, STYLES, per_pair=max(1, args.per_pair // 6), seed=2)
                 if s.shape in HELD_OUT_SHAPES or s.style in HELD_OUT_STYLES]
@@ -394,7 +394,7 @@ def main() -> None:
         return
     latents = model_latents(taesd, pool)
     print(f"latent std {latents.std():.3f} mean {latents.mean():.3f}")
-    canvas_of = [[i for i, s in enumerate(scenes) if s.image.shape == shape] for shape in canvases]
+    canvas_of = [[i for i, s in enumerate(scenes) if s.image.shape[:2] == shape] for shape in canvases]
     canvas_latents = [model_latents(taesd, images_tensor([scenes[i] for i in chosen])) for chosen in canvas_of]
     _, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(comfy_host.TINY_MODELS_DIR / names.TINY_CHECKPOINT_NAME),
                                                           output_model=False, output_vae=False)

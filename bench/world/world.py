@@ -176,9 +176,7 @@ def render_wide_scene(objects, seed: int, landscape: bool | None = None) -> Scen
     image = np.concatenate([half.image for half in halves], axis=axis)
     empty = np.zeros_like(halves[0].mask)
     placed = [np.concatenate([h.mask, empty] if k == 0 else [empty, h.mask], axis=axis) for k, h in enumerate(halves)]
-    masks = [None] * len(objects)
-    for k, i in enumerate(order):
-        masks[i] = placed[k]
+    masks = [placed[k] for k in np.argsort(order)]  # back in the objects' order: argsort inverts the permutation
     return Scene(image, tuple(masks), tuple(objects))
 
 
