@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -137,14 +138,17 @@ def model_latents(taesd, pool: torch.Tensor) -> torch.Tensor:
 
 def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Generator,
                start: dict[str, torch.Tensor] | None = None, lr: float = 5e-4, snapshot=None,
-               pool_weights: list[float] | None = None):
+               pool_weights: list[float] | None = None, resume: "TrainingState | None" = None):
     """pools: [(latents (images, 4, h, w), caption_index (images, CAPTIONS_PER_IMAGE))], one per latent size; conds:
     (captions, 77, 768), one per distinct caption, which caption_index rows point at. Each step draws its batch from
     one pool, chosen in proportion to ``pool_weights`` (by default the pools' sizes; with one pool, no draw is made),
     with batch x 64 / (h x w) images, so every step sees about as many latent cells.
 
     start: a trained UNet's state to continue from (it is also where the EMA starts) instead of a fresh init.
-    snapshot(step, ema): called after each step, so a caller can save the EMA on the way."""
+    snapshot(step, ema): called after each step, so a caller can save the EMA on the way.
+    resume: where the run's state is kept (TrainingState): it is read back if a cut-off run left it, so the run goes
+    on from that step exactly as if it had never stopped, and saved every ``resume.every`` steps. Returns (ema,
+    losses), or (None, losses) when ``resume.stop_after`` ended this invocation before the last step."""
     import comfy.ops
     from build_tiny_models import TINY_SD15_UNET_CONFIG, init_weights_
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
@@ -164,7 +168,17 @@ def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Gen
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=min(0.5, max(0.03, 3 / steps)))
     losses = []
     pool_weights = torch.tensor(pool_weights or [float(len(latents)) for latents, _ in pools], dtype=torch.float32)
-    for step in range(steps):
+    first = 0
+    if resume is not None and resume.path.is_file():
+        first, losses = resume.load(unet, ema, optimizer, schedule, generator)
+        print(f"unet: resumed at step {first} of {steps} from {resume.path}", flush=True)
+    for step in range(first, steps):
+        if resume is not None and step > first and (step % resume.every == 0 or step - first == resume.stop_after):
+            resume.save(step, losses, unet, ema, optimizer, schedule, generator)
+            if step - first == resume.stop_after:
+                print(f"unet: stopped at step {step} of {steps}; the same command goes on from {resume.path}",
+                      flush=True)
+                return None, losses
         chosen = 0 if len(pools) == 1 else int(torch.multinomial(pool_weights, 1, generator=generator))
         latents, caption_index = pools[chosen]
         size = max(1, batch * 64 // (latents.shape[-2] * latents.shape[-1]))
@@ -194,6 +208,47 @@ def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Gen
         if snapshot is not None:
             snapshot(step + 1, ema)
     return ema, losses
+
+
+class TrainingState:
+    """A UNet run's whole state at a step boundary (weights, EMA, optimizer, schedule, random generator, losses), kept
+    in one file so a run cut off by a session's end or a cancel goes on where it was and ends bit for bit as an
+    uncut run would. ``run`` names the run (its options); a file left by another run is refused, not mixed in."""
+
+    def __init__(self, path: Path, run: dict, every: int = 100, stop_after: int | None = None):
+        self.path, self.run, self.every, self.stop_after = path, run, every, stop_after
+        self.seconds_before, self.started = 0.0, time.time()  # training time of the earlier invocations, this one's start
+
+    @property
+    def seconds(self) -> float:
+        """The run's training time so far, over every invocation."""
+        return self.seconds_before + time.time() - self.started
+
+    def refuse_another_run(self) -> None:
+        """Stop with the reason if the state file there was left by a run with other options or another start."""
+        if self.path.is_file():
+            left = torch.load(self.path, weights_only=True, mmap=True)["run"]
+            if left != json.dumps(self.run, sort_keys=True):
+                raise SystemExit(f"{self.path} holds the state of another run ({left}), not of this one "
+                                 f"({json.dumps(self.run, sort_keys=True)}); delete it to start this run afresh")
+
+    def save(self, step: int, losses, unet, ema, optimizer, schedule, generator: torch.Generator) -> None:
+        partial = self.path.with_suffix(".partial")
+        torch.save({"run": json.dumps(self.run, sort_keys=True), "step": step, "losses": list(losses),
+                    "seconds": self.seconds, "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "generator": generator.get_state()}, partial)
+        os.replace(partial, self.path)
+
+    def load(self, unet, ema, optimizer, schedule, generator: torch.Generator) -> tuple[int, list[float]]:
+        self.refuse_another_run()
+        state = torch.load(self.path, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        self.seconds_before, self.started = float(state["seconds"]), time.time()
+        return state["step"], list(state["losses"])
 
 
 CAPTIONS_PER_IMAGE = 4
@@ -230,8 +285,6 @@ def caption_conds(clip, captions: list[str], cache: Path | None) -> torch.Tensor
     """(captions, 77, 768) float32: the text encoder's output for each caption, in order. Encoding the ~2600 training
     captions takes 5-15 CPU minutes, so the result is kept in ``cache`` and read back when the same encoder (its hash)
     is asked for the same captions; anything else is encoded afresh and replaces the cache."""
-    import hashlib
-
     from safetensors import safe_open
 
     key = f"{clip_hash(clip)}:{hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16]}"
@@ -334,6 +387,12 @@ def main() -> None:
                         help="comma-separated steps at which to also write the EMA weights (<weights>.step<N>.safetensors)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write weights, losses and the VAE stage here instead (smoke runs use a temporary folder)")
+    parser.add_argument("--state-every", type=int, default=100,
+                        help="save the UNet run's whole state (unet_state.pt beside the VAE stage) every this many "
+                             "steps; the same command run again after a cut goes on from there, bit for bit")
+    parser.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                        help="end this invocation after this many UNet steps, state saved (split a long run into "
+                             "pieces that fit a session; the same command goes on)")
     args = parse_args(parser, {"vae_steps": 2, "unet_steps": 4, "batch": 2, "per_pair": 1, "scenes": 4})
     if args.out is None and harness.SMOKE:
         args.out = Path(tempfile.mkdtemp(prefix="csa-world-smoke-"))
@@ -364,6 +423,13 @@ def main() -> None:
         parser.error("--reading-order is a share between 0 and 1")
     if args.unet_from is not None and args.reuse_vae:
         parser.error("--unet-from keeps the VAE inside those weights; --reuse-vae would swap in another one")
+    # The run's name for its saved state; a state left by another run is refused here, before minutes of set-up.
+    run = {option: getattr(args, option) for option in ("unet_steps", "batch", "lr", "per_pair", "scenes",
+                                                         "wide_scenes", "reading_order", "scene_share")}
+    run["start"] = (f"{args.unet_from.name} sha256 {hashlib.sha256(args.unet_from.read_bytes()).hexdigest()}"
+                    if args.unet_from is not None else f"fresh UNet, VAE {'reused' if args.reuse_vae else args.vae_steps}")
+    state = TrainingState(vae_stage.parent / "unet_state.pt", run, args.state_every, args.stop_after)
+    state.refuse_another_run()
     if harness.SMOKE and snapshot_steps:  # smoke runs have a few steps only: snapshot half-way so the path runs
         snapshot_steps = {args.unet_steps // 2}
     started = time.time()
@@ -412,7 +478,6 @@ def main() -> None:
         wide = np.array([len(lat) for lat, _ in pools[1:]], np.float64)
         pool_weights = [1 - args.scene_share] + list(args.scene_share * wide / wide.sum())
     print(f"{len(distinct)} distinct captions encoded in {time.time() - started:.0f} s", flush=True)
-    unet_started = time.time()
     scenes_described = (f"{len(singles)} single-object, {len(scenes)} two-object"
                         + (" (wide canvas)" if args.wide_scenes else "")
                         + (f", {args.scene_share:.0%} of steps on two objects" if args.scene_share is not None else "")
@@ -445,8 +510,10 @@ def main() -> None:
 
     unet, unet_losses = train_unet(pools, conds, conds[row_of[""]], args.unet_steps, args.batch,
                                    torch.Generator().manual_seed(UNET_SEED), lr=args.lr, snapshot=snapshot,
-                                   start=unet_start, pool_weights=pool_weights)
-    unet_seconds = time.time() - unet_started
+                                   start=unet_start, pool_weights=pool_weights, resume=state)
+    if unet is None:
+        return
+    unet_seconds = state.seconds
     print(f"all done in {time.time() - started:.0f} s")
     save_weights(unet, weights, args.unet_steps)
     setup = {"batch": args.batch, "images": scenes_described,
@@ -459,6 +526,7 @@ def main() -> None:
     partial = losses_path.with_suffix(".partial")
     partial.write_text(json.dumps({"vae": vae_losses, "unet": unet_losses, "setup": setup}))
     os.replace(partial, losses_path)
+    state.path.unlink(missing_ok=True)  # the run is finished: its state has nothing left to resume
     print(f"wrote {weights} ({setup['weights_MiB']} MiB)")
     record_training(losses_path)
 

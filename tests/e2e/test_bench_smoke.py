@@ -40,10 +40,10 @@ SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of
 
 def repository_state() -> dict[str, str]:
     """Hashes of every file a bench or training script may write in the repository."""
-    watched = [REPO_ROOT / "bench" / "RESULTS.md", *sorted((REPO_ROOT / "bench" / "world").rglob("*.png")),
-               *sorted((REPO_ROOT / "bench" / "world" / "weights").iterdir()),
-               *sorted((REPO_ROOT / "bench" / "world" / "adapters").glob("*")),
-               *sorted((REPO_ROOT / "bench" / "world" / "benchmark").glob("*"))]
+    world = REPO_ROOT / "bench" / "world"
+    watched = [REPO_ROOT / "bench" / "RESULTS.md", *sorted(world.rglob("*.png")),
+               *(p for folder in ("weights", "adapters", "benchmark") for p in sorted((world / folder).rglob("*"))
+                 if p.is_file())]  # every file, in sub-folders too (a folder is no file to hash)
     return {str(p.relative_to(REPO_ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in watched}
 
 
@@ -103,6 +103,33 @@ def test_world_training_continues_the_committed_weights(tmp_path):
         assert meta["csa.continued_from"] == source.name
         assert meta["csa.scenes"].endswith("two-object (wide canvas), 75% of steps on two objects, 90% of their "
                                            "captions in reading order"), meta["csa.scenes"]
+
+
+def test_world_training_cut_and_resumed_equals_one_run(tmp_path):
+    """A UNet run cut off half-way (--stop-after, as a session's end would) and started again with the same command
+    ends with the weights and loss curve of the uncut run, bit for bit, and removes its state file; a state file of
+    another run (another learning rate) is refused by name, not mixed in."""
+    from safetensors.torch import load_file
+
+    source = "bench/world/weights/world_unet_vae.safetensors"
+    command = ["bench/world/train_world.py", "--unet-from", source, "--wide-scenes", "--scene-share", "0.75",
+               "--reading-order", "0.9", "--lr", "2e-4"]
+    run([*command, "--out", str(tmp_path / "uncut")], "--smoke")
+    cut = [*command, "--out", str(tmp_path / "cut")]
+    said = run([*cut, "--stop-after", "2"], "--smoke")
+    state = tmp_path / "cut" / "unet_state.pt"
+    assert "stopped at step 2 of 4" in said and state.is_file() and not (tmp_path / "cut" / "world_unet_vae.safetensors").exists()
+    other = subprocess.run([sys.executable, *command[:-1], "1e-4", "--out", str(tmp_path / "cut"), "--smoke"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert other.returncode != 0 and "holds the state of another run" in other.stderr and str(state) in other.stderr
+    assert "resumed at step 2 of 4" in run(cut, "--smoke")
+    uncut, resumed = (load_file(str(tmp_path / name / "world_unet_vae.safetensors")) for name in ("uncut", "cut"))
+    assert resumed.keys() == uncut.keys() and all(torch.equal(resumed[k], uncut[k]) for k in uncut)
+    committed = load_file(str(REPO_ROOT / source))
+    assert any(not torch.equal(resumed[k], committed[k]) for k in committed)  # it trained: the comparison could fail
+    losses = [json.loads((tmp_path / name / "losses.json").read_text())["unet"] for name in ("uncut", "cut")]
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert not state.exists()
 
 
 def table_without_timings(output: str) -> list[list[str]]:
