@@ -173,9 +173,10 @@ def train_unet(pools, conds, empty, steps: int, batch: int, generator: torch.Gen
         first, losses = resume.load(unet, ema, optimizer, schedule, generator)
         print(f"unet: resumed at step {first} of {steps} from {resume.path}", flush=True)
     for step in range(first, steps):
-        if resume is not None and step > first and (step % resume.every == 0 or step - first == resume.stop_after):
+        stopping = resume is not None and step - first == resume.stop_after
+        if resume is not None and step > first and (step % resume.every == 0 or stopping):
             resume.save(step, losses, unet, ema, optimizer, schedule, generator)
-            if step - first == resume.stop_after:
+            if stopping:
                 print(f"unet: stopped at step {step} of {steps}; the same command goes on from {resume.path}",
                       flush=True)
                 return None, losses
@@ -216,7 +217,8 @@ class TrainingState:
     uncut run would. ``run`` names the run (its options); a file left by another run is refused, not mixed in."""
 
     def __init__(self, path: Path, run: dict, every: int = 100, stop_after: int | None = None):
-        self.path, self.run, self.every, self.stop_after = path, run, every, stop_after
+        self.path, self.every, self.stop_after = path, every, stop_after
+        self.run = json.dumps(run, sort_keys=True)  # as the file keeps it
         self.seconds_before, self.started = 0.0, time.time()  # training time of the earlier invocations, this one's start
 
     @property
@@ -224,24 +226,25 @@ class TrainingState:
         """The run's training time so far, over every invocation."""
         return self.seconds_before + time.time() - self.started
 
-    def refuse_another_run(self) -> None:
-        """Stop with the reason if the state file there was left by a run with other options or another start."""
-        if self.path.is_file():
+    def refuse_another_run(self, left: str | None = None) -> None:
+        """Stop with the reason if the state file there (or ``left``, its run as already read) was left by a run with
+        other options or another start."""
+        if left is None and self.path.is_file():
             left = torch.load(self.path, weights_only=True, mmap=True)["run"]
-            if left != json.dumps(self.run, sort_keys=True):
-                raise SystemExit(f"{self.path} holds the state of another run ({left}), not of this one "
-                                 f"({json.dumps(self.run, sort_keys=True)}); delete it to start this run afresh")
+        if left is not None and left != self.run:
+            raise SystemExit(f"{self.path} holds the state of another run ({left}), not of this one ({self.run}); "
+                             "delete it to start this run afresh")
 
     def save(self, step: int, losses, unet, ema, optimizer, schedule, generator: torch.Generator) -> None:
         partial = self.path.with_suffix(".partial")
-        torch.save({"run": json.dumps(self.run, sort_keys=True), "step": step, "losses": list(losses),
+        torch.save({"run": self.run, "step": step, "losses": list(losses),
                     "seconds": self.seconds, "unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(), "generator": generator.get_state()}, partial)
         os.replace(partial, self.path)
 
     def load(self, unet, ema, optimizer, schedule, generator: torch.Generator) -> tuple[int, list[float]]:
-        self.refuse_another_run()
         state = torch.load(self.path, weights_only=True)
+        self.refuse_another_run(state["run"])
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
