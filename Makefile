@@ -35,7 +35,7 @@ workflows: setup
 
 # Retrain the miniature world's base model and its evaluators, then measure it: the base run (VAE fine-tuned inside the
 # committed weights, UNet 3000 steps from scratch), then two runs of the reading-order recipe on the wide canvas that
-# continue it in place (2400 and 2800 steps). About 2.5 hours at 1 s per UNet step; a train_world.py command cut off
+# continue it in place (2400 and 2800 steps). About 3 hours (the last two runs 87 minutes here); a train_world.py command cut off
 # part-way goes on from its saved state when that command is run again by hand (train_world.py --state-every).
 WORLD_RECIPE := --wide-scenes --scene-share 0.75 --reading-order 0.9 --lr 2e-4
 world: setup
