@@ -44,13 +44,18 @@ def read_safetensors(path: str | os.PathLike,
         raise AdapterFileError(f"{path.name}: not a readable safetensors file (truncated or corrupt?): {error}") from error
     if not tensors:
         raise AdapterFileError(f"{path.name}: the file holds no tensors")
+    check_finite(tensors, path.name)
+    return tensors, metadata
+
+
+def check_finite(tensors: dict[str, torch.Tensor], owner: str) -> None:
+    """Raise AdapterFileError naming ``owner`` and the key when a floating-point tensor holds NaN or infinite values."""
     for key, tensor in tensors.items():
         # a finite sum (one read, no mask) proves every value finite; only a non-finite sum needs the exact check
         # (huge finite values can overflow the sum)
         if tensor.is_floating_point() and not torch.isfinite(tensor.sum()) \
                 and not torch.isfinite(tensor).all():
-            raise AdapterFileError(f"{path.name}: tensor '{key}' contains NaN or infinite values")
-    return tensors, metadata
+            raise AdapterFileError(f"{owner}: tensor '{key}' contains NaN or infinite values")
 
 
 def _read_header_metadata(path: Path) -> dict[str, str]:

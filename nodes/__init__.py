@@ -7,9 +7,9 @@ from .apply_adapters import ApplyAdapters
 from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
 from .ipl import ImageToPromptVectors, TrainPromptMapper, ZeroShotAdapt
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
-from .load_adapter import LoadAdapter, LoadContentAdapter, LoadStyleAdapter
+from .load_adapter import AdapterFromLoraModel, LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
-from .save_adapter import SaveAdapter
+from .save_adapter import AdapterToLoraModel, SaveAdapter
 from .scores import ScoreContentStylePrompt
 from .strength_sweep import GuiderStrengthSweep, StrengthSweep
 from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
@@ -23,6 +23,8 @@ NODES: list[type[io.ComfyNode]] = [
     ApplyAdapters,
     AdapterInfo,
     SaveAdapter,
+    AdapterFromLoraModel,
+    AdapterToLoraModel,
     QRMerge,
     ConvertToQRLoRA,
     NewResidualAdapter,

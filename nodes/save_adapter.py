@@ -10,7 +10,7 @@ from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
 from .model_binding import bind_to_model
 from .common import PackNode, schema
-from .sockets import AdapterSocket
+from .sockets import AdapterSocket, LoraModelSocket
 
 
 def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict:
@@ -67,3 +67,27 @@ class SaveAdapter(PackNode):
             text += f"\n{len(adapter.ignored_keys)} keys of the source file were not used and are not saved: " + \
                 ", ".join(adapter.ignored_keys)
         return io.NodeOutput(str(path), ui=ui.PreviewText(text))
+
+
+class AdapterToLoraModel(PackNode):
+    """Hand an adapter to ComfyUI's own LoRA nodes as a LORA_MODEL (Save LoRA Weights, Load LoRA Model, and newer
+    ComfyUI's loaders that take one): the tensors Save Adapter would write in ComfyUI generic form
+    (diffusion_model.<module>.lora_up / lora_down / alpha; other kinds as ComfyUI's own keys). The strength is not
+    baked in: set it on the loader."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(cls, "AdapterToLoraModel", "Adapter to LoRA Model", inputs=[
+                AdapterSocket.Input("adapter", tooltip="The adapter to hand over (a loaded, merged or trained one)."),
+                io.Model.Input("model", optional=True,
+                               tooltip="The model the adapter belongs to; needed when its module names are not in "
+                                       "ComfyUI generic form already (kohya, diffusers files)."),
+                io.Clip.Input("clip", optional=True, tooltip="Its text encoder, when the adapter has text-encoder modules."),
+            ],
+            outputs=[LoraModelSocket.Output(display_name="lora", tooltip="ComfyUI's LORA_MODEL: "
+                                                                         "{'<module>.<part>': tensor}.")],
+        )
+
+    @classmethod
+    def execute(cls, adapter: Adapter, model=None, clip=None) -> io.NodeOutput:
+        return io.NodeOutput(file_tensors(adapter, "comfy", model, clip))

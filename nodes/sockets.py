@@ -26,3 +26,14 @@ class TrainingOptionsSocket(io.ComfyTypeIO):
     """Settings every trainer shares: batch, accumulation, schedule, loss weighting, periodic saves and previews."""
 
     Type = TrainingOptions
+
+
+@io.comfytype(io_type="LORA_MODEL")
+class _DeclaredLoraModel(io.ComfyTypeIO):
+    Type = dict
+
+
+# ComfyUI's own socket for trained LoRAs (Train LoRA -> Save LoRA Weights / Load LoRA Model): {'<module>.<part>':
+# tensor}, parts as ComfyUI's loader spells them. comfy_api.latest declares it as io.LoraModel in the hosts tested; a
+# host without it gets the same io_type declared here, so graphs still connect to Train LoRA's output.
+LoraModelSocket = getattr(io, "LoraModel", None) or _DeclaredLoraModel

@@ -19,13 +19,12 @@ def offered_algorithms() -> list[str]:
     return list(comfy.weight_adapter.adapter_maps)
 
 
-def train_and_save(model, clip, algorithm: str, loras_dir: Path, output_dir: Path, steps: int = 2, rank: int = 2,
-                   seed: int = 0) -> str:
-    """Train with TrainLoraNode, save with SaveLoRA, move the file into ``loras_dir``; returns its file name.
+def train(model, clip, algorithm: str, steps: int = 2, rank: int = 2, seed: int = 0) -> tuple[dict, int]:
+    """(LORA_MODEL, steps trained) from TrainLoraNode, as its lora and steps outputs hand them to the next node.
 
     Conditioning and latents are made under inference mode, as a server runs every node (TrainLoraNode switches it
     off for its own loop). Two latents: the node fails on a single one in 0.3.75 (issue noted in comfyui-notes)."""
-    from comfy_extras.nodes_train import SaveLoRA, TrainLoraNode
+    from comfy_extras.nodes_train import TrainLoraNode
 
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
@@ -36,10 +35,26 @@ def train_and_save(model, clip, algorithm: str, loras_dir: Path, output_dir: Pat
             steps=[steps], learning_rate=[0.01], rank=[rank], optimizer=["AdamW"], loss_function=["MSE"], seed=[seed],
             training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=[algorithm], gradient_checkpointing=[False],
             existing_lora=["[None]"])
-        lora, total_steps = trained.args[1], trained.args[3]
-        prefix = f"loras/csa_trained_{algorithm.lower()}"
-        SaveLoRA.execute(lora=lora, prefix=prefix, steps=total_steps)
-    saved = sorted((output_dir / "loras").glob(f"csa_trained_{algorithm.lower()}_{total_steps}_steps_*.safetensors"))
+    return trained.args[1], trained.args[3]
+
+
+def train_and_save(model, clip, algorithm: str, loras_dir: Path, output_dir: Path, steps: int = 2, rank: int = 2,
+                   seed: int = 0) -> str:
+    """Train with TrainLoraNode, save with SaveLoRA, move the file into ``loras_dir``; returns its file name."""
+    lora, total_steps = train(model, clip, algorithm, steps, rank, seed)
+    prefix = f"loras/csa_trained_{algorithm.lower()}"
+    return save_with_save_lora(lora, prefix, total_steps, loras_dir, output_dir)
+
+
+def save_with_save_lora(lora: dict, prefix: str, steps: int, loras_dir: Path, output_dir: Path) -> str:
+    """ComfyUI's SaveLoRA node writes ``lora`` under output/<prefix>; the file is moved into ``loras_dir`` (returns
+    its name)."""
+    from comfy_extras.nodes_train import SaveLoRA
+
+    with torch.inference_mode():
+        SaveLoRA.execute(lora=lora, prefix=prefix, steps=steps)
+    folder, stem = (output_dir / prefix).parent, Path(prefix).name
+    saved = sorted(folder.glob(f"{stem}_{steps}_steps_*.safetensors"))
     target = loras_dir / saved[-1].name
     shutil.move(str(saved[-1]), target)
     return target.name
