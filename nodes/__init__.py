@@ -6,6 +6,7 @@ from .adapter_info import AdapterInfo
 from .apply_adapters import ApplyAdapters
 from .consistency_guidance import ComposeContentAndStyle, ContentStyleGuider
 from .ipl import ImageToPromptVectors, TrainPromptMapper, ZeroShotAdapt
+from .klora import KLoRA
 from .localized_residual import ApplyLocalizedResidual, NewResidualAdapter, ShowAttentionMask
 from .load_adapter import AdapterFromLoraModel, LoadAdapter, LoadContentAdapter, LoadStyleAdapter
 from .qr_merge import ConvertToQRLoRA, QRMerge
@@ -27,6 +28,7 @@ NODES: list[type[io.ComfyNode]] = [
     AdapterToLoraModel,
     QRMerge,
     ConvertToQRLoRA,
+    KLoRA,
     NewResidualAdapter,
     ApplyLocalizedResidual,
     ShowAttentionMask,

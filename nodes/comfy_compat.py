@@ -342,6 +342,19 @@ EXTRA_HEADS, EXTRA_SIGMAS, EXTRA_COND_OR_UNCOND = "n_heads", "sigmas", "cond_or_
 EXTRA_ACTIVATIONS_SHAPE = "activations_shape"
 
 
+SAMPLE_SIGMAS = "sample_sigmas"  # transformer option: the running sampler's whole schedule (N + 1 sigmas, last 0)
+
+
+def sampler_step(options: dict) -> tuple[int, int] | None:
+    """(n, N): the sampler step running now, 0 .. N-1, as the place of the call's sigma in the run's schedule (the
+    nearest one); None outside a sampler (a direct UNet call has no schedule)."""
+    schedule, sigmas = options.get(SAMPLE_SIGMAS), options.get(EXTRA_SIGMAS)
+    if schedule is None or sigmas is None or len(schedule) < 2:
+        return None
+    current = sigmas.flatten()[0].to(schedule.device, schedule.dtype)
+    return int((schedule[:-1] - current).abs().argmin()), len(schedule) - 1
+
+
 def percent_to_sigma(model, percent: float) -> float:
     return float(model.get_model_object("model_sampling").percent_to_sigma(percent))
 
