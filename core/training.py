@@ -93,6 +93,10 @@ class Recipe:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step ``step``: its phase's, times the schedule's factor."""
+        return self.phase_at(step).lr * schedule_factor(self.optimiser, step, self.steps)
+
     def describe(self) -> dict:
         """The recipe as plain data (for a saved file's metadata)."""
         return {"phases": [vars(p) for p in self.phases], "batch_size": self.batch_size, "seed": self.seed,
@@ -299,24 +303,17 @@ def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.T
     the parameters the set names. The step's loss is then the sum of both.
     """
     recipe.check()
-    accumulation = recipe.optimiser.accumulation
     if second is not None and tuple(second.latents.shape[1:]) != tuple(latents.shape[1:]):
         raise ValueError(f"the second data set's latents are {tuple(second.latents.shape[1:])}, the main set's "
                          f"{tuple(latents.shape[1:])}: train both at one resolution")
 
     def micro_loss(step: int, micro: int):
-        generator = seeded(recipe.seed, 2, step, micro)
-        position = (step * accumulation + micro) * recipe.batch_size
-        rows = batch_indices(len(latents), recipe.batch_size, recipe.seed, position)
-        x0 = latents[rows]
-        sigma = sigmas[torch.randint(0, len(sigmas), (len(rows),), generator=generator)].to(x0.dtype)
-        noise = draw_noise(tuple(x0.shape), recipe.noise_offset, generator).to(x0.dtype)
+        rows, x0, sigma, noise = draw_batch(latents, sigmas, recipe, step, micro)
         target = recipe.phase_at(step).target
         if second is None:
             x0_hat = predict(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, [conds[i] for i in rows])
             return diffusion_loss(x0, noise, sigma, x0_hat, target, recipe.min_snr_gamma)
-        other = batch_indices(len(second.latents), recipe.batch_size, recipe.seed + 7919, position)
-        x1 = second.latents[other]
+        other, x1 = draw_second_batch(second.latents, recipe, step, micro)
         both = torch.cat([x0, x1])
         x0_hat = predict(both + sigma.repeat(2).reshape(-1, 1, 1, 1) * noise.repeat(2, 1, 1, 1), sigma.repeat(2),
                          [conds[i] for i in rows] + [second.conds[i] for i in other])
@@ -324,11 +321,29 @@ def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.T
         return ((diffusion_loss(x0, noise, sigma, main_hat, target, recipe.min_snr_gamma), second.main),
                 (diffusion_loss(x1, noise, sigma, second_hat, target, recipe.min_snr_gamma), second.second))
 
-    def lr_at(step: int) -> float:
-        return recipe.phase_at(step).lr * schedule_factor(recipe.optimiser, step, recipe.steps)
+    return optimise(params, micro_loss, recipe.steps, recipe.lr_at, recipe.optimiser, grad_masks, state, on_step,
+                    periodic, lr_scales, transform_grads)
 
-    return optimise(params, micro_loss, recipe.steps, lr_at, recipe.optimiser, grad_masks, state, on_step, periodic,
-                    lr_scales, transform_grads)
+
+def draw_batch(latents: torch.Tensor, sigmas: torch.Tensor, recipe: Recipe, step: int, micro: int):
+    """(rows, x0, σ, ε) of one micro-batch: the dataset rows (each epoch one seeded permutation), their latents, a
+    noise level per sample drawn uniformly from the model's table ``sigmas``, and the noise; all from generators
+    seeded by (seed, step, micro), so a resumed run draws what an uninterrupted one does."""
+    generator = seeded(recipe.seed, 2, step, micro)
+    position = (step * recipe.optimiser.accumulation + micro) * recipe.batch_size
+    rows = batch_indices(len(latents), recipe.batch_size, recipe.seed, position)
+    x0 = latents[rows]
+    sigma = sigmas[torch.randint(0, len(sigmas), (len(rows),), generator=generator)]
+    noise = draw_noise(tuple(x0.shape), recipe.noise_offset, generator).to(x0.dtype)
+    return rows, x0, sigma.to(x0.dtype), noise
+
+
+def draw_second_batch(latents: torch.Tensor, recipe: Recipe, step: int, micro: int):
+    """(rows, latents) of a second data set's micro-batch drawn beside draw_batch's (its own seeded order), noised
+    with the first batch's noise and noise levels."""
+    position = (step * recipe.optimiser.accumulation + micro) * recipe.batch_size
+    rows = batch_indices(len(latents), recipe.batch_size, recipe.seed + 7919, position)
+    return rows, latents[rows]
 
 
 # -- optimiser state as named tensors (for safetensors) -----------------------------------------------------
