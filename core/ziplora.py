@@ -39,8 +39,8 @@ def columns(factors: LowRank) -> int:
 
 
 def scaled(factors: LowRank, strength: float) -> LowRank:
-    """The same change at ``strength`` with scale 1 (alpha / rank and the strength folded into up)."""
-    return LowRank(up=factors.up * (factors.scale * strength), down=factors.down, alpha=None)
+    """The same change at ``strength`` with scale 1 (alpha / rank and the strength folded into up), in new tensors."""
+    return LowRank(up=factors.up * (factors.scale * strength), down=factors.down.clone(), alpha=None)
 
 
 @dataclass(frozen=True)

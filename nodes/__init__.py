@@ -16,6 +16,7 @@ from .strength_sweep import GuiderStrengthSweep, StrengthSweep
 from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
 from .train_b4m import B4MMake, TrainB4MContent, TrainB4MStyle
 from .train_residual import TrainPersonalizedResidual
+from .train_ziplora import TrainZipLoRA
 
 NODES: list[type[io.ComfyNode]] = [
     LoadAdapter,
@@ -49,6 +50,7 @@ NODES: list[type[io.ComfyNode]] = [
     TrainB4MStyle,
     B4MMake,
     TrainPersonalizedResidual,
+    TrainZipLoRA,
 ]
 
 

@@ -199,16 +199,21 @@ class Trainee:
             conds = [encoded[c] for c in conds]
         return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {})
 
-    def preview(self, clip, vae, prompt: str, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
+    def preview(self, clip, vae, prompt: str, seed: int, size: int) -> torch.Tensor:
         """(1, size, size, 3): the prompt sampled by the model as trained so far (Euler; a fixed seed)."""
         with torch.no_grad():
-            positive = self.conditioning(prompt, clip)
-            negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-            factor = vae.spacial_compression_encode()
-            channels = self.model.get_model_object("latent_format").latent_channels
-            latent = torch.zeros(1, channels, size // factor, size // factor)
-            samples = cc.sample(self.model, positive, negative, latent, seed, steps, cfg)
-            return vae.decode(samples)[..., :3].clamp(0, 1).float()
+            return preview_image(self.model, clip, vae, self.conditioning(prompt, clip), seed, size)
+
+
+def preview_image(model, clip, vae, positive, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
+    """(1, size, size, 3): ``positive`` sampled by the model from a fixed seed (Euler), against the empty prompt."""
+    with torch.no_grad():
+        negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        factor = vae.spacial_compression_encode()
+        channels = model.get_model_object("latent_format").latent_channels
+        latent = torch.zeros(1, channels, size // factor, size // factor)
+        samples = cc.sample(model, positive, negative, latent, seed, steps, cfg)
+        return vae.decode(samples)[..., :3].clamp(0, 1).float()
 
 
 # -- a training job: stages on the engine, checkpoints, previews, resume -------------------------------------
