@@ -117,6 +117,7 @@ def clip_vision_embeds_with_grad(clip_vision, images):
 
 def vae_decode_with_grad(vae, latent):
     """(B, H, W, 3) images in [0, 1] from VAE-space latents, differentiable (ComfyUI's decode runs without grad)."""
-    return vae.process_output(vae.first_stage_model.decode(latent).float()).movedim(1, -1)
+    # a copy: newer ComfyUI's process_output works in place, which autograd refuses on a tensor it saved
+    return vae.process_output(vae.first_stage_model.decode(latent).to(torch.float32, copy=True)).movedim(1, -1)
 
 

@@ -1,6 +1,8 @@
 """The version-sensitive seam between this pack and ComfyUI: one edit when a ComfyUI release moves something.
 
-Checked against ComfyUI 0.3.75. Only this module names ComfyUI's model folders, key maps, weight layout,
+Checked against ComfyUI 0.3.75 (the tests' host) and read against the newest ComfyUI source available (0.33.0,
+spot checks of 0.38.1): docs/comfyui-host-audit.md lists every symbol used, and where releases differ this module
+probes the object (``call_with_supported``, ``static_patcher``) instead of reading a version. Only this module names ComfyUI's model folders, key maps, weight layout,
 progress and interruption, and its sampler and wrapper hooks. Node files and the support modules
 (``model_binding``, ``runtime_adapters``, ``training``) reach ComfyUI through it, apart from the objects
 ComfyUI hands them (MODEL, CLIP, VAE, CLIP_VISION) and ``comfy.samplers.CFGGuider``, which the guider
@@ -38,6 +40,7 @@ Private internals the pack reads, and why (each is one line to change if ComfyUI
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -410,6 +413,11 @@ def sampling_options(executor) -> dict:
     return executor.class_obj.model_options
 
 
+def sampled_patcher(executor):
+    """The ModelPatcher an OUTER_SAMPLE wrapper's run samples (its guider's)."""
+    return executor.class_obj.model_patcher
+
+
 def around_each_model_call(model, key: str, around) -> None:
     """``around(transformer_options)`` (a context manager) is entered for every UNet call of this model."""
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
@@ -455,10 +463,46 @@ def scheduler_names() -> list[str]:
     return list(comfy.samplers.KSampler.SCHEDULERS)
 
 
+def call_with_supported(function, *args, **optional):
+    """``function(*args, **the optional keywords it accepts)``: a probe on the callable's own signature, for
+    parameters newer ComfyUI releases added (the newest-host audit in docs/comfyui-host-audit.md lists them)."""
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return function(*args, **{k: v for k, v in optional.items() if takes_any or k in parameters})
+
+
+# Newer ComfyUI passes a latent's downscale ratios to fix_empty_latent_channels (KSampler, SamplerCustomAdvanced).
+LATENT_DOWNSCALE_KEYS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def empty_latent_fixed(model, latent: dict):
+    """comfy.sample.fix_empty_latent_channels as the stock samplers of this ComfyUI call it."""
+    return call_with_supported(comfy.sample.fix_empty_latent_channels, model, latent["samples"],
+                               **{key: latent.get(key) for key in LATENT_DOWNSCALE_KEYS})
+
+
+def static_patcher(model):
+    """A patcher whose weights live in its modules, as training needs (it swaps them for autograd-safe copies).
+
+    Newer ComfyUI may hand nodes a dynamic patcher (weights cast and patched per forward: CUDA with comfy-aimdo);
+    it is cloned static where its clone() takes disable_dynamic. On 0.3.75 and on the CPU every patcher is static."""
+    is_dynamic = getattr(model, "is_dynamic", None)
+    if not callable(is_dynamic) or not is_dynamic():
+        return model
+    if "disable_dynamic" not in inspect.signature(model.clone).parameters:
+        raise ValueError("this model is loaded with ComfyUI's dynamic VRAM, which this ComfyUI cannot clone static for "
+                         "training; start ComfyUI with --disable-dynamic-vram to train in it")
+    try:
+        return model.clone(disable_dynamic=True)
+    except RuntimeError as error:
+        raise ValueError(f"this model is loaded with ComfyUI's dynamic VRAM and could not be cloned static for "
+                         f"training ({error}); start ComfyUI with --disable-dynamic-vram to train in it") from error
+
+
 def sample_like_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent: dict, callback):
     """nodes.common_ksampler at denoise 1 (same noise, same call), with the caller's step callback instead of a bar
     per run (0.3.75's common_ksampler makes its own ProgressBar and takes no callback)."""
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    latent_image = empty_latent_fixed(model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     return comfy.sample.sample(model, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                                denoise=1.0, noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True,
@@ -467,7 +511,7 @@ def sample_like_ksampler(model, seed, steps, cfg, sampler_name, scheduler, posit
 
 def sample_like_sampler_custom_advanced(guider, seed, steps, sampler_name, scheduler, latent: dict, callback):
     """SamplerCustomAdvanced with RandomNoise(seed), KSamplerSelect(sampler_name), BasicScheduler(steps, denoise 1)."""
-    latent_image = comfy.sample.fix_empty_latent_channels(guider.model_patcher, latent["samples"])
+    latent_image = empty_latent_fixed(guider.model_patcher, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     sigmas = comfy.samplers.calculate_sigmas(guider.model_patcher.get_model_object("model_sampling"), scheduler,
                                              steps).cpu()

@@ -271,6 +271,7 @@ class ZeroShotAdapt(PackNode):
                              "model also needs pooled conditioning (SDXL-like)")
         mapper, _ = load_mapper(cc.mapper_file_path(mapper_name))
         check_mapper_fits(mapper, clip_vision, clip, mapper_name)
+        model = cc.static_patcher(model)
         make_autograd_safe(*torch_modules(model, vae, clip_vision))
         with grad_enabled():
             pairs = PromptPairs(clip, paired_encoder(clip, clip_vision), mapper,

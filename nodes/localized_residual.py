@@ -50,9 +50,9 @@ class LocalizedResidualSettings:
 class LocalizedResidualState:
     """One patched model's state: its settings, the current UNet call's attention, the last run's masks.
 
-    It lives in the model's transformer_options. A clone of the model gets its own state (same settings,
-    nothing recorded), so a model sampled downstream never writes into the masks of the model it was
-    cloned from; every sampling run starts from an empty record.
+    It lives in the model's transformer_options. Every sampling run puts a new one into the options of the patcher
+    it samples, so a model sampled downstream never writes into the masks of the model it was cloned from, however
+    ComfyUI copies model_options into clones; a clone that has not run yet gets its own, empty, on 0.3.75.
     """
 
     def __init__(self, settings: LocalizedResidualSettings):
@@ -168,12 +168,18 @@ def install_residuals(patched, settings: LocalizedResidualSettings, targets: dic
                                        transformer)
         add_to_forward(patched, key, shapes[key], {RESIDUAL: (factors, strength)}, residual_where_attended(block))
 
-    def reset_each_run(executor, *args, **kwargs):
-        state = cc.sampling_options(executor).get("transformer_options", {}).get(STATE_KEY)
+    def fresh_state_each_run(executor, *args, **kwargs):
+        # The sampled patcher's own transformer_options get a new state (not a reset of the one it holds): ComfyUI
+        # 0.3.75 deep-copies model_options into a clone (LocalizedResidualState.__deepcopy__ gives it its own), newer
+        # releases copy only the dicts and share the state object with every clone. A new state per run keeps each
+        # patcher's masks its own under both.
+        options = cc.sampling_options(executor).get("transformer_options", {})  # this run's copy
+        state = options.get(STATE_KEY)
         if state is not None:
-            state.reset()
+            options[STATE_KEY] = LocalizedResidualState(state.settings)
+            cc.set_transformer_option(cc.sampled_patcher(executor), STATE_KEY, options[STATE_KEY])  # for Show Mask
         return executor(*args, **kwargs)
-    cc.add_outer_sample_wrapper(patched, STATE_KEY, reset_each_run)
+    cc.add_outer_sample_wrapper(patched, STATE_KEY, fresh_state_each_run)
     cc.set_transformer_option(patched, STATE_KEY, LocalizedResidualState(settings))
     publish_call_options(patched)
 

@@ -8,7 +8,9 @@ How a patched layer knows what to do in a call: an APPLY_MODEL wrapper publishes
 transformer_options (a context variable, set for the duration of that call only), and the layer's
 ``select(options)`` returns the adapter names to add and an optional (B, N) mask. Nothing is shared
 between clones of a model: the options belong to the sampling run, and whatever a feature keeps per
-model lives in its transformer_options, which ComfyUI deep-copies into every clone.
+model lives in its transformer_options, which every clone copies (0.3.75 deep-copies them; newer releases copy the
+dicts and share the values, so a value a feature changes per run is replaced, never mutated: see
+localized_residual's fresh state per run).
 """
 from __future__ import annotations
 

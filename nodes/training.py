@@ -406,6 +406,7 @@ class Checkpoints:
 def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str, overwrite: bool,
                  resume_from: str = NO_RESUME) -> Result:
     """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
+    model = cc.static_patcher(model)
     make_autograd_safe(*torch_modules(model, clip=clip if job.token is not None else None))
     with grad_enabled():
         # factors made in a node are inference tensors inside a server: train normal-tensor copies

@@ -23,9 +23,13 @@ def shapes(tiny_sd15):
 
 
 def stock_loader(comfy, model, lora, strength):
+    """Load LoRA Model with weight patches (newer releases add a bypass input, off by default: kept off here)."""
+    import inspect
+
     from comfy_extras.nodes_train import LoraModelLoader
 
-    return LoraModelLoader.execute(model=model, lora=lora, strength_model=strength).args[0]
+    bypass = {"bypass": False} if "bypass" in inspect.signature(LoraModelLoader.execute).parameters else {}
+    return LoraModelLoader.execute(model=model, lora=lora, strength_model=strength, **bypass).args[0]
 
 
 def ours_applied(comfy, model, adapter):

@@ -23,19 +23,25 @@ def train(model, clip, algorithm: str, steps: int = 2, rank: int = 2, seed: int 
     """(LORA_MODEL, steps trained) from TrainLoraNode, as its lora and steps outputs hand them to the next node.
 
     Conditioning and latents are made under inference mode, as a server runs every node (TrainLoraNode switches it
-    off for its own loop). Two latents: the node fails on a single one in 0.3.75 (issue noted in comfyui-notes)."""
+    off for its own loop). Two latents: the node fails on a single one in 0.3.75 (issue noted in comfyui-notes).
+    Inputs this call does not set take the node's own defaults and outputs are picked by type, so newer releases'
+    extra inputs (bucket_mode, bypass_mode, ...) and their dropped MODEL output change nothing here."""
     from comfy_extras.nodes_train import TrainLoraNode
 
     generator = torch.Generator().manual_seed(seed)
     with torch.inference_mode():
         positive = clip.encode_from_tokens_scheduled(clip.tokenize("a striped circle"))
         latents = [{"samples": torch.randn(1, 4, 8, 8, generator=generator)} for _ in range(2)]
-        trained = TrainLoraNode.execute(
-            model=[model], latents=latents, positive=[positive], batch_size=[1], grad_accumulation_steps=[1],
-            steps=[steps], learning_rate=[0.01], rank=[rank], optimizer=["AdamW"], loss_function=["MSE"], seed=[seed],
-            training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=[algorithm], gradient_checkpointing=[False],
-            existing_lora=["[None]"])
-    return trained.args[1], trained.args[3]
+        given = {"model": model, "latents": latents, "positive": positive, "batch_size": 1,
+                 "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 0.01, "rank": rank, "optimizer": "AdamW",
+                 "loss_function": "MSE", "seed": seed, "training_dtype": "fp32", "lora_dtype": "fp32",
+                 "algorithm": algorithm, "gradient_checkpointing": False, "existing_lora": "[None]"}
+        schema = TrainLoraNode.define_schema()
+        inputs = {spec.id: given[spec.id] if spec.id in given else spec.default for spec in schema.inputs}
+        # is_input_list: every input arrives as a list (latents already is one, one entry per latent)
+        trained = TrainLoraNode.execute(**{k: v if k == "latents" else [v] for k, v in inputs.items()})
+    types = [output.io_type for output in schema.outputs]
+    return trained.args[types.index("LORA_MODEL")], trained.args[types.index("INT")]
 
 
 def train_and_save(model, clip, algorithm: str, loras_dir: Path, output_dir: Path, steps: int = 2, rank: int = 2,
