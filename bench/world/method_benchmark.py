@@ -133,6 +133,7 @@ class Trained:
     blocks: dict = field(default_factory=dict)  # 'content' / 'style' -> block adapters (ConsisLoRA, B-LoRA)
     cpu_seconds: float = 0.0
     parameters: int = 0
+    data: object = None  # the Training Images it was trained on (ZipLoRA's merge trains on both adapters' own)
 
     @property
     def fingerprint(self) -> str:
@@ -168,7 +169,7 @@ def pack_trainer(method: str):
                           RECIPES[method]["lr"], seed=seed, rank=RECIPES[method]["rank"])
         cpu = time.process_time() - cpu
         blocks = {"content": out[1], "style": out[2]} if method in ("consislora", "b-lora") else {}
-        return Trained(out[0], blocks, cpu, trainable_count(out[0]))
+        return Trained(out[0], blocks, cpu, trainable_count(out[0]), data)
     return train
 
 
@@ -240,6 +241,33 @@ def compose_qr_merge(ctx, content: Trained, style: Trained, variant: dict):
     model = ctx.nodes["CSA_QRMerge"].execute(model=ctx.model, content=content.adapter, style=style.adapter,
                                              lambda_content=1.0, lambda_style=1.0,
                                              interference=variant["interference"]).args[0]
+    return ksampler(ctx, model)
+
+
+def compose_klora(ctx, content: Trained, style: Trained, variant: dict):
+    """K-LoRA at the official defaults for its pattern; the changes it does not switch left out, as K-LoRA does."""
+    model = ctx.nodes["CSA_KLoRA"].execute(
+        model=ctx.model, content=content.adapter, style=style.adapter, pattern=variant["pattern"], alpha=1.5,
+        beta=KLORA_BETA[variant["pattern"]], balance="trimmed mean of layer ratios (official code)",
+        other_changes="leave out (K-LoRA)").args[0]
+    return ksampler(ctx, model)
+
+
+KLORA_BETA = {"S* (wrapped, official default)": 1.275, "S (linear)": 0.5}
+ZIPLORA_STEPS = 100  # the paper's; smoke runs take the benchmark's --steps when fewer
+ZIPLORA_STEP_SECONDS = 1.2  # not measured yet: three UNet passes of two batches of 4 (merged with grad, two teachers)
+
+
+def compose_ziplora(ctx, content: Trained, style: Trained, variant: dict):
+    """Train ZipLoRA at the paper's settings (λ 0.01, lr 0.01, 100 steps) on the two adapters' own training pictures,
+    then apply the merged LoRA. Its merge steps are extra cost beside the two LoRAs' training (the row's costs)."""
+    options = training_options(ctx.nodes, batch_size=4, precision="fp32")
+    merged = ctx.nodes["CSA_TrainZipLoRA"].execute(
+        model=ctx.model, clip=ctx.clip, vae=ctx.vae, content=content.adapter, style=style.adapter,
+        content_data=content.data, style_data=style.data, steps=min(ZIPLORA_STEPS, ctx.args.steps), lr=0.01,
+        similarity_weight=0.01, penalty="mean |m_c ⊙ m_s| (common implementation)", loss="epsilon", seed=0,
+        filename="", overwrite=False, resume_from="none", options=options).args[0]
+    model = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=merged, block_strengths="").args[0]
     return ksampler(ctx, model)
 
 
@@ -373,6 +401,10 @@ ROWS = [
         style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts"),
     Row("Personalized Residual (content) + style LoRA, LAG on", "residual", compose_residual, ({"lag": True},),
         style_trainer="lora", claim="Personalized Residuals: LAG changes only the concept's region"),
+    Row("K-LoRA (training-free)", "lora", compose_klora, tuple({"pattern": p} for p in KLORA_BETA),
+        claim="K-LoRA (CVPR 2025): beats ZipLoRA and B-LoRA on SDXL and FLUX, without training"),
+    Row("ZipLoRA (merger vectors trained)", "lora", compose_ziplora,
+        claim="ZipLoRA (ECCV 2024): keeps subject and style where the direct merge loses one"),
     Row("IPL style from a reference image (Image to Prompt Vectors)", not_yet="not measurable on the world: IPL needs "
         "a CLIP vision model sharing one image-text space with the text encoder; the world's CLIP-L is a seeded random "
         "text encoder and the only vision model here is an unrelated random ViT-L (600 MB, seconds per image), so a "
@@ -400,6 +432,9 @@ def estimate_seconds(rows: list, args, cells: list | None = None, alone_cells: l
     ways_alone = {(row.trainers[1], row.style_alone) for row in measured}
     pictures += len(ways_alone) * len(alone_cells) * args.leakage_shapes * args.sampling_seeds
     training = sum(STEP_SECONDS.get(job[0], 0.45) for job in jobs) * args.steps
+    if not args.style_alone_only:  # ZipLoRA's merge steps, per cell
+        training += sum(ZIPLORA_STEP_SECONDS * min(ZIPLORA_STEPS, args.steps) for row in measured
+                        if row.compose is compose_ziplora) * len(cells)
     return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
 
 
