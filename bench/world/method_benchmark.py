@@ -71,7 +71,9 @@ free cores); wall time is longer when the cores are shared. The smoke size (--sm
 pictures per prompt, 2 sampling steps, every row) takes about 2 minutes. The style-alone leakage pass of 2026-12-02
 (--style-alone-only on the first run: 30 style adapters, 720 pictures) took 8,284 CPU s (71 min wall in two workers)
 where these rates give 4,716: that machine ran about 1.75x slower per step (LoRA 0.68-0.76 s, B4M 1.5-1.7 s); the
-rates above are the first run's, on a faster machine of the same kind.
+rates above are the first run's, on a faster machine of the same kind. The K-LoRA and ZipLoRA rows (added
+2026-12-07, in none of those runs) add about 0.6 CPU hours to the defaults, with ZipLoRA's merge step rate
+(ZIPLORA_STEP_SECONDS) a guess until a full run measures it.
 """
 from __future__ import annotations
 
