@@ -32,6 +32,7 @@ from typing import Callable
 
 import torch
 
+from .binding import normal_target
 from .blocks import COMFY_UNET_ROOTS, DIFFUSERS_UNET_ROOTS
 
 LORA_SUFFIXES: dict[str, str] = {
@@ -102,8 +103,15 @@ def unchanged(name: str) -> str:
     return name
 
 
-def _comfy_name(model_key: str, options: list[str], two_encoders: bool) -> str | None:
+# A slice of a fused weight (FLUX's qkv and linear1) has no generic name: ComfyUI's key map reaches it through the
+# diffusers name (transformer.<path>) or OneTrainer's kohya-style one (lora_transformer_<path>).
+SLICE_NAME_PREFIXES = {"comfy": "transformer.", "kohya": "lora_transformer_"}
+
+
+def _comfy_name(model_key, options: list[str], two_encoders: bool) -> str | None:
     generic = [n for n in options if n.startswith(("diffusion_model.", "text_encoders."))]
+    if not generic and not isinstance(model_key, str):
+        generic = [n for n in options if n.startswith(SLICE_NAME_PREFIXES["comfy"])]
     return min(generic, key=len) if generic else None
 
 
@@ -117,6 +125,8 @@ def _kohya_name(model_key: str, options: list[str], two_encoders: bool) -> str |
         return sorted(diffusers or unet)[0]
     te_prefixes = ("lora_te1_", "lora_te2_") if two_encoders else ("lora_te_",)
     te = sorted(n for n in options if n.startswith(te_prefixes))
+    if not te and not isinstance(model_key, str):
+        te = sorted(n for n in options if n.startswith(SLICE_NAME_PREFIXES["kohya"]))
     return te[0] if te else None
 
 
@@ -223,10 +233,11 @@ def save_names_for(model_keys, key_map: dict, form: str) -> dict[str, str]:
     """{model weight key: module name to write in save form ``form``}, inverting the model's key map."""
     if form not in WRITERS:
         raise ValueError(f"key form must be one of {tuple(WRITERS)}, got {form!r}")
-    wanted = set(model_keys)
-    candidates: dict[str, list[str]] = {k: [] for k in wanted}
+    wanted = set(model_keys)  # weight keys, or (weight key, slice) targets
+    candidates: dict[object, list[str]] = {k: [] for k in wanted}
     for name, key in key_map.items():
-        if isinstance(key, str) and key in wanted:
+        key = normal_target(key)
+        if key in wanted:
             candidates[key].append(name)
     two_encoders = any(isinstance(k, str) and k.startswith("clip_g.") for k in key_map.values())
     names = {}

@@ -8,7 +8,8 @@ import torch
 
 from ..core.adapter import Adapter, LowRank, ModuleTensors
 from ..core.blocks import block_of, block_of_module, check_block_names, strength_of_block
-from ..core.binding import Binding, bias_key, bind, check_architecture
+from ..core.binding import (Binding, bias_key, bind, check_architecture, family_of_names, slice_of,
+                            weight_key_of)
 from ..core.dense import carried_diffs, exact_lowrank, sum_diffs
 from ..core.layouts import generic_module_name
 from ..core.merge import Term
@@ -23,6 +24,9 @@ def bind_to_model(adapter: Adapter, model, clip=None) -> Binding:
         names = adapter.module_names
         hint = ("; it has text-encoder modules, so connect the CLIP" if clip is None and
                 any(block_of_module(m) == "text_encoder" for m in names) else "")
+        made_for = family_of_names(names)
+        if made_for is not None and made_for != family_of_names(comfy_compat.weight_shapes(model)):
+            hint = f"; its module names are those of {made_for}, the model is {comfy_compat.model_name(model)}" + hint
         raise ValueError(f"{adapter.source or 'adapter'}: this adapter does not match this model "
                          f"({comfy_compat.model_name(model)}): none of its {len(names)} modules is in the "
                          f"model's key map (first: {names[:3]}){hint}")
@@ -44,10 +48,15 @@ def describe_binding(adapter: Adapter, binding: Binding, model) -> str:
     return line
 
 
-def kept_patches(name: str, module: str, kept: ModuleTensors, key: str, source: str) -> dict:
+def whole_targets(binding: Binding, model) -> dict[str, tuple[str, LowRank]]:
+    """{weight key: (module, factors)}: the binding's low-rank targets with slices of fused weights joined exactly."""
+    return binding.whole_weight_targets(comfy_compat.weight_shapes(model))
+
+
+def kept_patches(name: str, module: str, kept: ModuleTensors, key, source: str) -> dict:
     """ComfyUI's patches for a module kept as its tensors; an error when ComfyUI's loader made none for its weight or
     bias (so nothing it skips goes unnoticed)."""
-    patches = comfy_compat.module_patches(name, kept.tensors, key)
+    patches = comfy_compat.module_patches(name, kept.tensors, key)  # key: a weight key or a slice of one
     expected = {key} if kept.changes_weight else set()
     expected |= {bias_key(key)} if kept.changes_bias else set()
     missing = sorted(expected - set(patches))
@@ -59,13 +68,22 @@ def kept_patches(name: str, module: str, kept: ModuleTensors, key: str, source: 
 
 def dense_changes(adapter: Adapter, binding: Binding, model) -> dict[str, tuple[ModuleTensors, torch.Tensor]]:
     """{model key: (tensors, change)}: what each module kept as tensors does to each weight and bias at strength 1,
-    computed by ComfyUI (its own weight adapters, float32 factors) on the model's base weights held in float64."""
+    computed by ComfyUI (its own weight adapters, float32 factors) on the model's base weights held in float64. A
+    slice of a fused weight changes that slice; the change is the whole weight's, zero outside the slices."""
     changes = {}
     for key, (module, kept) in binding.tensor_targets.items():
         patches = kept_patches(f"csa.{module}", module, kept, key, adapter.source)
-        for target, base in comfy_compat.base_weights(model, patches).items():
-            base = base.to(torch.float64)
-            changes[target] = (kept, comfy_compat.weight_with_patch(patches[target], base, target) - base)
+        bases = comfy_compat.base_weights(model, {weight_key_of(t) for t in patches})
+        for target, patch in patches.items():
+            weight_key, part = weight_key_of(target), slice_of(target)
+            base = bases[weight_key].to(torch.float64)
+            if part is None:
+                changes[weight_key] = (kept, comfy_compat.weight_with_patch(patch, base, weight_key) - base)
+                continue
+            piece = base.narrow(*part).clone()
+            whole = changes[weight_key][1] if weight_key in changes else torch.zeros_like(base)
+            whole.narrow(*part).copy_(comfy_compat.weight_with_patch(patch, piece, weight_key) - piece)
+            changes[weight_key] = (kept, whole)
     return changes
 
 
@@ -86,7 +104,7 @@ class MergeInput:
 def merge_input(adapter: Adapter, model, role: str) -> MergeInput:
     binding = bind_to_model(adapter, model)
     shapes = comfy_compat.weight_shapes(model)
-    factors = {key: f.shaped_like(shapes[key]) for key, (_, f) in binding.targets.items()}
+    factors = {key: f.shaped_like(shapes[key]) for key, (_, f) in whole_targets(binding, model).items()}
     vectors, forms = {}, []
     for key, (kept, change) in dense_changes(adapter, binding, model).items():
         if change.ndim < 2:
@@ -130,14 +148,14 @@ def patches_by_strength(adapters: list[Adapter], model, clip, block_strengths: d
         binding = bind_to_model(adapter, model, clip)
         reports.append(describe_binding(adapter, binding, model))
         by_strength: dict[float, dict] = defaultdict(dict)
-        for key, (module, factors) in binding.targets.items():
-            strength = adapter.strength * strength_of_block(block_of(key), block_strengths)
+        for key, (module, factors) in binding.targets.items():  # slices of fused weights as ComfyUI patches them
+            strength = adapter.strength * strength_of_block(block_of(weight_key_of(key)), block_strengths)
             if strength != 0:
                 name = f"csa{index}.{module}"
                 by_strength[strength][key] = comfy_compat.lora_weight_adapter(name, factors.up, factors.down,
                                                                               factors.alpha)
         for key, (module, kept) in binding.tensor_targets.items():
-            strength = adapter.strength * strength_of_block(block_of(key), block_strengths)
+            strength = adapter.strength * strength_of_block(block_of(weight_key_of(key)), block_strengths)
             if strength != 0:
                 by_strength[strength].update(kept_patches(f"csa{index}.{module}", module, kept, key, adapter.source))
         groups.extend(by_strength.items())

@@ -12,7 +12,7 @@ from ..core.qr_lora import convert_layers
 from ..core.layouts import generic_module_name
 from . import comfy_compat
 from .model_binding import (apply_patch_groups, bind_to_model, dense_changes, describe_binding, merge_input,
-                            merged_adapter, patches_by_strength, weighted_terms)
+                            merged_adapter, patches_by_strength, weighted_terms, whole_targets)
 from .common import PackNode, schema, strength_input
 from .sockets import AdapterSocket
 
@@ -110,8 +110,9 @@ class ConvertToQRLoRA(PackNode):
     @classmethod
     def execute(cls, model, adapter: Adapter, rank: int) -> io.NodeOutput:
         binding = bind_to_model(adapter, model)
-        deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in binding.targets.items()}
-        kinds = {key: f"lora ΔW of rank {factors.rank}" for key, (_, factors) in binding.targets.items()}
+        targets = whole_targets(binding, model)  # a fused weight (FLUX qkv, linear1) is one weight: one Q for it
+        deltas = {key: factors.delta(torch.float32) * adapter.strength for key, (_, factors) in targets.items()}
+        kinds = {key: f"lora ΔW of rank {factors.rank}" for key, (_, factors) in targets.items()}
         vectors = {}
         for key, (kept, change) in dense_changes(adapter, binding, model).items():
             if change.ndim < 2:

@@ -19,7 +19,7 @@ import contextvars
 
 from ..core.adapter import Adapter, LowRank, add_lowrank_output
 from . import comfy_compat as cc
-from .model_binding import bind_to_model
+from .model_binding import bind_to_model, whole_targets
 
 ACTIVE_KEY = "csa.active_adapters"  # transformer option: frozenset of adapter names switched on for a call
 CALL_WRAPPER_KEY = "csa.runtime_adapters"
@@ -55,7 +55,7 @@ def low_rank_targets(adapter: Adapter, model) -> dict[str, tuple[str, LowRank]]:
         raise ValueError(f"{adapter.source or 'adapter'}: run-time adapters add low-rank ΔW x, but {len(modules)} "
                          f"modules are {', '.join(kinds)} (first: {modules[:3]}); apply this adapter with Apply "
                          f"Adapters instead")
-    return binding.targets
+    return whole_targets(binding, model)
 
 
 def check_runtime_factors(source: str, module: str, factors: LowRank) -> None:

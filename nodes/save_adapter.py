@@ -8,7 +8,7 @@ from ..core.adapter_file import path_inside, write_safetensors
 from ..core.formats import adapter_metadata, tensors_from_module_tensors, tensors_from_modules
 from ..core.layouts import SAVE_FORMS, save_names_for, save_names_without_model
 from . import comfy_compat
-from .model_binding import bind_to_model
+from .model_binding import bind_to_model, whole_targets
 from .common import PackNode, schema
 from .sockets import AdapterSocket, LoraModelSocket
 
@@ -24,8 +24,9 @@ def file_tensors(adapter: Adapter, key_form: str, model=None, clip=None) -> dict
     if binding.unmatched:
         raise ValueError(f"{len(binding.unmatched)} modules do not map onto this model and would be lost: "
                          f"{binding.unmatched[:5]}")
-    names = save_names_for({*binding.targets, *binding.tensor_targets}, comfy_compat.lora_key_map(model, clip), key_form)
-    modules = {names[key]: factors for key, (_, factors) in binding.targets.items()}
+    targets = whole_targets(binding, model)  # a fused weight's slices saved as one LoRA of the whole weight
+    names = save_names_for({*targets, *binding.tensor_targets}, comfy_compat.lora_key_map(model, clip), key_form)
+    modules = {names[key]: factors for key, (_, factors) in targets.items()}
     kept = {names[key]: tensors for key, (_, tensors) in binding.tensor_targets.items()}
     return {**tensors_from_modules(modules, {n: n for n in modules}),
             **tensors_from_module_tensors(kept, {n: n for n in kept})}

@@ -143,6 +143,9 @@ def run_factors(adapter: Adapter, model, slot: str) -> dict:
     binding = bind_to_model(adapter, model)
     if binding.tensor_targets:
         raise ValueError(f"{adapter.source}: B4M runs are plain low-rank factors; this adapter has other kinds")
+    if binding.sliced:  # B4M's frozen halves are per factor: joining slices would mix them
+        raise ValueError(f"{adapter.source}: B4M runs patch whole weights; this one patches slices of "
+                         f"{sorted(binding.sliced)[:3]}")
     return {generic_module_name(key): factors for key, (_, factors) in binding.targets.items()}
 
 

@@ -32,7 +32,7 @@ from ..core.training_data import TrainingImages, split_captions, training_images
 from comfy_api.latest import io
 
 from . import comfy_compat as cc
-from .model_binding import bind_to_model
+from .model_binding import bind_to_model, whole_targets
 from .plots import loss_plot
 from .runtime_adapters import install_switched_adapters
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
@@ -293,8 +293,8 @@ def resume_from_file(name: str, job: Job, base_hash: str, model) -> tuple[int, T
     tensors, metadata = read_safetensors(path)
     saved = adapter_from_tensors(tensors, metadata, source=name)
     if job.key_form != "comfy":  # back to the generic names the job uses
-        saved = saved.replace(modules={generic_module_name(key): factors
-                                       for key, (_, factors) in bind_to_model(saved, model).targets.items()})
+        saved = saved.replace(modules={generic_module_name(key): factors for key, (_, factors)
+                                       in whole_targets(bind_to_model(saved, model), model).items()})
     state_file = state_path(path)
     if not state_file.is_file():
         raise ValueError(f"resume_from {name!r}: no training state beside it ({state_file.name}); only adapters saved "

@@ -60,6 +60,27 @@ def tiny_sd15(comfy):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(comfy):
+    """A FLUX.1-dev diffusion model (one double + one single block, hidden 3072) built by the test set-up and loaded by
+    UNETLoader's own loader (comfy.sd.load_diffusion_model), which detects it as Flux from its keys."""
+    import comfy.sd
+
+    from support.dit_models import build_tiny_flux, cached
+
+    return comfy.sd.load_diffusion_model(str(cached(comfy_host.TINY_MODELS_DIR, "tiny_flux_dev", build_tiny_flux)))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(comfy):
+    """An SD3 MMDiT of depth 2 (2M parameters), built by the test set-up and loaded as UNETLoader loads it."""
+    import comfy.sd
+
+    from support.dit_models import build_tiny_sd3, cached
+
+    return comfy.sd.load_diffusion_model(str(cached(comfy_host.TINY_MODELS_DIR, "tiny_sd3", build_tiny_sd3)))
+
+
+@pytest.fixture(scope="session")
 def sdxl_meta(comfy):
     """An SDXL-layout ModelPatcher on the meta device: real key names and shapes, no weights."""
     from support.models import sdxl_meta_model

@@ -1,0 +1,114 @@
+"""Adapters on FLUX (a real FLUX to ComfyUI: the tiny one the test set-up builds, loaded by UNETLoader's loader) and on
+SD3: every tensor stock LoraLoaderModelOnly changes, changed exactly alike by Apply Adapters, QR Merge and Save Adapter,
+for diffusers files (slices of the fused qkv / linear1 weights) and kohya files (whole fused weights)."""
+from __future__ import annotations
+
+import pytest
+from safetensors.torch import save_file
+
+from support.flux_loras import DIFFUSERS_FLUX_MODULES, FUSED_SLICES, KOHYA_FLUX_MODULES, flux_lora
+from support.weights import patched_weights
+
+pytestmark = pytest.mark.host
+
+FLOAT32_PRECISION = 1e-6  # of a layer's largest weight change: a few float32 ulps
+
+
+@pytest.fixture(scope="module")
+def loras(comfy_base):
+    folder = comfy_base / "models" / "loras"
+    files = {"diffusers": "csa_flux_diffusers.safetensors", "kohya": "csa_flux_kohya.safetensors"}
+    for layout, name in files.items():
+        save_file(flux_lora(layout, seed=1 if layout == "kohya" else 0), str(folder / name))
+    return files
+
+
+def load(comfy, name, strength=1.0, role="from file"):
+    return comfy["CSA_LoadAdapter"].execute(adapter_name=name, strength=strength, part="whole file", role=role).args[0]
+
+
+def stock(comfy, model, name, strength=1.0):
+    return comfy["LoraLoaderModelOnly"]().load_lora_model_only(model, name, strength)[0]
+
+
+def max_relative_difference(ours, theirs, keys) -> float:
+    """max over keys of |ours - theirs| / max |theirs - base|: per weight, against the size of the change."""
+    worst, base = 0.0, unpatched(theirs)
+    for key in keys:  # one weight at a time: the fused weights are up to 66M entries
+        a, b, original = (patched_weights(p, [key])[key] for p in (ours, theirs, base))
+        worst = max(worst, float((a - b).abs().max() / (b - original).abs().max()))
+    return worst
+
+
+def unpatched(patcher):
+    clone = patcher.clone()
+    clone.patches = {}
+    return clone
+
+
+def test_the_test_model_is_a_flux_to_comfyui(tiny_flux):
+    assert type(tiny_flux.model.model_config).__name__ == "Flux"
+    assert tiny_flux.model.model_config.unet_config["hidden_size"] == 3072
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_apply_adapters_changes_every_tensor_stock_changes_exactly(comfy, tiny_flux, loras, layout):
+    adapter = load(comfy, loras[layout], strength=0.8)
+    ours, _, report = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=adapter, block_strengths="").args
+    theirs = stock(comfy, tiny_flux, loras[layout], 0.8)
+    modules = DIFFUSERS_FLUX_MODULES if layout == "diffusers" else KOHYA_FLUX_MODULES
+    assert f"{len(modules)} of {len(modules)} modules mapped onto Flux" in report and "not used" not in report
+    assert set(ours.patches) == set(theirs.patches)
+    if layout == "diffusers":
+        assert set(FUSED_SLICES) <= set(theirs.patches), "the slices of qkv and linear1 are part of the check"
+        assert all(len(theirs.patches[k]) == len(parts) for k, parts in FUSED_SLICES.items())
+    assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
+
+
+def test_qr_merge_of_a_file_with_itself_at_half_and_half_is_stock_at_one(comfy, tiny_flux, loras):
+    adapter = load(comfy, loras["diffusers"])
+    merged, merged_adapter, report = comfy["CSA_QRMerge"].execute(
+        model=tiny_flux, content=adapter, style=adapter, lambda_content=0.5, lambda_style=0.5, interference="off").args
+    theirs = stock(comfy, tiny_flux, loras["diffusers"], 1.0)
+    assert set(merged.patches) == set(theirs.patches)
+    assert max_relative_difference(merged, theirs, theirs.patches) < FLOAT32_PRECISION
+    fused = "diffusion_model.double_blocks.0.img_attn.qkv"
+    assert fused in merged_adapter.modules and merged_adapter.modules[fused].rank == 3 * 4, \
+        "one merged LoRA on the fused weight: q, k and v side by side (the two inputs' ups are one Q)"
+    assert "shared-q" in report
+
+
+@pytest.mark.parametrize("key_form", ["comfy", "kohya"])
+def test_a_saved_diffusers_flux_file_loads_in_stock_with_the_same_weights(comfy, comfy_base, tiny_flux, loras,
+                                                                          key_form):
+    adapter = load(comfy, loras["diffusers"])
+    name = f"csa_flux_resaved_{key_form}"
+    comfy["CSA_SaveAdapter"].execute(adapter=adapter, filename=name, subfolder="", key_form=key_form, overwrite=True,
+                                     model=tiny_flux)
+    resaved, original = stock(comfy, tiny_flux, name + ".safetensors"), stock(comfy, tiny_flux, loras["diffusers"])
+    changed = {k if isinstance(k, str) else k[0] for k in original.patches}
+    assert {k if isinstance(k, str) else k[0] for k in resaved.patches} == changed
+    assert max_relative_difference(resaved, original, changed) < FLOAT32_PRECISION
+
+
+def test_adapters_of_another_family_are_refused_naming_both(comfy, tiny_flux, tiny_sd15, loras):
+    with pytest.raises(ValueError, match="module names are those of FLUX, the model is SD15"):
+        comfy["CSA_ApplyAdapters"].execute(model=tiny_sd15[0], adapter=load(comfy, loras["diffusers"]),
+                                           block_strengths="")
+    with pytest.raises(ValueError, match=r"are those of a UNet model \(SD1.x / SD2.x / SDXL\), the model is Flux"):
+        comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=load(comfy, "csa_demo_style.safetensors"),
+                                           block_strengths="")
+
+
+def test_sd3_diffusers_slices_apply_like_stock(comfy, comfy_base, tiny_sd3):
+    width = 128  # depth 2: hidden 64 x 2
+    modules = {f"transformer.transformer_blocks.{i}.attn.{p}": (width, width) for i in range(2)
+               for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
+    name = "csa_sd3_diffusers.safetensors"
+    save_file(flux_lora("diffusers", rank=2, seed=3, modules=modules), str(comfy_base / "models" / "loras" / name))
+    ours, _, report = comfy["CSA_ApplyAdapters"].execute(model=tiny_sd3, adapter=load(comfy, name),
+                                                         block_strengths="").args
+    theirs = stock(comfy, tiny_sd3, name)
+    assert type(tiny_sd3.model.model_config).__name__ == "SD3" and "12 of 12 modules mapped" in report
+    assert set(ours.patches) == set(theirs.patches) and len(theirs.patches) >= 2
+    assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
