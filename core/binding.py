@@ -70,10 +70,13 @@ def normal_target(value):
     anything else."""
     if isinstance(value, str):
         return value
-    if isinstance(value, tuple) and len(value) >= 2 and isinstance(value[0], str):
-        part = None if value[1] is None else tuple(value[1])
-        return (value[0], part, *value[2:])
-    return None
+    if not (isinstance(value, tuple) and len(value) >= 2 and isinstance(value[0], str)):
+        return None
+    part = value[1]
+    if part is not None and not (isinstance(part, (tuple, list)) and len(part) == 3
+                                 and all(isinstance(v, int) for v in part)):
+        return None
+    return (value[0], None if part is None else tuple(part), *value[2:])
 
 
 def weight_key_of(target) -> str:

@@ -125,3 +125,32 @@ def test_file_names_invert_the_key_map():
     assert save_names_for(keys, key_map, "comfy")["clip_l.t.fc1.weight"] == "text_encoders.clip_l.t.fc1"
     with pytest.raises(ValueError, match="key form must be one of"):
         save_names_for(keys, key_map, "a1111")
+
+
+def test_slices_of_a_fused_weight_bind_and_join_exactly():
+    """FLUX's to_q / to_k / to_v land on thirds of one qkv weight (ComfyUI's (key, (dim, offset, size)) targets): each
+    is checked against its slice, overlaps are refused, and the joined LowRank is each slice's ΔW at its rows."""
+    q, k, v = factors(2, 3, 2, seed=1), factors(2, 3, 1, seed=2), LowRank(up=torch.randn(2, 2), down=torch.randn(2, 3),
+                                                                          alpha=1.0)
+    adapter = Adapter(modules={"to_q": q, "to_k": k, "to_v": v}, source="flux.safetensors")
+    qkv = "diffusion_model.qkv.weight"
+    key_map = {"to_q": (qkv, (0, 0, 2)), "to_k": (qkv, (0, 2, 2)), "to_v": (qkv, (0, 4, 2))}
+    binding = bind(adapter, key_map, {qkv: (6, 3)})
+    assert binding.matched_count == 3 and binding.sliced == {qkv: ["to_q", "to_k", "to_v"]}
+    label, joined = binding.whole_weight_targets({qkv: (6, 3)})[qkv]
+    expected = torch.cat([q.delta(torch.float64), k.delta(torch.float64), v.delta(torch.float64)])
+    assert label == "to_q + to_k + to_v" and torch.allclose(joined.delta(torch.float64), expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"modules 'to_q' and 'to_k' both patch diffusion_model.qkv.weight \(slices"):
+        bind(adapter, {**key_map, "to_k": (qkv, (0, 1, 2))}, {qkv: (6, 3)})
+    with pytest.raises(ValueError, match=r"'to_q' does not fit diffusion_model.qkv.weight slice \(0, 0, 2\)"):
+        bind(adapter, key_map, {qkv: (6, 4)})
+    outside = bind(adapter, {**key_map, "to_v": (qkv, (0, 5, 2))}, {qkv: (6, 3)})  # rows 5..6 of 6: not a target
+    assert outside.unmatched == ["to_v"]
+
+
+def test_a_change_function_target_acts_on_the_rows_of_up():
+    f = factors(4, 3, 2, seed=3)
+    swap = lambda w: torch.cat(w.chunk(2, 0)[::-1])  # noqa: E731  (ComfyUI's swap_scale_shift, as FLUX's norm_out)
+    binding = bind(Adapter(modules={"norm_out": f}), {"norm_out": ("w", None, swap)}, {"w": (4, 3)})
+    (_, joined), = binding.whole_weight_targets({"w": (4, 3)}).values()
+    assert torch.allclose(joined.delta(torch.float64), swap(f.delta(torch.float64)))
