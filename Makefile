@@ -1,11 +1,11 @@
 # Two commands for a fresh checkout (see README):
 #   make demo   set everything up, run the example workflows headless, draw the world grid and the trained demo
 #               adapters (base / content / style / composed), print where the images are
-#   make test   set everything up and run the whole test suite (with the browser suite, tests/e2e/test_browser.py)
+#   make test   set everything up and run the test suite (the browser suite included; heavy twins: make test-full)
 PYTHON := .venv/bin/python
 DEMO_WORKFLOWS := $(wildcard workflows/api/*.json)
 
-.PHONY: setup demo test test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters judge-adapters block-split benchmark clean
+.PHONY: setup demo test test-full test-unit test-browser screenshots lint workflows world evaluate reliability demo-adapters judge-adapters block-split benchmark clean
 
 setup:
 	bash scripts/setup_host.sh
@@ -17,12 +17,19 @@ demo: setup
 
 test: setup
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m pytest -m "not full"
+
+# Everything make test runs, plus the heavy end-to-end cases whose faster twin make test runs (marked full: every
+# workflow run from the browser, the benchmark smoke in one process and its style-alone pass, world training cut and
+# resumed).
+test-full: setup
+	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest
 
 test-unit: setup
 	$(PYTHON) -m pytest tests/unit
 
-# The browser suite alone (make test runs it too): ComfyUI's front end in headless Chromium.
+# The browser suite alone (make test runs it too, with one workflow run from the UI; this runs all of them).
 test-browser: setup
 	$(PYTHON) -m pytest -m browser tests/e2e/test_browser.py
 

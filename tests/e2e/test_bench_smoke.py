@@ -30,7 +30,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
     ["bench/world/judge_demo_adapters.py"],  # make judge-adapters
-]  # make benchmark: test_benchmark_in_workers_equals_one_process
+]  # make benchmark: test_benchmark_smoke_in_two_workers_produces_every_row
 SERVER_SCRIPTS = [  # make demo: they start a real server on a base directory of their own
     ["scripts/world_grid.py", "--smoke"],
     ["scripts/run_workflows.py", "workflows/api/apply_adapter.json"],
@@ -105,6 +105,7 @@ def test_world_training_continues_the_committed_weights(tmp_path):
                                            "captions in reading order"), meta["csa.scenes"]
 
 
+@pytest.mark.full  # three world-training runs (100 s): the default suite runs train_world.py's smoke and continuation
 def test_world_training_cut_and_resumed_equals_one_run(tmp_path):
     """A UNet run cut off half-way (--stop-after, as a session's end would) and started again with the same command
     ends with the weights and loss curve of the uncut run, bit for bit, and removes its state file; a state file of
@@ -140,17 +141,31 @@ def table_without_timings(output: str) -> list[list[str]]:
     return [[cell for i, cell in enumerate(row) if i not in timed] for row in rows]
 
 
+BENCHMARK = "bench/world/method_benchmark.py"
+
+
+def benchmark_rows() -> int:
+    sys.path[:0] = [str(REPO_ROOT / "bench" / "world"), str(REPO_ROOT / "bench")]
+    import method_benchmark
+
+    return len(method_benchmark.ROWS)
+
+
+def test_benchmark_smoke_in_two_workers_produces_every_row(tmp_path):
+    """make benchmark's smoke, as the target runs it (two workers): every row in the table."""
+    workers = table_without_timings(run([BENCHMARK], "--smoke", "--workers", "2", "--out", str(tmp_path)))
+    assert len(workers) == benchmark_rows()
+
+
+@pytest.mark.full  # two more benchmark smokes (170 s) beside the default suite's one
 def test_benchmark_in_workers_equals_one_process(tmp_path):
     """make benchmark's smoke (every row produced) in two workers and in one process gives the same table, training
     and sampling times aside: the workers' merge is exact and a run reproduces itself. Then --style-alone-only on the
     one-process run retrains the style adapters (same fingerprints) and measures the same style-alone leakage."""
-    script = "bench/world/method_benchmark.py"
+    script = BENCHMARK
     workers, alone = (table_without_timings(run([script], "--smoke", "--workers", n, "--out", str(tmp_path / n)))
                       for n in ("2", "1"))
-    sys.path[:0] = [str(REPO_ROOT / "bench" / "world"), str(REPO_ROOT / "bench")]
-    import method_benchmark
-
-    assert len(workers) == len(method_benchmark.ROWS) and workers == alone
+    assert len(workers) == benchmark_rows() and workers == alone
     recorded = json.loads((tmp_path / "1" / "results.json").read_text())
     measured = [r for r in recorded["rows"] if "chosen" in r]
     assert all("leakage_alone" in r for r in measured)
