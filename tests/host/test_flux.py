@@ -4,6 +4,7 @@ for diffusers files (slices of the fused qkv / linear1 weights) and kohya files 
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from support.flux_loras import DIFFUSERS_FLUX_MODULES, FUSED_SLICES, KOHYA_FLUX_MODULES, flux_lora
@@ -112,3 +113,33 @@ def test_sd3_diffusers_slices_apply_like_stock(comfy, comfy_base, tiny_sd3):
     assert type(tiny_sd3.model.model_config).__name__ == "SD3" and "12 of 12 modules mapped" in report
     assert set(ours.patches) == set(theirs.patches) and len(theirs.patches) >= 2
     assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
+
+
+def flux_sample(model, seed=0, steps=2):
+    """Two Euler steps on a 16x16 latent with FLUX conditioning given directly (no small T5 exists)."""
+    import comfy.sample
+
+    generator = torch.Generator().manual_seed(seed)
+    positive = [[torch.randn(1, 8, 4096, generator=generator), {"pooled_output": torch.randn(1, 768, generator=generator),
+                                                                "guidance": 3.5}]]
+    latent = torch.zeros(1, 16, 16, 16)
+    noise = torch.randn(latent.shape, generator=generator)
+    return comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
+                               disable_pbar=True, seed=seed)
+
+
+def test_klora_on_flux_with_one_adapter_zero_is_the_other_alone(comfy, comfy_base, tiny_flux, loras):
+    """K-LoRA switches the fused layers at run time (its one-zero identity on FLUX's qkv and linear1 slices)."""
+    zero = {k: v.zero_() if ".lora_B." in k else v for k, v in flux_lora("diffusers", seed=5).items()}
+    save_file(zero, str(comfy_base / "models" / "loras" / "csa_flux_zero.safetensors"))
+    content = load(comfy, loras["diffusers"], strength=0.9)
+    alone = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=content, block_strengths="").args[0]
+    switched, report = comfy["CSA_KLoRA"].execute(
+        model=tiny_flux, content=content, style=load(comfy, "csa_flux_zero.safetensors"),
+        pattern="S* (wrapped, official default)", alpha=1.5, beta=1.275,
+        balance="trimmed mean of layer ratios (official code)", other_changes="leave out (K-LoRA)").args
+    # 21 modules on 14 weights: img / txt q, k, v on one qkv each, the single block's q, k, v, mlp on linear1
+    assert report.startswith(f"K-LoRA on {len(DIFFUSERS_FLUX_MODULES) - 2 - 2 - 3} layers"), report.splitlines()[0]
+    expected, got = flux_sample(alone), flux_sample(switched)
+    assert torch.isfinite(got).all() and (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not torch.equal(expected, flux_sample(tiny_flux)), "the adapter changes the prediction"
