@@ -17,8 +17,19 @@ Targets and their loss, each the per-sample mean over elements:
     x0        ||x̂0 − x0||²                       ConsisLoRA's loss (ε-MSE × (1 − ᾱ)/ᾱ); TrainLoraNode's
     v         ||v̂ − v||²  = ||x̂0 − x0||² (1 + σ²) / σ²
 
-Min-SNR-γ weighting (Hang et al. 2023) with snr = 1/σ²: min(snr, γ)/snr for epsilon, min(snr, γ) for x0,
-min(snr, γ)/(snr + 1) for v, so every target then weighs ||x̂0 − x0||² by min(snr, γ).
+Flow models (ComfyUI's CONST sampling: FLUX, SD3, and the other rectified-flow models) noise by interpolation,
+with σ = t in (0, 1] drawn from the model's own table (its shift included):
+
+    x_t = (1 − t) x0 + t ε                      the flow-matching path
+    ε̂ = (x_t − (1 − t) x̂0) / t,  v̂ = (x_t − x̂0) / t     v = ε − x0, the velocity flow models are trained on
+
+    epsilon   ||ε̂ − ε||²  = ||x̂0 − x0||² (1 − t)² / t²
+    x0        ||x̂0 − x0||²
+    v         ||v̂ − v||²  = ||x̂0 − x0||² / t²     (the flow-matching loss)
+
+Min-SNR-γ weighting (Hang et al. 2023) with snr = 1/σ² (flow: ((1 − t)/t)²): each target's loss is divided by its
+factor on ||x̂0 − x0||² above (epsilon snr; x0 1; v snr + 1, flow 1/t²) and multiplied by min(snr, γ), so every
+target then weighs ||x̂0 − x0||² by min(snr, γ).
 Noise offset: ε = N(0, I) + offset · N(0, 1) per (sample, channel).
 """
 from __future__ import annotations
@@ -32,6 +43,8 @@ import numpy as np
 import torch
 
 TARGETS = ("epsilon", "x0", "v")
+ADDED, FLOW = "added noise", "flow"  # x_σ = x0 + σ ε (EPS, V_PREDICTION), or x_t = (1 − t) x0 + t ε (CONST)
+NOISINGS = (ADDED, FLOW)
 SCHEDULES = ("constant", "cosine", "linear")
 OPTIMISERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
 
@@ -227,37 +240,54 @@ def optimise(params: dict[str, torch.Tensor], micro_loss: Callable[[int, int], o
 
 # -- diffusion -----------------------------------------------------------------------------------------------
 
-def targets(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor, target: str):
+def per_sample(sigma: torch.Tensor, ndim: int, dtype) -> torch.Tensor:
+    return sigma.reshape(-1, *([1] * (ndim - 1))).to(dtype)
+
+
+def noisy_latent(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, noising: str = ADDED) -> torch.Tensor:
+    """x_σ = x0 + σ ε, or the flow path (1 − σ) x0 + σ ε."""
+    if noising not in NOISINGS:
+        raise ValueError(f"noising must be one of {NOISINGS}, got {noising!r}")
+    s = per_sample(sigma, x0.ndim, x0.dtype)
+    return x0 + s * noise if noising == ADDED else (1 - s) * x0 + s * noise
+
+
+def targets(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor, target: str,
+            noising: str = ADDED):
     """(prediction, true value) in the target's space, from the x0 prediction (see the module docstring)."""
-    s = sigma.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
-    noisy = x0 + s * noise
+    if target not in TARGETS:
+        raise ValueError(f"loss target must be one of {TARGETS}, got {target!r}")
     if target == "x0":
         return x0_hat, x0
+    s = per_sample(sigma, x0.ndim, x0.dtype)
+    noisy = noisy_latent(x0, noise, sigma, noising)
+    if noising == FLOW:
+        if target == "epsilon":
+            return (noisy - (1 - s) * x0_hat) / s, noise
+        return (noisy - x0_hat) / s, noise - x0
     eps_hat = (noisy - x0_hat) / s
     if target == "epsilon":
         return eps_hat, noise
-    if target == "v":
-        root = (1 + s ** 2).sqrt()
-        return (eps_hat - s * x0_hat) / root, (noise - s * x0) / root
-    raise ValueError(f"loss target must be one of {TARGETS}, got {target!r}")
+    root = (1 + s ** 2).sqrt()
+    return (eps_hat - s * x0_hat) / root, (noise - s * x0) / root
 
 
-def min_snr_weight(sigma: torch.Tensor, target: str, gamma: float) -> torch.Tensor:
+def min_snr_weight(sigma: torch.Tensor, target: str, gamma: float, noising: str = ADDED) -> torch.Tensor:
     """Per-sample Min-SNR-γ weight for the target's loss (1 when gamma is 0)."""
     if gamma <= 0:
         return torch.ones_like(sigma)
-    snr = 1.0 / sigma.double() ** 2
-    clipped = snr.clamp(max=gamma)
-    weight = {"epsilon": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[target]
-    return weight.to(sigma.dtype)
+    s = sigma.double()
+    snr = 1.0 / s ** 2 if noising == ADDED else ((1 - s) / s) ** 2
+    factor = {"epsilon": snr, "x0": torch.ones_like(s), "v": snr + 1 if noising == ADDED else 1.0 / s ** 2}[target]
+    return (snr.clamp(max=gamma) / factor).to(sigma.dtype)
 
 
 def diffusion_loss(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor, target: str,
-                   min_snr_gamma: float = 0.0) -> torch.Tensor:
+                   min_snr_gamma: float = 0.0, noising: str = ADDED) -> torch.Tensor:
     """Weighted mean over the batch of each sample's mean squared error in the target's space."""
-    prediction, truth = targets(x0, noise, sigma, x0_hat, target)
-    per_sample = (prediction.float() - truth.float()).pow(2).flatten(1).mean(1)
-    return (per_sample * min_snr_weight(sigma.float(), target, min_snr_gamma)).mean()
+    prediction, truth = targets(x0, noise, sigma, x0_hat, target, noising)
+    per_sample_error = (prediction.float() - truth.float()).pow(2).flatten(1).mean(1)
+    return (per_sample_error * min_snr_weight(sigma.float(), target, min_snr_gamma, noising)).mean()
 
 
 def draw_noise(shape: tuple[int, ...], offset: float, generator: torch.Generator) -> torch.Tensor:
@@ -293,11 +323,13 @@ class SecondSet:
 def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.Tensor, params: dict[str, torch.Tensor],
                     recipe: Recipe, grad_masks=None, state: TrainState | None = None, on_step=None,
                     periodic: tuple[Periodic, ...] = (), second: SecondSet | None = None,
-                    lr_scales: dict[str, float] | None = None, transform_grads=None) -> TrainState:
+                    lr_scales: dict[str, float] | None = None, transform_grads=None,
+                    noising: str = ADDED) -> TrainState:
     """Train ``params`` so that ``predict(x_σ, σ, [conds[i] for i in batch]) -> x̂0`` denoises ``latents``.
 
     ``latents`` (N, C, H, W) are model-space latents, ``conds[i]`` their conditioning (passed through), ``sigmas``
-    the model's noise levels (one per discrete timestep; drawn uniformly). The loss target and learning rate
+    the model's noise levels (its own table, drawn uniformly), ``noising`` how the model noises a latent with them
+    (added noise, or the flow path). The loss target and learning rate
     follow the recipe's phases. With a ``second`` set, each micro-batch also draws a batch of it (its own seeded
     order) and noises it with the same noise and noise levels; one model call predicts both, and each loss trains
     the parameters the set names. The step's loss is then the sum of both.
@@ -310,16 +342,17 @@ def train_diffusion(predict, latents: torch.Tensor, conds: list, sigmas: torch.T
     def micro_loss(step: int, micro: int):
         rows, x0, sigma, noise = draw_batch(latents, sigmas, recipe, step, micro)
         target = recipe.phase_at(step).target
+        gamma = recipe.min_snr_gamma
         if second is None:
-            x0_hat = predict(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, [conds[i] for i in rows])
-            return diffusion_loss(x0, noise, sigma, x0_hat, target, recipe.min_snr_gamma)
+            x0_hat = predict(noisy_latent(x0, noise, sigma, noising), sigma, [conds[i] for i in rows])
+            return diffusion_loss(x0, noise, sigma, x0_hat, target, gamma, noising)
         other, x1 = draw_second_batch(second.latents, recipe, step, micro)
         both = torch.cat([x0, x1])
-        x0_hat = predict(both + sigma.repeat(2).reshape(-1, 1, 1, 1) * noise.repeat(2, 1, 1, 1), sigma.repeat(2),
-                         [conds[i] for i in rows] + [second.conds[i] for i in other])
+        x0_hat = predict(noisy_latent(both, noise.repeat(2, *([1] * (noise.ndim - 1))), sigma.repeat(2), noising),
+                         sigma.repeat(2), [conds[i] for i in rows] + [second.conds[i] for i in other])
         main_hat, second_hat = x0_hat.split(len(rows))
-        return ((diffusion_loss(x0, noise, sigma, main_hat, target, recipe.min_snr_gamma), second.main),
-                (diffusion_loss(x1, noise, sigma, second_hat, target, recipe.min_snr_gamma), second.second))
+        return ((diffusion_loss(x0, noise, sigma, main_hat, target, gamma, noising), second.main),
+                (diffusion_loss(x1, noise, sigma, second_hat, target, gamma, noising), second.second))
 
     return optimise(params, micro_loss, recipe.steps, recipe.lr_at, recipe.optimiser, grad_masks, state, on_step,
                     periodic, lr_scales, transform_grads)

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LowRank
-from .training import Periodic, Recipe, TrainState, draw_batch, draw_second_batch, optimise, targets
+from .training import (ADDED, Periodic, Recipe, TrainState, draw_batch, draw_second_batch, noisy_latent, optimise,
+                       targets)
 
 MEAN_PRODUCT, DOT, COSINE = "mean |m_c ⊙ m_s| (common implementation)", "|m_c · m_s| (paper Eq. 3)", "|cos(m_c, m_s)|"
 PENALTIES = (MEAN_PRODUCT, DOT, COSINE)
@@ -99,26 +100,26 @@ def penalty(layers: dict[str, ZipLayer], kind: str) -> torch.Tensor:
 
 
 def distillation_mse(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, merged_hat: torch.Tensor,
-                     teacher_hat: torch.Tensor, target: str) -> torch.Tensor:
+                     teacher_hat: torch.Tensor, target: str, noising: str = ADDED) -> torch.Tensor:
     """Mean squared difference of the merged and the teacher prediction, both in the target's space."""
-    ours = targets(x0, noise, sigma, merged_hat, target)[0]
-    theirs = targets(x0, noise, sigma, teacher_hat, target)[0]
+    ours = targets(x0, noise, sigma, merged_hat, target, noising)[0]
+    theirs = targets(x0, noise, sigma, teacher_hat, target, noising)[0]
     return (ours.float() - theirs.float()).pow(2).mean()
 
 
 def ziplora_loss(predict, x_content, x_style, noise, sigma, conds_content, conds_style, layers, target: str,
-                 kind: str, weight: float) -> torch.Tensor:
+                 kind: str, weight: float, noising: str = ADDED) -> torch.Tensor:
     """Eq. 3 for one batch: ``predict(which, x_σ, σ, conds) -> x̂0`` with which in MERGED / CONTENT / STYLE (the
     teachers run without gradient); the merged model predicts both sets in one call."""
-    s = sigma.reshape(-1, *([1] * (x_content.ndim - 1)))
-    noisy_c, noisy_s = x_content + s * noise, x_style + s * noise
+    noisy_c, noisy_s = (noisy_latent(x, noise, sigma, noising) for x in (x_content, x_style))
     merged = predict(MERGED, torch.cat([noisy_c, noisy_s]), sigma.repeat(2), conds_content + conds_style)
     merged_c, merged_s = merged.split(len(x_content))
     with torch.no_grad():
         teacher_c = predict(CONTENT, noisy_c, sigma, conds_content)
         teacher_s = predict(STYLE, noisy_s, sigma, conds_style)
-    return (distillation_mse(x_content, noise, sigma, merged_c, teacher_c, target)
-            + distillation_mse(x_style, noise, sigma, merged_s, teacher_s, target) + weight * penalty(layers, kind))
+    return (distillation_mse(x_content, noise, sigma, merged_c, teacher_c, target, noising)
+            + distillation_mse(x_style, noise, sigma, merged_s, teacher_s, target, noising)
+            + weight * penalty(layers, kind))
 
 
 def parameters(layers: dict[str, ZipLayer]) -> dict[str, torch.Tensor]:
@@ -134,7 +135,7 @@ def parameters(layers: dict[str, ZipLayer]) -> dict[str, torch.Tensor]:
 def train_ziplora(predict, content: tuple[torch.Tensor, list], style: tuple[torch.Tensor, list], sigmas: torch.Tensor,
                   layers: dict[str, ZipLayer], recipe: Recipe, kind: str = MEAN_PRODUCT,
                   weight: float = DEFAULT_SIMILARITY_WEIGHT, state: TrainState | None = None, on_step=None,
-                  periodic: tuple[Periodic, ...] = ()) -> TrainState:
+                  periodic: tuple[Periodic, ...] = (), noising: str = ADDED) -> TrainState:
     """Train the merger vectors on the engine: each micro-batch draws a batch of each set (one noise, one noise
     level per sample for both) and takes Eq. 3's loss. ``content`` / ``style``: (model-space latents, conds)."""
     recipe.check()
@@ -146,7 +147,7 @@ def train_ziplora(predict, content: tuple[torch.Tensor, list], style: tuple[torc
         rows, x_content, sigma, noise = draw_batch(content[0], sigmas, recipe, step, micro)
         other, x_style = draw_second_batch(style[0], recipe, step, micro)
         return ziplora_loss(predict, x_content, x_style, noise, sigma, [content[1][i] for i in rows],
-                            [style[1][i] for i in other], layers, recipe.phase_at(step).target, kind, weight)
+                            [style[1][i] for i in other], layers, recipe.phase_at(step).target, kind, weight, noising)
 
     return optimise(parameters(layers), micro_loss, recipe.steps, recipe.lr_at, recipe.optimiser, None, state, on_step,
                     periodic)

@@ -62,6 +62,8 @@ import comfy_execution.utils
 import folder_paths
 from PIL import Image
 
+from ..core.training import ADDED, FLOW
+
 # -- folders -------------------------------------------------------------------------------------
 
 LORA_FOLDER = "loras"
@@ -543,17 +545,29 @@ def batch_conds(per_sample: list[dict]) -> dict:
 
 # -- training -----------------------------------------------------------------------------------------------
 
-ADDED_NOISE_SAMPLINGS = ("EPS", "V_PREDICTION")  # x_noisy = x0 + σ ε (the training engine's parameterisation)
+ADDED_NOISE_SAMPLINGS = ("EPS", "V_PREDICTION")  # x_σ = x0 + σ ε
+FLOW_SAMPLINGS = ("CONST",)  # x_t = (1 − t) x0 + t ε: FLUX, SD3, and the other rectified-flow models
+
+
+def noising(model) -> str:
+    """How the model noises a latent, as the training engine names it (core.training.NOISINGS); refuses samplings
+    the engine does not parameterise (EDM's v, Stable Cascade, ...), naming them."""
+    kinds = [cls.__name__ for cls in type(model.get_model_object("model_sampling")).__mro__]
+    if any(kind in ADDED_NOISE_SAMPLINGS for kind in kinds):
+        return ADDED
+    if any(kind in FLOW_SAMPLINGS for kind in kinds):
+        return FLOW
+    raise ValueError(f"training supports models sampled as x0 + σ·noise (SD1.x, SD2.x, SDXL: EPS, V_PREDICTION) or on "
+                     f"the flow path (1 − t)·x0 + t·noise (FLUX, SD3: CONST); this model's sampling is {kinds[:3]}")
 
 
 def sigma_table(model) -> torch.Tensor:
-    """The model's noise levels, one per discrete timestep (ascending); refuses samplings whose noisy latent is not
-    x0 + σ ε (flow models), which the training engine does not parameterise."""
+    """The model's noise levels, its own table (ascending): one per discrete timestep, or a flow model's shifted t
+    grid (FLUX: 10,000 levels), drawn uniformly by the engine."""
+    noising(model)  # refuses samplings the engine does not parameterise
     sampling = model.get_model_object("model_sampling")
-    kinds = [cls.__name__ for cls in type(sampling).__mro__]
-    if not any(kind in ADDED_NOISE_SAMPLINGS for kind in kinds) or not hasattr(sampling, "sigmas"):
-        raise ValueError(f"training supports models sampled as x0 + σ·noise with discrete timesteps (SD1.x, SD2.x, "
-                         f"SDXL: {', '.join(ADDED_NOISE_SAMPLINGS)}); this model's sampling is {kinds[:3]}")
+    if not hasattr(sampling, "sigmas"):
+        raise ValueError(f"this model's sampling {type(sampling).__name__} has no table of noise levels to train on")
     return sampling.sigmas.detach().float().clone()
 
 

@@ -219,7 +219,7 @@ def run_ziplora(model, clip, vae, inputs: tuple[MergeInput, MergeInput], content
         progress, previews = cc.training_progress(recipe.steps), []
         tasks = (files.periodic(), preview_task(trainee, clip, vae, content_data.size, options, previews, progress, 0))
         state = train_ziplora(trainee.predict, sets[0], sets[1], sigmas, plan.layers, recipe, penalty, weight, state,
-                              step_reporter(progress, recipe.steps, 0, []), tasks)
+                              step_reporter(progress, recipe.steps, 0, []), tasks, cc.noising(model))
         if options.preview_prompt.strip():
             previews.append(trainee.preview(clip, vae, options.preview_prompt, options.preview_seed, content_data.size))
         path = files.write(files.path, state) if files.path is not None else ""

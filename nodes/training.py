@@ -443,7 +443,7 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
                                                          routed(job, stage, job.second_routes[1]))
             state = train_diffusion(trainee.predict, latents, conds, sigmas, params, stage.recipe, masks, state,
                                     step_reporter(progress, total, offset, earlier), tasks, pair, lr_scales(job, stage),
-                                    preconditioner(job, stage))
+                                    preconditioner(job, stage), cc.noising(model))
             if index + 1 < len(job.stages):
                 earlier, state = earlier + [state.losses], None
         if job.options.preview_prompt.strip():

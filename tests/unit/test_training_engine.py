@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from core.training import (Optimiser, Periodic, Phase, Recipe, TrainState, batch_indices, diffusion_loss, draw_noise,
-                           min_snr_weight, optimise, optimiser_state_from_tensors,
+from core.training import (FLOW, Optimiser, Periodic, Phase, Recipe, TrainState, batch_indices, diffusion_loss,
+                           draw_noise, min_snr_weight, noisy_latent, optimise, optimiser_state_from_tensors,
                            optimiser_state_tensors, schedule_factor, seeded, train_diffusion)
 
 
@@ -189,3 +189,45 @@ def test_resume_from_saved_optimiser_state_continues_exactly():
     assert torch.allclose(resumed, whole, atol=1e-6)
 
 
+
+
+def test_flow_matching_targets_by_hand(known):
+    """FLUX / SD3 (ComfyUI's CONST sampling): x_t = (1 − t) x0 + t ε; the velocity v = ε − x0 and ε from the model's
+    x0 prediction, against the formulas written out."""
+    x0, noise, _, x0_hat = known
+    t = torch.tensor([0.3, 0.9])
+    s = t.reshape(-1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    assert torch.equal(noisy_latent(x0, noise, t, FLOW), x_t)
+    v_hat = (x_t - x0_hat) / s  # ComfyUI's CONST: x̂0 = x_t − t v̂
+    assert torch.allclose(diffusion_loss(x0, noise, t, x0_hat, "v", noising=FLOW),
+                          ((v_hat - (noise - x0)) ** 2).flatten(1).mean(1).mean(), atol=1e-6)
+    eps_hat = (x_t - (1 - s) * x0_hat) / s
+    assert torch.allclose(diffusion_loss(x0, noise, t, x0_hat, "epsilon", noising=FLOW),
+                          ((eps_hat - noise) ** 2).flatten(1).mean(1).mean(), atol=1e-6)
+    x0_mse = ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    assert torch.allclose(diffusion_loss(x0, noise, t, x0_hat, "v", noising=FLOW), (x0_mse / t ** 2).mean(), atol=1e-6)
+    assert torch.allclose(diffusion_loss(x0, noise, t, x0_hat, "x0", noising=FLOW), x0_mse.mean(), atol=1e-7)
+
+
+def test_flow_min_snr_weighs_every_target_alike(known):
+    x0, noise, _, x0_hat = known
+    t = torch.tensor([0.05, 0.6])
+    snr = ((1 - t) / t) ** 2
+    x0_mse = ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    expected = (x0_mse * snr.clamp(max=5.0)).mean()
+    for target in ("epsilon", "x0", "v"):
+        weighted = diffusion_loss(x0, noise, t, x0_hat, target, min_snr_gamma=5.0, noising=FLOW)
+        assert torch.allclose(weighted, expected, rtol=1e-5), target
+    assert torch.equal(min_snr_weight(t, "v", 0.0, FLOW), torch.ones(2))
+
+
+def test_a_flow_model_trains_toward_the_velocity():
+    """A toy flow model x̂0 = x_t − t · w · x_t learns the w whose velocity fits, with the v loss on the flow path."""
+    latents = rand(4, 2, 2, 2, seed=9) * 0.1
+    sigmas = torch.linspace(0.05, 1.0, 20)
+    weight = torch.tensor(0.0, requires_grad=True)
+    recipe = Recipe((Phase(60, "v", 0.05),), batch_size=4, seed=3, optimiser=Optimiser(name="adam", weight_decay=0.0))
+    state = train_diffusion(lambda x, t, c: x - t.reshape(-1, 1, 1, 1) * weight * x, latents, [None] * 4, sigmas,
+                            {"w": weight}, recipe, noising=FLOW)
+    assert state.losses[-1] < 0.5 * state.losses[0] and 0.5 < float(weight) < 1.5  # v ≈ ε ≈ x_t for small x0
