@@ -69,9 +69,16 @@ def select_b_lora_part(adapter: Adapter, part: str) -> Adapter:
 ATTENTION_PROJECTIONS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 
 
+# DiT attention projections: FLUX's double blocks (img_attn / txt_attn qkv and proj) and single blocks (linear1 holds
+# q, k, v with the MLP's input, linear2 the attention output with the MLP's), SD3's joint blocks (attn.qkv, attn.proj).
+_DIT_ATTENTION = re.compile(r"diffusion_model\.(double_blocks\.\d+\.(img|txt)_attn\.(qkv|proj)|single_blocks\.\d+\."
+                            r"linear[12]|joint_blocks\.\d+\.(x|context)_block\.attn\.(qkv|proj))\.weight")
+
+
 def is_attention_projection(model_key: str) -> bool:
-    """A UNet attention projection weight: to_q / to_k / to_v / to_out.0 of attn1 or attn2."""
-    return ".attn" in model_key and model_key.endswith(ATTENTION_PROJECTIONS)
+    """An attention projection weight: a UNet's to_q / to_k / to_v / to_out.0 of attn1 or attn2, or a DiT's fused
+    ones (_DIT_ATTENTION)."""
+    return (".attn" in model_key and model_key.endswith(ATTENTION_PROJECTIONS)) or bool(_DIT_ATTENTION.fullmatch(model_key))
 
 
 _TRANSFORMER_PROJ_OUT = re.compile(

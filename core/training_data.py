@@ -41,6 +41,50 @@ class TrainingImages:
                 "trigger": self.trigger, "captions": sorted(set(self.captions))}
 
 
+@dataclass(frozen=True)
+class TrainingLatents:
+    """Training data as ComfyUI's own Train LoRA node takes it: latents (VAE space, (N, C, h, w)) and one
+    CONDITIONING each, encoded outside the trainer. For models whose text encoder or VAE is too large to keep loaded
+    beside training (FLUX's T5-XXL), or that the graph encodes once. ``captions`` record what the conditioning says
+    ('' where unknown); ``pixel_scale`` is the VAE's compression, for the preview size."""
+
+    latents: torch.Tensor
+    conditioning: tuple
+    captions: tuple[str, ...]
+    repeats: int = 1
+    trigger: str = ""
+    pixel_scale: int = 8
+
+    def __post_init__(self):
+        if self.latents.ndim != 4 or self.latents.shape[0] != len(self.conditioning):
+            raise ValueError(f"{len(self.conditioning)} conditionings for latents of shape {tuple(self.latents.shape)}; "
+                             f"give one per latent, or one for all")
+        if len(self.captions) != len(self.conditioning):
+            raise ValueError(f"{len(self.captions)} captions for {len(self.conditioning)} conditionings")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+
+    @property
+    def size(self) -> int:
+        return self.latents.shape[-1] * self.pixel_scale
+
+    def describe(self) -> dict:
+        return {"latents": len(self.captions), "latent_shape": list(self.latents.shape[1:]), "repeats": self.repeats,
+                "trigger": self.trigger, "captions": sorted(set(self.captions))}
+
+
+def training_latents(latents: torch.Tensor, conditioning: list, captions: str, repeats: int = 1,
+                     trigger: str = "") -> TrainingLatents:
+    """Latents with their conditioning: one CONDITIONING entry per latent (in order), or one entry for all."""
+    count = latents.shape[0]
+    if len(conditioning) not in (1, count):
+        raise ValueError(f"conditioning has {len(conditioning)} entries for {count} latents; give one per latent (in "
+                         f"order) or one for all")
+    entries = list(conditioning) * count if len(conditioning) == 1 else list(conditioning)
+    texts = [fill_trigger(c, trigger) for c in split_captions(captions, count)]
+    return TrainingLatents(latents.float(), tuple([entry] for entry in entries), tuple(texts), repeats, trigger.strip())
+
+
 def resize_and_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     """(H, W, C) -> (size, size, C): shorter side scaled to ``size`` (area-correct, antialiased), centre crop."""
     height, width = image.shape[:2]

@@ -13,7 +13,8 @@ from .qr_merge import ConvertToQRLoRA, QRMerge
 from .save_adapter import AdapterToLoraModel, SaveAdapter
 from .scores import ScoreContentStylePrompt
 from .strength_sweep import GuiderStrengthSweep, StrengthSweep
-from .train_adapters import TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingOptionsNode, TrainQRLoRA
+from .train_adapters import (TrainAdapter, TrainConsisLoRA, TrainingImagesNode, TrainingLatentsNode, TrainingOptionsNode,
+                             TrainQRLoRA)
 from .train_b4m import B4MMake, TrainB4MContent, TrainB4MStyle
 from .train_residual import TrainPersonalizedResidual
 from .train_ziplora import TrainZipLoRA
@@ -42,6 +43,7 @@ NODES: list[type[io.ComfyNode]] = [
     StrengthSweep,
     GuiderStrengthSweep,
     TrainingImagesNode,
+    TrainingLatentsNode,
     TrainingOptionsNode,
     TrainAdapter,
     TrainConsisLoRA,

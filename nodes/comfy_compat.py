@@ -40,6 +40,7 @@ Private internals the pack reads, and why (each is one line to change if ComfyUI
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -50,6 +51,7 @@ import torch
 
 import comfy.clip_vision
 import comfy.ldm.modules.attention
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import comfy.lora
 import comfy.model_management
 import comfy.patcher_extension
@@ -331,6 +333,15 @@ def in_place_safe_autograd():
     with all its options."""
     return torch.autograd.graph.saved_tensors_hooks(
         lambda saved: saved.clone() if saved.requires_grad else saved, lambda saved: saved)
+
+
+def differentiable_forward(model):
+    """A context for a training step's UNet call: nothing for ComfyUI's UNets (their forward autograd takes as it
+    is), in_place_safe_autograd for the other diffusion models (FLUX's and other DiTs' blocks add residuals in
+    place). A probe on the model's class, not a version."""
+    if isinstance(model.model.diffusion_model, openaimodel.UNetModel):
+        return contextlib.nullcontext()
+    return in_place_safe_autograd()
 
 
 def tokens_with_vectors(clip, text: str, vectors: dict[int, torch.Tensor]) -> dict:

@@ -14,6 +14,7 @@ from ..core.layouts import generic_module_name
 from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS, TrainingOptions,
                              consislora_phases, parse_blocks, select_targets, trainable_lora, trainable_qr)
 from ..core.training import SCHEDULES, TARGETS, Phase
+from ..core.training_data import training_latents
 from . import comfy_compat as cc
 from .common import PackNode, schema
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
@@ -54,6 +55,31 @@ class TrainingImagesNode(PackNode):
     def execute(cls, captions: str, image_folder: str, repeats: int, trigger_word: str, resolution: int,
                 images=None) -> io.NodeOutput:
         return io.NodeOutput(gather_training_images(images, captions, image_folder, repeats, trigger_word, resolution))
+
+
+class TrainingLatentsNode(PackNode):
+    """Training data as ComfyUI's Train LoRA takes it: latents (VAE Encode, or any LATENT) with their conditioning,
+    encoded outside the trainer, so the trainer needs no text encoder or VAE loaded (FLUX's T5-XXL stays out of
+    memory). One conditioning for all latents, or one per latent in order (Conditioning Combine keeps the order)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return schema(cls, "TrainingLatents", "Training Latents", inputs=[
+                io.Latent.Input("latents", tooltip="The training pictures' latents (a batch)."),
+                io.Conditioning.Input("conditioning", tooltip="Their conditioning: one entry for all, or one per "
+                                                              "latent."),
+                io.String.Input("captions", multiline=True, default="",
+                                tooltip="What the conditioning says, recorded in the saved file (one line for all, or "
+                                        "one per latent); {trigger} becomes the trigger word."),
+                io.Int.Input("repeats", default=1, min=1, max=1000, tooltip="Times each latent counts per epoch."),
+                io.String.Input("trigger_word", default="", tooltip="Recorded in the file; replaces {trigger}."),
+            ],
+            outputs=[TrainingDataSocket.Output(display_name="data", tooltip="Latents and conditioning for a trainer.")],
+        )
+
+    @classmethod
+    def execute(cls, latents: dict, conditioning: list, captions: str, repeats: int, trigger_word: str) -> io.NodeOutput:
+        return io.NodeOutput(training_latents(latents["samples"], conditioning, captions, repeats, trigger_word))
 
 
 class TrainingOptionsNode(PackNode):
@@ -121,9 +147,9 @@ class TrainAdapter(PackNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, data, targets: str, blocks: str, rank: int, alpha: float, steps: int, lr: float,
+    def execute(cls, model, data, targets: str, blocks: str, rank: int, alpha: float, steps: int, lr: float,
                 loss: str, role: str, seed: int, filename: str, overwrite: bool, resume_from: str,
-                options: TrainingOptions | None = None) -> io.NodeOutput:
+                options: TrainingOptions | None = None, clip=None, vae=None) -> io.NodeOutput:
         options = options or METHOD_OPTIONS["lora"]
         shapes = select_targets(cc.weight_shapes(model), targets, parse_blocks(blocks))
         modules, fresh = lora_modules(shapes, rank, alpha, seed)
@@ -158,9 +184,9 @@ class TrainQRLoRA(PackNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, data, targets: str, blocks: str, rank: int, steps: int, lr: float, loss: str,
+    def execute(cls, model, data, targets: str, blocks: str, rank: int, steps: int, lr: float, loss: str,
                 role: str, seed: int, filename: str, overwrite: bool, resume_from: str,
-                options: TrainingOptions | None = None) -> io.NodeOutput:
+                options: TrainingOptions | None = None, clip=None, vae=None) -> io.NodeOutput:
         options = options or METHOD_OPTIONS["qr-lora"]
         shapes = select_targets(cc.weight_shapes(model), targets, parse_blocks(blocks))
         weights = cc.base_weights(model, shapes)
@@ -248,9 +274,9 @@ class TrainConsisLoRA(PackNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, data, mode: str, block_split: str, content_blocks: str, style_blocks: str,
+    def execute(cls, model, data, mode: str, block_split: str, content_blocks: str, style_blocks: str,
                 rank: int, alpha: float, seed: int, filename: str, overwrite: bool, resume_from: str,
-                options: TrainingOptions | None = None, **settings) -> io.NodeOutput:
+                options: TrainingOptions | None = None, clip=None, vae=None, **settings) -> io.NodeOutput:
         options = options or METHOD_OPTIONS["consislora"]
         content, style = resolve_block_split(model, block_split, content_blocks, style_blocks)
         shapes = select_targets(cc.weight_shapes(model), BLOCK_PRESET, content + style)

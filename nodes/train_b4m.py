@@ -81,9 +81,10 @@ def plp_modules(model, targets: str, blocks: str, rank: int, seed: int, orthogon
     return modules, masks, fresh
 
 
-def train_run(run: str, model, clip, vae, data, targets: str, blocks: str, rank: int, steps: int, lr: float,
+def train_run(run: str, model, data, targets: str, blocks: str, rank: int, steps: int, lr: float,
               lr_auxiliary: float, orthogonal_init: bool, loss: str, seed: int, filename: str, overwrite: bool,
-              resume_from: str, options: TrainingOptions | None, auxiliary_data=None, orthogonal_non_square=False):
+              resume_from: str, options: TrainingOptions | None = None, auxiliary_data=None,
+              orthogonal_non_square=False, clip=None, vae=None):
     options = options or METHOD_OPTIONS["b4m"]
     modules, masks, fresh = plp_modules(model, targets, blocks, rank, seed, orthogonal_init, orthogonal_non_square)
     main = MAIN_PART[run]

@@ -15,8 +15,8 @@ from ..core.trainers import (METHOD_OPTIONS, RESIDUAL_CAPTION, TrainingOptions, 
 from ..core.training import TARGETS, Phase
 from . import comfy_compat as cc
 from .common import PackNode, schema
-from .training import (SEED_MAX, Job, Stage, TrainedToken, node_output, outputs, run_training, saving_inputs,
-                       shared_inputs)
+from .training import (SEED_MAX, Job, Stage, TrainedToken, node_output, outputs, require, run_training,
+                       saving_inputs, shared_inputs)
 
 CONCEPT_WORDS_KEY = "csa.concept_words"  # file metadata: the words to give Apply Localized Residual
 
@@ -84,10 +84,10 @@ class TrainPersonalizedResidual(PackNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, data, identifier: str, class_word: str, caption: str, rank_fraction: float,
+    def execute(cls, model, data, identifier: str, class_word: str, caption: str, rank_fraction: float,
                 steps: int, lr: float, loss: str, seed: int, filename: str, overwrite: bool, resume_from: str,
                 options: TrainingOptions | None = None, learn_token_embedding: bool = False,
-                token_lr: float = TOKEN_LR_DEFAULT) -> io.NodeOutput:
+                token_lr: float = TOKEN_LR_DEFAULT, clip=None, vae=None) -> io.NodeOutput:
         options = options or METHOD_OPTIONS["personalized-residuals"]
         if caption.strip():
             data = dataclasses.replace(data, captions=residual_captions(caption, identifier, class_word,
@@ -97,6 +97,7 @@ class TrainPersonalizedResidual(PackNode):
                     "rank_fraction": rank_fraction, "steps": steps, "lr": lr, "loss": loss, "seed": seed}
         token, masks, scales = None, {}, {}
         if learn_token_embedding:
+            require(clip, "clip", "learn the identifier's token embedding")
             token, factors, mask = identifier_token(clip, identifier, data.captions)
             modules[token.module] = factors
             masks, scales = {f"{token.module}.up": mask}, {f"{token.module}.down": token_lr / lr}

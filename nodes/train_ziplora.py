@@ -87,7 +87,8 @@ class ZipTrainee:
         cc.load_for_direct_calls(self.model)
 
     def predict(self, which: str, noisy, sigma, conds):
-        return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {ACTIVE_KEY: frozenset({which})})
+        with cc.differentiable_forward(self.model):
+            return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {ACTIVE_KEY: frozenset({which})})
 
     def preview(self, clip, vae, prompt: str, seed: int, size: int) -> torch.Tensor:
         return preview_image(self.model, clip, vae, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), seed, size)
@@ -161,11 +162,10 @@ class TrainZipLoRA(PackNode):
     def define_schema(cls) -> io.Schema:
         return schema(cls, "TrainZipLoRA", "Train ZipLoRA", inputs=[
                 io.Model.Input("model", tooltip="The base model both adapters were trained on; it is never changed."),
-                io.Clip.Input("clip", tooltip="Encodes the captions (and the preview prompt)."),
-                io.Vae.Input("vae", tooltip="Encodes the images to latents (and decodes previews)."),
                 AdapterSocket.Input("content", tooltip="The subject adapter (at its loader's strength)."),
                 AdapterSocket.Input("style", tooltip="The style adapter (at its loader's strength)."),
-                TrainingDataSocket.Input("content_data", tooltip="The content adapter's own images and captions."),
+                TrainingDataSocket.Input("content_data", tooltip="The content adapter's own images and captions (or "
+                                                                  "latents and conditioning)."),
                 TrainingDataSocket.Input("style_data", tooltip="The style adapter's own images and captions (same "
                                                                 "resolution)."),
                 io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=100000, tooltip="Optimiser steps (paper: 100)."),
@@ -181,16 +181,20 @@ class TrainZipLoRA(PackNode):
                                tooltip="The space the merged and the single-adapter predictions are compared in."),
                 io.Int.Input("seed", default=0, min=0, max=SEED_MAX, tooltip="Seed of batches, noise and noise levels."),
                 *saving_inputs(),
+                io.Clip.Input("clip", optional=True, tooltip="Encodes the captions and the preview prompt; not needed "
+                                                             "for Training Latents without previews."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes the images and decodes previews; not needed for "
+                                                           "Training Latents without previews."),
             ],
             outputs=outputs([io.String.Output(display_name="report", tooltip="Which layers got merger vectors and "
                                                                              "what was kept at the direct merge.")]),
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, content: Adapter, style: Adapter, content_data: TrainingImages,
+    def execute(cls, model, content: Adapter, style: Adapter, content_data: TrainingImages,
                 style_data: TrainingImages, steps: int, lr: float, similarity_weight: float, penalty: str, loss: str,
                 seed: int, filename: str, overwrite: bool, resume_from: str = NO_RESUME,
-                options: TrainingOptions | None = None) -> io.NodeOutput:
+                options: TrainingOptions | None = None, clip=None, vae=None) -> io.NodeOutput:
         options = options or METHOD_OPTIONS["lora"]
         recipe = options.recipe((Phase(steps, loss, lr),), seed)
         inputs = (merge_input(content, model, CONTENT), merge_input(style, model, STYLE))

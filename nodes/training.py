@@ -28,7 +28,7 @@ from ..core.formats import adapter_from_tensors, adapter_metadata, tensors_from_
 from ..core.layouts import FORM_SUFFIXES, generic_module_name, save_names_for
 from ..core.trainers import PRECISIONS, TrainingOptions, frozen_copy, state_file_contents, state_from_file, weights_hash
 from ..core.training import Periodic, Recipe, SecondSet, TrainState, grouped_names, train_diffusion
-from ..core.training_data import TrainingImages, split_captions, training_images
+from ..core.training_data import TrainingImages, TrainingLatents, split_captions, training_images
 from comfy_api.latest import io
 
 from . import comfy_compat as cc
@@ -133,12 +133,23 @@ def gather_training_images(images, captions: str, folder: str, repeats: int, tri
     return training_images(pictures, texts, size, repeats, trigger)
 
 
-def encode_training_set(model, vae, clip, data: TrainingImages, as_captions: bool = False) -> tuple[torch.Tensor, list]:
+def encode_training_set(model, vae, clip, data, as_captions: bool = False) -> tuple[torch.Tensor, list]:
     """Model-space latents of the images (VAE, no gradient) and each image's conditioning (CLIP, no gradient, one
     encoding per distinct caption), both repeated ``data.repeats`` times. ``as_captions``: the captions themselves
-    instead of their conditioning (a trained token's trainee encodes them at every step)."""
-    latents = cc.to_model_space(model, vae_encode(vae, data.images)).clone()
+    instead of their conditioning (a trained token's trainee encodes them at every step). TrainingLatents come
+    encoded already: neither a VAE nor a CLIP is needed."""
     rows = list(range(len(data.captions))) * data.repeats
+    if isinstance(data, TrainingLatents):
+        if as_captions:
+            raise ValueError("a trained token re-encodes the captions at every step: give Training Images (pictures "
+                             "and captions) and a CLIP, not Training Latents")
+        latents = cc.to_model_space(model, data.latents).clone()
+        with torch.no_grad():
+            conds = [cc.model_conds(model, list(conditioning), latents[:1]) for conditioning in data.conditioning]
+        return latents[rows], [conds[i] for i in rows]
+    require(vae, "vae", "encode the training images (or give latents with Training Latents)")
+    require(clip, "clip", "encode the captions (or give latents and conditioning with Training Latents)")
+    latents = cc.to_model_space(model, vae_encode(vae, data.images)).clone()
     if as_captions:
         return latents[rows], [data.captions[i] for i in rows]
     encoded = {}
@@ -147,6 +158,12 @@ def encode_training_set(model, vae, clip, data: TrainingImages, as_captions: boo
             conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
             encoded[caption] = cc.model_conds(model, conditioning, latents[:1])
     return latents[rows], [encoded[data.captions[i]] for i in rows]
+
+
+def require(value, name: str, why: str) -> None:
+    """An optional input a trainer needs for this data or setting: a clear error naming it when it is missing."""
+    if value is None:
+        raise ValueError(f"connect a {name.upper()} to the {name} input to {why}")
 
 
 @dataclass(frozen=True)
@@ -197,16 +214,19 @@ class Trainee:
         if conds and isinstance(conds[0], str):  # captions: encoded now, through the trained token
             encoded = {c: cc.model_conds(self.model, self.conditioning(c), noisy[:1]) for c in dict.fromkeys(conds)}
             conds = [encoded[c] for c in conds]
-        return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {})
+        with cc.differentiable_forward(self.model):
+            return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {})
 
     def preview(self, clip, vae, prompt: str, seed: int, size: int) -> torch.Tensor:
         """(1, size, size, 3): the prompt sampled by the model as trained so far (Euler; a fixed seed)."""
+        require(clip, "clip", "encode the preview prompt (or set none)")
         with torch.no_grad():
             return preview_image(self.model, clip, vae, self.conditioning(prompt, clip), seed, size)
 
 
 def preview_image(model, clip, vae, positive, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
     """(1, size, size, 3): ``positive`` sampled by the model from a fixed seed (Euler), against the empty prompt."""
+    require(vae, "vae", "decode the previews (or set no preview prompt)")
     with torch.no_grad():
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         factor = vae.spacial_compression_encode()
@@ -500,10 +520,14 @@ SEED_MAX = 2**31 - 1
 
 def shared_inputs() -> list:
     return [
-        io.Model.Input("model", tooltip="The base model; it is never changed (the adapter trains beside it)."),
-        io.Clip.Input("clip", tooltip="Encodes the captions (and the preview prompt)."),
-        io.Vae.Input("vae", tooltip="Encodes the training images to latents (and decodes previews)."),
-        TrainingDataSocket.Input("data", tooltip="Images and captions from Training Images."),
+        io.Model.Input("model", tooltip="The base model; it is never changed (the adapter trains beside it). SD1.x, "
+                                        "SDXL (added noise) and flow models (FLUX, SD3: flow matching)."),
+        io.Clip.Input("clip", optional=True, tooltip="Encodes the captions and the preview prompt; not needed for "
+                                                     "Training Latents without previews."),
+        io.Vae.Input("vae", optional=True, tooltip="Encodes the training images to latents and decodes previews; not "
+                                                   "needed for Training Latents without previews."),
+        TrainingDataSocket.Input("data", tooltip="Images and captions from Training Images, or latents and conditioning "
+                                                 "from Training Latents."),
     ]
 
 

@@ -61,7 +61,7 @@ def test_a_server_loads_every_node_from_the_registry_package(tmp_path):
         log = server.log_text()
     finally:
         server.stop()
-    assert len(ours) == 32, (ours, log[-3000:])  # every node the pack registers (tests/unit/test_readme.py counts them)
+    assert len(ours) == 33, (ours, log[-3000:])  # every node the pack registers (tests/unit/test_readme.py counts them)
     failed = [line for line in log.splitlines() if ("IMPORT FAILED" in line or "Cannot import" in line)
               and comfy_host.PACK_FOLDER_NAME in line]
     assert not failed, log[-3000:]

@@ -143,3 +143,38 @@ def test_klora_on_flux_with_one_adapter_zero_is_the_other_alone(comfy, comfy_bas
     expected, got = flux_sample(alone), flux_sample(switched)
     assert torch.isfinite(got).all() and (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert not torch.equal(expected, flux_sample(tiny_flux)), "the adapter changes the prediction"
+
+
+def flux_training_data(comfy, count=2, seed=7):
+    """Training Latents: FLUX latents (16 channels) and conditioning given directly (no small T5 exists)."""
+    generator = torch.Generator().manual_seed(seed)
+    latents = {"samples": torch.randn(count, 16, 16, 16, generator=generator) * 0.5}
+    conditioning = [[torch.randn(1, 8, 4096, generator=generator), {"pooled_output": torch.randn(1, 768, generator=generator),
+                                                                     "guidance": 3.5}] for _ in range(count)]
+    return comfy["CSA_TrainingLatents"].execute(latents=latents, conditioning=conditioning, captions="a sks photo",
+                                                repeats=1, trigger_word="sks").args[0]
+
+
+def test_lora_training_on_flux_is_flow_matching_and_its_file_loads_in_stock(comfy, tiny_flux):
+    """Train Adapter on the tiny FLUX (Training Latents, no CLIP or VAE): the engine runs on the flow path with the
+    model's own shifted t, the loss is finite, and the saved file changes in stock LoraLoaderModelOnly what Apply
+    Adapters changes with the node's adapter."""
+    import comfy.model_management as mm
+
+    options = comfy["CSA_TrainingOptions"].execute(
+        batch_size=1, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip=1.0,
+        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
+        precision="fp32").args[0]
+    adapter, curve, _, path = comfy["CSA_TrainAdapter"].execute(
+        model=tiny_flux, data=flux_training_data(comfy), targets="attention projections", blocks="", rank=2, alpha=2.0,
+        steps=2, lr=1e-3, loss="v", role="content", seed=0, filename="csa_flux_trained.safetensors", overwrite=True,
+        resume_from="none", options=options).args
+    mm.cleanup_models()
+    trained = {"diffusion_model.double_blocks.0.img_attn.qkv", "diffusion_model.double_blocks.0.txt_attn.proj",
+               "diffusion_model.single_blocks.0.linear1", "diffusion_model.single_blocks.0.linear2"}
+    assert trained <= set(adapter.modules) and len(adapter.modules) == 6  # 4 in the double block, 2 in the single
+    assert any(float(f.up.abs().max()) > 0 for f in adapter.modules.values()), "two steps moved the factors"
+    ours = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=adapter, block_strengths="").args[0]
+    theirs = stock(comfy, tiny_flux, "csa_flux_trained.safetensors")
+    assert set(ours.patches) == set(theirs.patches) == {m + ".weight" for m in adapter.modules}
+    assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
