@@ -178,3 +178,44 @@ def test_lora_training_on_flux_is_flow_matching_and_its_file_loads_in_stock(comf
     theirs = stock(comfy, tiny_flux, "csa_flux_trained.safetensors")
     assert set(ours.patches) == set(theirs.patches) == {m + ".weight" for m in adapter.modules}
     assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
+
+
+def official_qr_flux_file(seed: int, rank: int = 4, q_seed: int = 0) -> dict:
+    """A QR-LoRA file as the official FLUX trainer saves it (luna-ai-lab/QR-LoRA train_qrlora_flux_deltaR.py: its
+    save hook writes '<diffusers module>.lora.q / lora.delta_r / lora.base_r.weight', FluxPipeline.save_lora_weights
+    prefixes 'transformer.'): its default targets in the double block (attention and feed-forward) and the single
+    block's attention. Q is orthonormal and, for one base, the same in every file (q_seed); ΔR differs (seed)."""
+    targets = {m: shape for m, shape in DIFFUSERS_FLUX_MODULES.items()
+               if m.split(".attn.")[-1] in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                            "add_v_proj", "to_add_out") or ".ff" in m}
+    q_generator, generator = torch.Generator().manual_seed(q_seed), torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (out, inner) in targets.items():
+        q = torch.linalg.qr(torch.randn(out, rank, generator=q_generator))[0].contiguous()
+        tensors[f"{name}.lora.q.weight"] = q
+        tensors[f"{name}.lora.base_r.weight"] = torch.randn(rank, inner, generator=q_generator).triu()
+        tensors[f"{name}.lora.delta_r.weight"] = (torch.randn(rank, inner, generator=generator) * 0.02).triu()
+    return tensors
+
+
+def test_an_official_flux_qr_lora_file_applies_and_merges_on_its_shared_q(comfy, comfy_base, tiny_flux):
+    """Load Adapter reads the official FLUX QR-LoRA form (ΔW = Q ΔR on the diffusers names, slices of the fused
+    weights included): applied, it equals stock LoraLoaderModelOnly given the same Q and ΔR as a diffusers LoRA; two
+    files of one base merge on their shared Q at rank r per projection."""
+    folder = comfy_base / "models" / "loras"
+    content, style = official_qr_flux_file(seed=1), official_qr_flux_file(seed=2)
+    save_file(content, str(folder / "csa_flux_qr_content.safetensors"))
+    save_file(style, str(folder / "csa_flux_qr_style.safetensors"))
+    as_lora = {k.replace(".lora.q.weight", ".lora_B.weight").replace(".lora.delta_r.weight", ".lora_A.weight"): v
+               for k, v in content.items() if not k.endswith("base_r.weight")}
+    save_file(as_lora, str(folder / "csa_flux_qr_as_lora.safetensors"))
+    adapter = load(comfy, "csa_flux_qr_content.safetensors", role="content")
+    assert adapter.method == "qr-lora" and not adapter.ignored_keys
+    ours, _, report = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=adapter, block_strengths="").args
+    theirs = stock(comfy, tiny_flux, "csa_flux_qr_as_lora.safetensors")
+    assert "not used" not in report and set(ours.patches) == set(theirs.patches)
+    assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
+    merged, merged_adapter, merge_report = comfy["CSA_QRMerge"].execute(
+        model=tiny_flux, content=adapter, style=load(comfy, "csa_flux_qr_style.safetensors", role="style"),
+        lambda_content=1.0, lambda_style=0.7, interference="off").args
+    assert "shared-q" in merge_report and merged_adapter.modules["diffusion_model.double_blocks.0.img_attn.qkv"].rank == 12
