@@ -236,6 +236,11 @@ def model_context_dim(model) -> int | None:
     return model.model.model_config.unet_config.get("context_dim")
 
 
+def is_unet(model) -> bool:
+    """A ComfyUI UNet (SD1.x, SD2.x, SDXL), not a DiT (FLUX, SD3, ...): a probe on the diffusion model's class."""
+    return isinstance(model.model.diffusion_model, openaimodel.UNetModel)
+
+
 def has_pooled_conditioning(model) -> bool:
     return model.model.model_config.unet_config.get("adm_in_channels") is not None
 
@@ -339,7 +344,7 @@ def differentiable_forward(model):
     """A context for a training step's UNet call: nothing for ComfyUI's UNets (their forward autograd takes as it
     is), in_place_safe_autograd for the other diffusion models (FLUX's and other DiTs' blocks add residuals in
     place). A probe on the model's class, not a version."""
-    if isinstance(model.model.diffusion_model, openaimodel.UNetModel):
+    if is_unet(model):
         return contextlib.nullcontext()
     return in_place_safe_autograd()
 

@@ -266,6 +266,10 @@ class ZeroShotAdapt(PackNode):
     @classmethod
     def execute(cls, model, vae, clip, clip_vision, mapper_name: str, images, source_label: str, target_label: str,
                 iterations: int, lr: float, rank: int, seed: int) -> io.NodeOutput:
+        if not cc.is_unet(model):  # IPL's prompt vectors live in CLIP-L's token space; FLUX / SD3 read T5's too
+            raise ValueError(f"Zero-shot Adapt supports UNets conditioned on CLIP text tokens only (SD1.x / SD2.x); "
+                             f"this model is {cc.model_name(model)}, conditioned through T5 as well, where IPL's "
+                             f"CLIP-space prompt vectors have no place")
         if cc.has_pooled_conditioning(model):
             raise ValueError("Zero-shot Adapt supports UNets conditioned on text tokens only (SD1.x / SD2.x); this "
                              "model also needs pooled conditioning (SDXL-like)")

@@ -219,3 +219,10 @@ def test_an_official_flux_qr_lora_file_applies_and_merges_on_its_shared_q(comfy,
         model=tiny_flux, content=adapter, style=load(comfy, "csa_flux_qr_style.safetensors", role="style"),
         lambda_content=1.0, lambda_style=0.7, interference="off").args
     assert "shared-q" in merge_report and merged_adapter.modules["diffusion_model.double_blocks.0.img_attn.qkv"].rank == 12
+
+
+def test_ipl_on_flux_is_refused_naming_the_family(comfy, tiny_flux):
+    with pytest.raises(ValueError, match="this model is Flux, conditioned through T5 as well"):
+        comfy["CSA_ZeroShotAdapt"].execute(model=tiny_flux, vae=None, clip=None, clip_vision=None, mapper_name="x",
+                                           images=None, source_label="photo", target_label="sketch", iterations=1,
+                                           lr=1e-3, rank=2, seed=0)
