@@ -140,6 +140,7 @@ class TrainingOptions:
     preview_every: int = 0
     preview_seed: int = 0
     precision: str = "fp32"  # of the saved adapter (fp32 resumes exactly)
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass (less memory)
 
     def optimiser(self) -> Optimiser:
         return Optimiser(name="adamw", weight_decay=self.weight_decay, grad_clip=self.grad_clip,

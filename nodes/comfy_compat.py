@@ -236,6 +236,23 @@ def model_context_dim(model) -> int | None:
     return model.model.model_config.unet_config.get("context_dim")
 
 
+def checkpoint_units(model) -> list[str]:
+    """Module names (relative to the patcher's model) of the blocks the diffusion model calls one by one: a UNet's
+    layers inside each input / middle / output block (ComfyUI's UNet iterates a block's layers itself, so the
+    block's own forward never runs), a DiT's blocks (FLUX double and single blocks, SD3 joint blocks)."""
+    root = model.model.diffusion_model
+    units = []
+    for name, child in root.named_children():
+        elements = [(f"{name}.{i}", m) for i, m in enumerate(child)] if isinstance(child, torch.nn.ModuleList) else \
+            [(name, child)] if isinstance(child, torch.nn.Sequential) and name == "middle_block" else []
+        for path, element in elements:
+            if isinstance(element, torch.nn.Sequential):
+                units += [f"diffusion_model.{path}.{i}" for i in range(len(element))]
+            else:
+                units.append(f"diffusion_model.{path}")
+    return units
+
+
 def is_unet(model) -> bool:
     """A ComfyUI UNet (SD1.x, SD2.x, SDXL), not a DiT (FLUX, SD3, ...): a probe on the diffusion model's class."""
     return isinstance(model.model.diffusion_model, openaimodel.UNetModel)

@@ -45,6 +45,35 @@ def publish_call_options(model) -> None:
     cc.around_each_model_call(model, CALL_WRAPPER_KEY, _publish)
 
 
+def checkpointed(forward):
+    """``forward`` under torch's activation checkpointing (recomputed in the backward pass), with the call's
+    transformer_options published again during the recomputation, so the run-time adapters inside add what they
+    added in the forward pass."""
+    import torch.utils.checkpoint
+
+    def run(*args, **kwargs):
+        options = call_options()
+
+        def again(*a, **k):
+            with _publish(options):
+                return forward(*a, **k)
+        return torch.utils.checkpoint.checkpoint(again, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def checkpoint_blocks(model) -> int:
+    """Checkpoint every block the diffusion model calls (cc.checkpoint_units); returns how many. UNets only for now:
+    on FLUX torch's recomputation does not see the forward's own sequence of saved tensors (a CheckpointError), so a
+    DiT is refused by name rather than trained differently."""
+    if not cc.is_unet(model):
+        raise ValueError(f"gradient checkpointing works on UNets (SD1.x, SDXL) for now, not on {cc.model_name(model)}; "
+                         f"turn it off in Training Options")
+    units = cc.checkpoint_units(model)
+    for name in units:
+        cc.replace_module_forward(model, name, checkpointed(cc.module_forward(model, name)))
+    return len(units)
+
+
 def low_rank_targets(adapter: Adapter, model) -> dict[str, tuple[str, LowRank]]:
     """{model key: (module, factors)} of an adapter used at run time; other kinds are refused by name (run-time
     adapters add ΔW x from low-rank factors, which LoHa, LoKr, OFT, diffs and the like do not have)."""

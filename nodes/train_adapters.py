@@ -112,6 +112,9 @@ class TrainingOptionsNode(PackNode):
                 io.Int.Input("preview_seed", default=d.preview_seed, min=0, max=SEED_MAX, tooltip="The previews' seed."),
                 io.Combo.Input("precision", options=list(PRECISIONS), default=d.precision,
                                tooltip="Saved adapter precision (fp32 resumes exactly)."),
+                io.Boolean.Input("gradient_checkpointing", default=d.gradient_checkpointing, optional=True,
+                                 tooltip="Recompute each block's activations during the backward pass: less memory "
+                                         "for large models (FLUX), slower steps; the same result."),
             ],
             outputs=[TrainingOptionsSocket.Output(display_name="options", tooltip="Connect to a trainer.")],
         )

@@ -34,7 +34,7 @@ from comfy_api.latest import io
 from . import comfy_compat as cc
 from .model_binding import bind_to_model, whole_targets
 from .plots import loss_plot
-from .runtime_adapters import install_switched_adapters
+from .runtime_adapters import checkpoint_blocks, install_switched_adapters
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
 
 
@@ -193,12 +193,15 @@ class Trainee:
     """A clone of the model whose target layers add the trained factors' ΔW·x at run time (the base weights are
     never written); its x0 prediction is differentiable in those factors."""
 
-    def __init__(self, model, modules: dict[str, LowRank], clip=None, token: TrainedToken | None = None):
+    def __init__(self, model, modules: dict[str, LowRank], clip=None, token: TrainedToken | None = None,
+                 gradient_checkpointing: bool = False):
         self.model, self.clip, self.token = model.clone(), clip, token
         self.token_change = modules[token.module] if token is not None else None
         unet = {name: factors for name, factors in modules.items() if token is None or name != token.module}
         install_switched_adapters(self.model, {TRAINED: Adapter(modules=unet, source="training")},
                                   frozenset({TRAINED}))
+        if gradient_checkpointing:
+            checkpoint_blocks(self.model)
         cc.load_for_direct_calls(self.model)
 
     def conditioning(self, prompt: str, clip=None):
@@ -453,7 +456,7 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
             if state is None:
                 job.modules.update({name: job.make_fresh(name) for name in stage.fresh})
             params = parameters_of(job, stage)
-            trainee = Trainee(model, job.modules, clip, job.token)
+            trainee = Trainee(model, job.modules, clip, job.token, job.options.gradient_checkpointing)
             offset = sum(map(len, earlier))
             marks += [offset] if index > first else []
             tasks = (saver.periodic(index, offset, earlier),
