@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 
+import torch.utils.checkpoint
+
 from ..core.adapter import Adapter, LowRank, add_lowrank_output
 from . import comfy_compat as cc
 from .model_binding import bind_to_model, whole_targets
@@ -49,8 +51,6 @@ def checkpointed(forward):
     """``forward`` under torch's activation checkpointing (recomputed in the backward pass), with the call's
     transformer_options published again during the recomputation, so the run-time adapters inside add what they
     added in the forward pass."""
-    import torch.utils.checkpoint
-
     def run(*args, **kwargs):
         options = call_options()
 

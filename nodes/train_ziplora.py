@@ -25,7 +25,8 @@ from .model_binding import MergeInput, merge_input
 from .runtime_adapters import ACTIVE_KEY, add_to_forward, publish_call_options, switched_by_active_set
 from .sockets import AdapterSocket, TrainingDataSocket
 from .training import (NO_RESUME, SEED_MAX, STATE_SUFFIX, Result, encode_training_set, grad_enabled, make_autograd_safe,
-                       node_output, outputs, preview_image, preview_task, saving_inputs, state_path, step_reporter)
+                       node_output, outputs, preview_image, preview_task, refuse_planned_files, saving_inputs,
+                       state_path, step_path, step_reporter)
 
 METHOD = "ziplora"
 VALUES_PREFIX = "csa.values."  # the merger vectors themselves in the state file, beside the optimiser's slots
@@ -91,7 +92,7 @@ class ZipTrainee:
             return cc.denoised(self.model, noisy, sigma, cc.batch_conds(conds), {ACTIVE_KEY: frozenset({which})})
 
     def preview(self, clip, vae, prompt: str, seed: int, size: int) -> torch.Tensor:
-        return preview_image(self.model, clip, vae, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)), seed, size)
+        return preview_image(self.model, clip, vae, prompt, seed, size)
 
 
 class ZipFiles:
@@ -103,17 +104,7 @@ class ZipFiles:
         self.path = path_inside(cc.lora_save_root(), "", filename) if filename.strip() else None
 
     def check(self, steps: int, done: int) -> None:
-        if self.path is None or self.overwrite:
-            return
-        every = self.options.save_every
-        planned = [self.path] + ([self.step_path(k) for k in range(every, steps + 1, every) if k > done] if every else [])
-        for target in planned:
-            for path in (target, state_path(target)):
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; choose another filename or allow overwriting")
-
-    def step_path(self, step: int) -> Path:
-        return self.path.with_name(f"{self.path.stem}_step{step:06d}{self.path.suffix}")
+        refuse_planned_files(self.path, self.overwrite, self.options.save_every, steps, done)
 
     def write(self, path: Path, state: TrainState) -> str:
         adapter = self.plan.merged_adapter(cc.model_name(self.model))
@@ -130,7 +121,7 @@ class ZipFiles:
 
     def periodic(self) -> Periodic:
         return Periodic(self.options.save_every if self.path is not None else 0,
-                        lambda step, state: self.write(self.step_path(step), state))
+                        lambda step, state: self.write(step_path(self.path, step), state))
 
 
 def resume_vectors(name: str, plan: ZipPlan, record: dict) -> TrainState:

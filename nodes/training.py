@@ -222,15 +222,17 @@ class Trainee:
 
     def preview(self, clip, vae, prompt: str, seed: int, size: int) -> torch.Tensor:
         """(1, size, size, 3): the prompt sampled by the model as trained so far (Euler; a fixed seed)."""
-        require(clip, "clip", "encode the preview prompt (or set none)")
-        with torch.no_grad():
-            return preview_image(self.model, clip, vae, self.conditioning(prompt, clip), seed, size)
+        return preview_image(self.model, clip, vae, prompt, seed, size, encode=lambda text: self.conditioning(text, clip))
 
 
-def preview_image(model, clip, vae, positive, seed: int, size: int, steps: int = 20, cfg: float = 5.0) -> torch.Tensor:
-    """(1, size, size, 3): ``positive`` sampled by the model from a fixed seed (Euler), against the empty prompt."""
+def preview_image(model, clip, vae, prompt: str, seed: int, size: int, steps: int = 20, cfg: float = 5.0,
+                  encode=None) -> torch.Tensor:
+    """(1, size, size, 3): ``prompt`` (encoded by ``encode``, else by the CLIP) sampled by the model from a fixed
+    seed (Euler), against the empty prompt."""
+    require(clip, "clip", "encode the preview prompt (or set none)")
     require(vae, "vae", "decode the previews (or set no preview prompt)")
     with torch.no_grad():
+        positive = (encode or (lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))))(prompt)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         factor = vae.spacial_compression_encode()
         channels = model.get_model_object("latent_format").latent_channels
@@ -309,6 +311,25 @@ def state_path(adapter_path: Path) -> Path:
     return adapter_path.with_name(adapter_path.stem + STATE_SUFFIX)
 
 
+def step_path(path: Path, step: int) -> Path:
+    """A periodic save's file: <name>_step<N>.safetensors beside the final one."""
+    return path.with_name(f"{path.stem}_step{step:06d}{path.suffix}")
+
+
+def refuse_planned_files(path: Path | None, overwrite: bool, save_every: int, total: int, done: int) -> None:
+    """Refuse, before training, to replace any file a run will write: the final file, the periodic saves still to
+    come after ``done`` steps, and the training state beside each (nothing to check without a path or with
+    overwrite on)."""
+    if path is None or overwrite:
+        return
+    planned = [path] + ([step_path(path, k) for k in range(save_every, total + 1, save_every) if k > done]
+                        if save_every else [])
+    for target in planned:
+        for existing in (target, state_path(target)):
+            if existing.exists():
+                raise FileExistsError(f"{existing} already exists; choose another filename or allow overwriting")
+
+
 def resume_from_file(name: str, job: Job, base_hash: str, model) -> tuple[int, TrainState, list[list[float]]]:
     """Load a saved adapter and its training state into the job's modules; (stage, its state, earlier stages'
     losses). Refuses a file from another method, base or set of targets."""
@@ -378,19 +399,10 @@ class Checkpoints:
         self.job, self.overwrite, self.model, self.record = job, overwrite, model, record
         self.path = path_inside(cc.lora_save_root(), "", filename) if filename.strip() else None
 
-    def step_path(self, step: int) -> Path:
-        return self.path.with_name(f"{self.path.stem}_step{step:06d}{self.path.suffix}")
-
     def check(self, done: int) -> None:
         """Refuse, before training, to replace any file this run will write (after ``done`` steps already done)."""
-        if self.path is None or self.overwrite:
-            return
-        every, total = self.job.options.save_every, sum(s.recipe.steps for s in self.job.stages)
-        planned = [self.path] + ([self.step_path(k) for k in range(every, total + 1, every) if k > done] if every else [])
-        for target in planned:
-            for path in (target, state_path(target)):
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; choose another filename or allow overwriting")
+        refuse_planned_files(self.path, self.overwrite, self.job.options.save_every,
+                             sum(s.recipe.steps for s in self.job.stages), done)
 
     def adapter(self, modules: dict[str, LowRank]) -> Adapter:
         job = self.job
@@ -422,7 +434,7 @@ class Checkpoints:
 
     def periodic(self, stage: int, offset: int, earlier: list[list[float]]) -> Periodic:
         def save(step: int, state: TrainState) -> None:
-            self.write(self.step_path(offset + step), stage, state, earlier)
+            self.write(step_path(self.path, offset + step), stage, state, earlier)
         return Periodic(self.job.options.save_every if self.path is not None else 0, save)
 
 
