@@ -74,11 +74,18 @@ judge-adapters: setup
 block-split: setup
 	$(PYTHON) bench/world/block_split.py
 
-# Does each method combine a held-out content and style better than the naive sum of two LoRAs? Trains every method's
-# adapters with the pack's trainers (4 pairs x 3 training seeds), composes, samples, judges; two worker processes of one
-# thread each (--workers), about 1.7 hours wall here. Appends the table to bench/RESULTS.md, writes bench/world/benchmark/ (contact sheets, charts, JSON).
+# Does each method combine a held-out content and style better than the naive sum of two LoRAs? Both protocols, in one
+# command: first the block premise on the entangled references (block_split.py --premise), then the entangled protocol
+# (the papers' setting: one style / one shape per reference, in 1 and in 6 pictures), then the disentangled one (the
+# content in every base style, the style on every base shape). Every method's adapters are trained with the pack's
+# trainers, composed, sampled and judged; two worker processes of one thread each. Appends the tables to
+# bench/RESULTS.md, writes bench/world/benchmark/ (entangled/ for the first protocol: contact sheets, charts, JSON).
+BENCHMARK_ENTANGLED := --protocol entangled --pairs 2 --seeds 2 --steps 250
+BENCHMARK_DISENTANGLED := --pairs 2 --seeds 2 --steps 250
 benchmark: setup
-	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py
+	OMP_NUM_THREADS=1 $(PYTHON) bench/world/block_split.py --premise --lr 5e-3 --seeds 8
+	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py $(BENCHMARK_ENTANGLED)
+	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py $(BENCHMARK_DISENTANGLED)
 
 clean:
 	rm -rf .venv .host .cache

@@ -112,6 +112,60 @@ SCENE_OBJECTS = (("square", "striped"), ("ring", "checkered"), ("triangle", "dot
 assert set(RECONTEXT_STYLES) == set(BASE_STYLES) and set(LEAKAGE_SHAPES) == set(BASE_SHAPES)
 assert all(style != RECONTEXT_STYLES[0] for _, style in SCENE_OBJECTS)
 SAMPLING = {"seed": 1000, "cfg": 4.0}
+
+# -- the two protocols ----------------------------------------------------------------------------------------------
+# An adapter's target is the held-out shape (content) or texture (style) it learns. Disentangled: the bare name, learnt
+# from the shape in every base style / the texture on every base shape (the data has already separated them).
+# Entangled (the papers' setting): 'name:context:count', learnt from ``count`` pictures of the held-out shape in one
+# style / the held-out texture on one shape, captioned 'a sks' / 'a zkz' (B-LoRA's and ConsisLoRA's 'A [v]'; the
+# world has no class word for its shapes). The reference's own style (content) and own shape (style) are what may leak.
+ENTANGLED_STYLE_SHAPE = "circle"  # the one shape the style reference is drawn on
+ENTANGLED_CONTENT_STYLE = "checkered"  # the base style of the content reference ('base' cases)
+CONTEXTS = {"base": "a base style", "held-out": "the pair's other held-out style"}
+DEFAULT_CASES = "base:6,base:1,held-out:6"
+
+
+def held_out(target: str) -> str:
+    """The held-out shape or texture an adapter's target names (the target itself in the disentangled protocol)."""
+    return target.split(":")[0]
+
+
+def reference_context(target: str) -> str | None:
+    """The entangled reference's own style (content) or shape (style); None in the disentangled protocol."""
+    return target.split(":")[1] if ":" in target else None
+
+
+def entangled_pairs(pairs: list, cases: list[tuple[str, int]]) -> list[tuple[str, str]]:
+    """Every held-out pair in every case (context, pictures): ('star:checkered:6', 'zigzag:circle:6'), ..."""
+    def content_style(style: str, context: str) -> str:
+        return ENTANGLED_CONTENT_STYLE if context == "base" else next(s for s in HELD_OUT_STYLES if s != style)
+    return [(f"{shape}:{content_style(style, context)}:{count}", f"{style}:{ENTANGLED_STYLE_SHAPE}:{count}")
+            for shape, style in pairs for context, count in cases]
+
+
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    cases = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        context, _, count = part.partition(":")
+        if context not in CONTEXTS or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--cases: {part!r} is not <context>:<pictures> with context one of {', '.join(CONTEXTS)} "
+                             f"and pictures >= 1 (e.g. {DEFAULT_CASES})")
+        cases.append((context, int(count)))
+    return cases
+
+
+def reference_data(ctx, role: str, target: str):
+    """The Training Images an adapter of ``target`` learns from, in either protocol (see held_out)."""
+    if reference_context(target) is None:
+        return training_data(ctx.nodes, role, target, ctx.args.per_pair)
+    name, context, count = target.split(":")
+    samples = [render(name, context, 500 + i) if role == "content" else render(context, name, 500 + i)
+               for i in range(int(count))]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
+    return ctx.nodes["CSA_TrainingImages"].execute(
+        images=images, captions="a {trigger}", image_folder="", repeats=1, resolution=64,
+        trigger_word=CONTENT_WORD if role == "content" else STYLE_WORD).args[0]
+
 # Learning rate and its schedule per trainer: the demo adapters' recipes (train_demo_adapters.py,
 # train_b4m_residual_demos.py; ConsisLoRA / B-LoRA: lr is the x0 rate, ε runs at twice it). Every trainer gets the
 # same steps x batch (not the recipes' steps).
@@ -164,7 +218,7 @@ def trainable_count(adapter) -> int:
 def pack_trainer(method: str):
     """A trainer entry: (ctx, role, target, seed) -> Trained, through the pack's trainer node for ``method``."""
     def train(ctx, role: str, target: str, seed: int) -> Trained:
-        data = training_data(ctx.nodes, role, target, ctx.args.per_pair)
+        data = reference_data(ctx, role, target)
         cpu = time.process_time()
         options = training_options(ctx.nodes, schedule=RECIPES[method]["schedule"])
         out = run_trainer(ctx.nodes, ctx.model, ctx.clip, ctx.vae, method, role, data, options, ctx.args.steps,
@@ -191,7 +245,7 @@ def auxiliary_data(ctx):
 def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
     """Train B4M Content / Style (attention projections, the recipe's rank, ε loss; the auxiliary factor at a tenth of
     the lr, as the official 1e-4 / 1e-5). One training seed gives both runs the same frozen halves, so B4M Make accepts them."""
-    data, auxiliary = training_data(ctx.nodes, role, target, ctx.args.per_pair), auxiliary_data(ctx)
+    data, auxiliary = reference_data(ctx, role, target), auxiliary_data(ctx)
     node = ctx.nodes["CSA_TrainB4MContent" if role == "content" else "CSA_TrainB4MStyle"]
     cpu = time.process_time()
     out = node.execute(model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, auxiliary_data=auxiliary,
@@ -200,16 +254,17 @@ def b4m_trainer(ctx, role: str, target: str, seed: int) -> Trained:
                        loss="epsilon", seed=seed, filename="", overwrite=False, resume_from="none",
                        options=training_options(ctx.nodes, schedule=RECIPES["b4m"]["schedule"])).args
     cpu = time.process_time() - cpu
-    return Trained(out[0], {}, cpu, out[0].parameter_count // 2)  # half of each factor is frozen
+    return Trained(out[0], {}, cpu, out[0].parameter_count // 2, data)  # half of each factor is frozen
 
 
 def residual_trainer(ctx, role: str, target: str, seed: int) -> Trained:
     """Train Personalized Residual on the content pictures with their own captions ('a <style> sks': the world's
     caption form; the paper's 'a photo of a V* <class>' would name a class word the world never learnt)."""
-    data = training_data(ctx.nodes, role, target, ctx.args.per_pair)
+    data = reference_data(ctx, role, target)
     cpu = time.process_time()
     out = ctx.nodes["CSA_TrainPersonalizedResidual"].execute(
-        model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, identifier=CONTENT_WORD, class_word=target, caption="",
+        model=ctx.model, clip=ctx.clip, vae=ctx.vae, data=data, identifier=CONTENT_WORD, class_word=held_out(target),
+        caption="",
         rank_fraction=0.05, steps=ctx.args.steps, lr=RECIPES["residual"]["lr"], loss="epsilon", seed=seed,
         filename="", overwrite=False, resume_from="none",
         options=training_options(ctx.nodes, schedule=RECIPES["residual"]["schedule"])).args
@@ -309,11 +364,18 @@ def compose_guider(ctx, content: Trained, style: Trained, variant: dict):
     return sample
 
 
+B4M_FINE_TUNE = {"steps": 100, "lr": 3e-4}  # a quarter of the demo's joint fine-tune (RECIPES["b4m_make"]), its lr
+
+
 def compose_b4m(ctx, content: Trained, style: Trained, variant: dict):
-    """B4M Make of the content run and the style run (no joint fine-tune: the benchmark's budget is the runs')."""
+    """B4M Make of the content run and the style run; with variant["fine_tune"], then its joint fine-tune on both runs'
+    pictures (B4M_FINE_TUNE steps, at most the benchmark's --steps; the row's merge cost)."""
+    steps = min(B4M_FINE_TUNE["steps"], ctx.args.steps) if variant.get("fine_tune") else 0
+    tuning = {"clip": ctx.clip, "vae": ctx.vae, "content_data": content.data, "style_data": style.data,
+              "options": training_options(ctx.nodes, schedule=RECIPES["b4m_make"]["schedule"])} if steps else {}
     made = ctx.nodes["CSA_B4MMake"].execute(content_run=content.adapter, style_run=style.adapter, model=ctx.model,
-                                            steps=0, lr=1e-4, preconditioned=True, reg=1e-4, loss="epsilon", seed=0,
-                                            filename="", overwrite=False).args[0]
+                                            steps=steps, lr=B4M_FINE_TUNE["lr"], preconditioned=True, reg=1e-4,
+                                            loss="epsilon", seed=0, filename="", overwrite=False, **tuning).args[0]
     model = ctx.nodes["CSA_ApplyAdapters"].execute(model=ctx.model, adapter=made, block_strengths="").args[0]
     return ksampler(ctx, model)
 
@@ -399,6 +461,8 @@ ROWS = [
     Row("B4M make", "b4m", compose_b4m,
         claim="B4M: content and style in separate halves recombine without overwriting each other (numbers not "
               "retrieved)"),
+    Row("B4M make + joint fine-tune", "b4m", compose_b4m, ({"fine_tune": True},),
+        claim="B4M: the short joint fine-tune after Make repairs what the halves' recombination loses"),
     Row("Personalized Residual (content) + style LoRA, LAG off", "residual", compose_residual, ({"lag": False},),
         style_trainer="lora", claim="Personalized Residuals: LAG helps recontextualisation, can hurt other prompts"),
     Row("Personalized Residual (content) + style LoRA, LAG on", "residual", compose_residual, ({"lag": True},),
@@ -434,10 +498,18 @@ def estimate_seconds(rows: list, args, cells: list | None = None, alone_cells: l
     ways_alone = {(row.trainers[1], row.style_alone) for row in measured}
     pictures += len(ways_alone) * len(alone_cells) * args.leakage_shapes * args.sampling_seeds
     training = sum(STEP_SECONDS.get(job[0], 0.45) for job in jobs) * args.steps
-    if not args.style_alone_only:  # ZipLoRA's merge steps, per cell
-        training += sum(ZIPLORA_STEP_SECONDS * min(ZIPLORA_STEPS, args.steps) for row in measured
-                        if row.compose is compose_ziplora) * len(cells)
+    if not args.style_alone_only:  # the merges that train (ZipLoRA, B4M's fine-tune), per cell
+        training += sum(merge_seconds(row, args) for row in measured) * len(cells)
     return training + pictures * PICTURE_SECONDS * args.sample_steps / 20 + JUDGE_SECONDS
+
+
+def merge_seconds(row: Row, args) -> float:
+    """Expected CPU seconds of the row's merge training per cell (ZipLoRA's vectors, B4M's joint fine-tune)."""
+    if row.compose is compose_ziplora:
+        return ZIPLORA_STEP_SECONDS * min(ZIPLORA_STEPS, args.steps)
+    if row.compose is compose_b4m and row.grid[0].get("fine_tune"):
+        return STEP_SECONDS["b4m"] * min(B4M_FINE_TUNE["steps"], args.steps)  # two picture sets per step, as B4M's runs
+    return 0.0
 
 
 # -- judging --------------------------------------------------------------------------------------------------------
@@ -591,13 +663,37 @@ def log(text: str) -> None:
     print(f"[{time.time() - STARTED:6.0f} s]{LOG_PREFIX} {text}", flush=True)
 
 
-def judge_composed(ctx, images: torch.Tensor, shape: str, style: str) -> dict:
+def judge_composed(ctx, images: torch.Tensor, shape: str, style: str, content_context: str | None = None,
+                   style_context: str | None = None) -> dict:
+    """Per image: the held-out shape (content), the held-out texture (drawable / strict style), both; in the entangled
+    protocol also the leaks: the content reference's own style (drawable judgement) and the style reference's own
+    shape drawn instead."""
     shapes, strict = ctx.judge.labels(images)
     drawable = ctx.judge.drawable(images)
     content = [s == shape for s in shapes]
-    return {"content": content, "style": [s == style for s in drawable], "style_strict": [s == style for s in strict],
-            "both": [c and s == style for c, s in zip(content, drawable)],
-            "both_strict": [c and s == style for c, s in zip(content, strict)]}
+    judged = {"content": content, "style": [s == style for s in drawable],
+              "style_strict": [s == style for s in strict],
+              "both": [c and s == style for c, s in zip(content, drawable)],
+              "both_strict": [c and s == style for c, s in zip(content, strict)]}
+    if content_context is not None:
+        judged["content_leak_composed"] = [s == content_context for s in drawable]
+        judged["style_leak_composed"] = [s == style_context for s in shapes]
+    return judged
+
+
+def recontext_styles(args, content_context: str | None) -> tuple[str, ...]:
+    """The base styles of the recontextualisation prompts: the first --prompts, never the content reference's own."""
+    return tuple(s for s in RECONTEXT_STYLES if s != content_context)[:args.prompts]
+
+
+def leakage_shapes(count: int, style_context: str | None) -> tuple[str, ...]:
+    """The base shapes of the leakage prompts: the first ``count``, never the style reference's own."""
+    return tuple(s for s in LEAKAGE_SHAPES if s != style_context)[:count]
+
+
+def case_of(target: str) -> str:
+    """A content target's entangled case, as the table names it ('checkered x6'); '' when disentangled."""
+    return f"{target.split(':')[1]} x{target.split(':')[2]}" if ":" in target else ""
 
 
 def measure_row(ctx, row: Row) -> dict:
@@ -613,13 +709,15 @@ def measure_row(ctx, row: Row) -> dict:
         for (shape, style), seed in ctx.cells:
             content = ctx.adapter(row.trainers[0], "content", shape, seed)
             styled = ctx.adapter(row.trainers[1], "style", style, seed)
+            cpu = time.process_time()
             sample = row.compose(ctx, content, styled, variant)
+            compose_cpu = time.process_time() - cpu  # merges that train (ZipLoRA, B4M's fine-tune) cost here
             started = time.process_time()
             images = sample(COMPOSED)
             elapsed = time.process_time() - started
             samplers[index, shape, style, seed] = sample
-            composed[index, shape, style, seed] = (images, elapsed)
-        hits = [judge_composed(ctx, composed[index, s, t, seed][0], s, t) for (s, t), seed in ctx.cells]
+            composed[index, shape, style, seed] = (images, elapsed, compose_cpu)
+        hits = [judge_composed(ctx, composed[index, s, t, seed][0], held_out(s), held_out(t)) for (s, t), seed in ctx.cells]
         grid_hits.append({key: [v for h in hits for v in h[key]] for key in ("both", "content")})
     grid_hits = ctx.exchange(f"row{ROWS.index(row)}", grid_hits)
     grid_scores = [(float(np.mean(h["both"])), float(np.mean(h["content"]))) for h in grid_hits]
@@ -628,27 +726,37 @@ def measure_row(ctx, row: Row) -> dict:
     best = max(range(len(row.grid)), key=lambda i: grid_scores[i])
     per_image = {k: [] for k in ("both", "content", "style", "both_strict", "style_strict", "recontext",
                                  "recontext_style", "leakage", "scene")}
-    per_cell = {k: [] for k in ("diversity", "background")}
+    per_cell = {k: [] for k in ("diversity", "background", "compose_cpu")}
     seconds, pictures, sheet = 0.0, 0, {}
-    for (shape, style), seed in ctx.cells:
-        images, elapsed = composed[best, shape, style, seed]
+    for (content_target, style_target), seed in ctx.cells:
+        shape, style = held_out(content_target), held_out(style_target)
+        content_context, style_context = reference_context(content_target), reference_context(style_target)
+        images, elapsed, compose_cpu = composed[best, content_target, style_target, seed]
         seconds, pictures = seconds + elapsed, pictures + images.shape[0]
-        judged = judge_composed(ctx, images, shape, style)
+        judged = judge_composed(ctx, images, shape, style, content_context, style_context)
+        case = case_of(content_target)
+        if case:  # the headline per case (1 or N pictures, base or held-out style)
+            judged[f"both@{case}"] = judged["both"]
         for key, values in judged.items():
-            per_image[key].append((seed, values))
+            per_image.setdefault(key, []).append((seed, values))
         pixels = to_pixels(images)
-        sheet[shape, style, seed] = pixels
+        sheet[content_target, style_target, seed] = pixels
         per_cell["diversity"].append((seed, diversity(pixels)))
         per_cell["background"].append((seed, background_change(pixels)))
-        sample = samplers[best, shape, style, seed]
-        for base_style in RECONTEXT_STYLES[:args.prompts]:
-            shapes, styles = ctx.judge.labels(sample(f"a {base_style} {CONTENT_WORD}"))
+        per_cell["compose_cpu"].append((seed, compose_cpu))
+        sample = samplers[best, content_target, style_target, seed]
+        for base_style in recontext_styles(args, content_context):
+            images = sample(f"a {base_style} {CONTENT_WORD}")
+            shapes, styles = ctx.judge.labels(images)
             per_image["recontext"].append((seed, [a == shape and b == base_style for a, b in zip(shapes, styles)]))
             per_image["recontext_style"].append((seed, [b == base_style for b in styles]))
-        for base_shape in LEAKAGE_SHAPES[:args.prompts]:
+            if content_context is not None:  # the content reference's own style drawn in place of the prompted one
+                per_image.setdefault("content_leak", []).append(
+                    (seed, [b == content_context for b in ctx.judge.drawable(images)]))
+        for base_shape in leakage_shapes(args.prompts, style_context):
             shapes, _ = ctx.judge.labels(sample(f"a {STYLE_WORD} {base_shape}"))
             per_image["leakage"].append((seed, [a == base_shape for a in shapes]))
-        for second in SCENE_OBJECTS[:args.scene_prompts]:
+        for second in SCENE_OBJECTS[:args.scene_prompts] if content_context is None else ():  # disentangled only
             judged = judge_regions(ctx.judge.models, to_pixels(sample(
                 f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}", LANDSCAPE)))
             per_image["scene"].append((seed, [second in objects for objects in judged]))
@@ -656,19 +764,27 @@ def measure_row(ctx, row: Row) -> dict:
             "seconds": seconds, "pictures": pictures, "sheet": sheet}
 
 
-def measure_style_alone(ctx, row: Row, variant: dict, cells: list) -> list:
+def measure_style_alone(ctx, row: Row, variant: dict, cells: list) -> dict:
     """Leakage as issue 17 defines it, on this shard's style cells: 'a zkz <base shape>' for the first
-    --leakage-shapes base shapes, sampled with the row's style adapter alone (Row.style_alone, at the row's chosen
-    point); per image, does the content evaluator still see the prompted base shape? One entry (training seed, per
-    sampling seed) per cell and shape. Rows applying the same style adapter the same way share the pictures."""
-    entries = []
+    --leakage-shapes base shapes (never the entangled style reference's own), sampled with the row's style adapter
+    alone (Row.style_alone, at the row's chosen point); per image, does the content evaluator still see the prompted
+    base shape ('kept')? Entangled: does it see the style reference's own shape instead ('leak')? One entry
+    (training seed, per sampling seed) per cell and shape. Rows applying the same style adapter the same way share
+    the pictures."""
+    entries = {"kept": [], "leak": []}
     for style, seed in cells:
         what, sample = row.style_alone(ctx, ctx.adapter(row.trainers[1], "style", style, seed), variant)
         key = (row.trainers[1], *what, style, seed)
+        context = reference_context(style)
         if key not in ctx.alone:
-            ctx.alone[key] = [(seed, [a == shape for a in ctx.judge.labels(sample(f"a {STYLE_WORD} {shape}"))[0]])
-                              for shape in LEAKAGE_SHAPES[:ctx.args.leakage_shapes]]
-        entries += ctx.alone[key]
+            ctx.alone[key] = {"kept": [], "leak": []}
+            for shape in leakage_shapes(ctx.args.leakage_shapes, context):
+                shapes = ctx.judge.labels(sample(f"a {STYLE_WORD} {shape}"))[0]
+                ctx.alone[key]["kept"].append((seed, [a == shape for a in shapes]))
+                if context is not None:
+                    ctx.alone[key]["leak"].append((seed, [a == context for a in shapes]))
+        for part in entries:
+            entries[part] += ctx.alone[key][part]
     return entries
 
 
@@ -681,8 +797,8 @@ def summarise(row: Row, measured: list[dict], trained: dict, seeds: list[int], p
     result = {"row": row.name, "chosen": row.grid[first["best"]],
               "grid": [{"variant": v, "both": s[0], "content": s[1]} for v, s in zip(row.grid, first["grid_scores"])],
               "sampling_seconds_per_image": sum(m["seconds"] for m in measured) / max(sum(m["pictures"] for m in measured), 1)}
-    for key in first["per_image"]:
-        result[key] = image_rate([e for m in measured for e in m["per_image"][key]], seeds)
+    for key in dict.fromkeys(k for m in measured for k in m["per_image"]):  # a shard may hold no cell of a case
+        result[key] = image_rate([e for m in measured for e in m["per_image"].get(key, [])], seeds)
     costs = {"cpu": [], "parameters": []}
     for seed in seeds:
         jobs = [(row.trainers[0], "content", shape, seed) for shape in sorted({p[0] for p in pairs})] + \
@@ -720,21 +836,43 @@ COLUMNS = ("method", "both right (drawable style)", "content", "style (drawable)
            "diversity", "training CPU s", "trainable parameters", "sampling CPU s / image", "vs naive (both right)")
 
 
-def table_rows(results: list[dict]) -> list[tuple]:
+ENTANGLED_COLUMNS = ("method", "both right (drawable style)", "both right per case", "content", "style (drawable)",
+                     "content leak: reference's style in 'a <base style> sks'", "content leak in the composition",
+                     "style leak: reference's shape in 'a zkz <base shape>' (style adapter alone)",
+                     "style leak in the composition", "base shape kept (style adapter alone)", "recontextualisation",
+                     "diversity", "training CPU s", "trainable parameters", "sampling CPU s / image",
+                     "vs naive (both right)")
+
+
+def training_cost(r: dict) -> str:
+    """The row's training CPU s per pair, and the merge's own training (ZipLoRA, B4M's fine-tune) where it has one."""
+    merge = r.get("compose_cpu", {"mean": 0.0})["mean"]
+    return f"{r['cpu']['mean']:.0f} ± {r['cpu']['spread']:.0f}" + (f" + {merge:.0f} merge" if merge >= 1 else "")
+
+
+def table_rows(results: list[dict], entangled: bool = False) -> list[tuple]:
+    """One line per row of COLUMNS (ENTANGLED_COLUMNS for the entangled protocol's results)."""
+    columns = ENTANGLED_COLUMNS if entangled else COLUMNS
     naive = next((r for r in results if r["row"] == NAIVE and "both" in r), None)
     rows = []
     for r in results:
         if "not_yet" in r:
-            rows.append((r["row"], *["—"] * (len(COLUMNS) - 2), r["not_yet"]))
+            rows.append((r["row"], *["—"] * (len(columns) - 2), r["not_yet"]))
             continue
         name = r["row"] + (f" (best of {len(r['grid'])}: {describe(r['chosen'])})" if len(r["grid"]) > 1 else "")
-        rows.append((name, fmt(r["both"]), fmt(r["content"]), fmt(r["style"]), fmt(r["both_strict"]),
-                     f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})",
-                     fmt(r["leakage_alone"]) if "leakage_alone" in r else "not measured", fmt(r["leakage"]),
-                     fmt(r["scene"]) if "scene" in r else "not measured", fmt(r["background"], False),
-                     fmt(r["diversity"], False), f"{r['cpu']['mean']:.0f} ± {r['cpu']['spread']:.0f}",
-                     f"{r['parameters']['mean']:,.0f}", f"{r['sampling_seconds_per_image']:.2f}",
-                     verdict(r, naive)))
+        recontext = f"{fmt(r['recontext'])} (base style {r['recontext_style']['mean']:.0%})"
+        alone = fmt(r["leakage_alone"]) if "leakage_alone" in r else "not measured"
+        costs = (fmt(r["diversity"], False), training_cost(r), f"{r['parameters']['mean']:,.0f}",
+                 f"{r['sampling_seconds_per_image']:.2f}", verdict(r, naive))
+        if entangled:
+            cases = ", ".join(f"{key.split('@', 1)[1]}: {r[key]['mean']:.0%}" for key in r if key.startswith("both@"))
+            rows.append((name, fmt(r["both"]), cases, fmt(r["content"]), fmt(r["style"]), fmt(r["content_leak"]),
+                         fmt(r["content_leak_composed"]), fmt(r["style_leak_alone"]), fmt(r["style_leak_composed"]),
+                         alone, recontext, *costs))
+            continue
+        rows.append((name, fmt(r["both"]), fmt(r["content"]), fmt(r["style"]), fmt(r["both_strict"]), recontext,
+                     alone, fmt(r["leakage"]), fmt(r["scene"]) if "scene" in r else "not measured",
+                     fmt(r["background"], False), *costs))
     return rows
 
 
@@ -761,7 +899,7 @@ def write_sheets(results: list[dict], args, folder: Path) -> list[Path]:
     from PIL import Image, ImageDraw
 
     written = []
-    label = 110
+    label = 250 if args.protocol == "entangled" else 110
     for r in results:
         if "sheet" not in r:
             continue
@@ -792,7 +930,9 @@ def slug(name: str) -> str:
 
 CHARTS = (("both", "both right (drawable style)"), ("content", "content right"), ("recontext", "recontextualisation"),
           ("leakage_alone", "leakage: base shape kept, style adapter alone"),
-          ("leakage", "leakage with both adapters: base shape kept"), ("scene", "scene fidelity: second object kept"))
+          ("leakage", "leakage with both adapters: base shape kept"), ("scene", "scene fidelity: second object kept"),
+          ("content_leak", "content leak: the reference's style in 'a <base style> sks'"),
+          ("style_leak_alone", "style leak: the reference's shape, style adapter alone"))
 
 
 def write_charts(results: list[dict], folder: Path) -> list[Path]:
@@ -845,6 +985,13 @@ def main() -> None:
     parser.add_argument("--scene-prompts", type=int, default=1, help="second objects (scene fidelity) used, the first "
                         "N of SCENE_OBJECTS")
     parser.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N held-out pairs")
+    parser.add_argument("--protocol", choices=("disentangled", "entangled"), default="disentangled", help="disentangled: "
+                        "each adapter learns from pictures that already separate content from style (the shape in "
+                        "every base style, the texture on every base shape); entangled (the papers' setting): from "
+                        "pictures of one style / one shape each (--cases)")
+    parser.add_argument("--cases", default=DEFAULT_CASES, help="entangled: the references per held-out pair, "
+                        "<context>:<pictures>, context 'base' (the shape in checkered) or 'held-out' (in the pair's "
+                        f"other held-out style); the style reference is the texture on a {ENTANGLED_STYLE_SHAPE}")
     parser.add_argument("--only", default="", help="comma-separated row numbers (1-based) or name fragments")
     parser.add_argument("--workers", type=int, default=2, help="processes sharing the cells (one thread each; the "
                         "figures are those of one process)")
@@ -855,7 +1002,12 @@ def main() -> None:
     parser.add_argument("--exchange", type=Path, default=None, help=argparse.SUPPRESS)  # a worker's: shared folder
     args = parse_args(parser, {"seeds": 1, "steps": 2, "per_pair": 1, "sampling_seeds": 2, "sample_steps": 2,
                                "prompts": 1, "leakage_shapes": 1, "pairs": 2})
-    if harness.SMOKE and args.out == OUT:  # a smoke run never writes the committed figures
+    entangled = args.protocol == "entangled"
+    if harness.SMOKE and entangled:
+        args.pairs, args.cases = 1, "base:1,held-out:1"
+    if entangled and args.out == OUT:
+        args.out = OUT / "entangled"
+    if harness.SMOKE and args.out in (OUT, OUT / "entangled"):  # a smoke run never writes the committed figures
         args.out = Path(tempfile.mkdtemp(prefix="csa-benchmark-smoke-"))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.charts_only:
@@ -864,6 +1016,8 @@ def main() -> None:
     torch.set_num_threads(1)
     args.train_seeds = list(range(args.seeds))
     args.pairs = PAIRS[:args.pairs]
+    if entangled:
+        args.pairs = entangled_pairs(args.pairs, parse_cases(args.cases))
     chosen = [row for i, row in enumerate(ROWS, 1)
               if not args.only or any(o == str(i) or (not o.isdigit() and o.lower() in row.name.lower())
                                       for o in args.only.split(","))]
@@ -970,11 +1124,13 @@ def merge(chosen: list, args, exchange: Path) -> None:
             trainer, role, target, seed = key.split("|")
             trained.setdefault((trainer, role, target, int(seed)), cost)
             assert trained[trainer, role, target, int(seed)][2] == cost[2], f"{key}: two workers trained it differently"
-    leakage_alone = {index: image_rate([e for part in parts for e in part["alone"].get(str(index), [])],
-                                       args.train_seeds) for index, row in enumerate(ROWS) if row in chosen}
+    leakage_alone, style_leak_alone = ({index: image_rate([e for part in parts
+                                                           for e in part["alone"].get(str(index), {}).get(kind, [])],
+                                                          args.train_seeds) for index, row in enumerate(ROWS) if row in chosen}
+                                       for kind in ("kept", "leak"))
     fingerprints = {"|".join(map(str, key)): cost[2] for key, cost in sorted(trained.items())}
     if args.style_alone_only:
-        add_style_alone(chosen, args, leakage_alone, fingerprints, sum(part["cpu"] for part in parts))
+        add_style_alone(chosen, args, leakage_alone, style_leak_alone, fingerprints, sum(part["cpu"] for part in parts))
         return
     for k, part in enumerate(parts):
         with np.load(exchange / f"shard-{k}.npz") as pictures:
@@ -989,7 +1145,8 @@ def merge(chosen: list, args, exchange: Path) -> None:
             results.append({"row": row.name, "not_yet": row.not_yet})
             continue
         results.append({**summarise(row, [part["measured"][str(index)] for part in parts], trained, args.train_seeds,
-                                    args.pairs), "leakage_alone": leakage_alone[index]})
+                                    args.pairs), "leakage_alone": leakage_alone[index],
+                        **({"style_leak_alone": style_leak_alone[index]} if args.protocol == "entangled" else {})})
     missing = [row.name for row in chosen if not any(r["row"] == row.name for r in results)]
     assert not missing, f"rows not produced: {missing}"
     log(f"rows produced: {len(results)} of {len(chosen)} ({sum('not_yet' in r for r in results)} marked not yet)")
@@ -1003,7 +1160,8 @@ def merge(chosen: list, args, exchange: Path) -> None:
     record_table(results, ceiling, args, sum(part["cpu"] for part in parts), sheets, charts)
 
 
-def add_style_alone(chosen: list, args, leakage_alone: dict, fingerprints: dict, cpu: float) -> None:
+def add_style_alone(chosen: list, args, leakage_alone: dict, style_leak_alone: dict, fingerprints: dict,
+                    cpu: float) -> None:
     """--style-alone-only: the style-alone leakage added to the run in <out>/results.json (its rows, chosen points,
     contact sheets kept), with this pass's adapter fingerprints and cost beside it; charts and table redrawn."""
     path = args.out / "results.json"
@@ -1012,6 +1170,8 @@ def add_style_alone(chosen: list, args, leakage_alone: dict, fingerprints: dict,
         if row in chosen and not row.not_yet:
             entry = next(r for r in recorded["rows"] if r["row"] == row.name)
             entry["leakage_alone"] = leakage_alone[index]
+            if args.protocol == "entangled":
+                entry["style_leak_alone"] = style_leak_alone[index]
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     recorded["style_alone_pass"] = {"when": stamp, "cpu_seconds": cpu, "settings": settings(args),
                                     "fingerprints": fingerprints}
@@ -1031,29 +1191,48 @@ def settings(args) -> dict:
     return {"pairs": [list(p) for p in args.pairs], "training_seeds": args.train_seeds, "steps": args.steps,
             "batch": 4, "per_pair": args.per_pair, "sampling_seeds": args.sampling_seeds,
             "sample_steps": args.sample_steps, "prompts": args.prompts, "scene_prompts": args.scene_prompts,
-            "leakage_shapes": args.leakage_shapes, "workers": args.workers,
+            "leakage_shapes": args.leakage_shapes, "workers": args.workers, "protocol": args.protocol,
             "recipes": RECORDED_RECIPES}
 
 
 def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, preface: str = "") -> None:
-    rows = table_rows(results)
-    notes = preface + (
-        f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; training seeds {args.train_seeds}; every adapter "
-        f"{args.steps} steps x batch 4 on {args.per_pair} pictures per (shape, style) (content: the shape in the "
-        f"{len(BASE_STYLES)} base styles; style: the texture on the {len(BASE_SHAPES)} base shapes); ranks, "
+    entangled = args.protocol == "entangled"
+    rows = table_rows(results, entangled)
+    if entangled:
+        data = (f"Entangled references (the papers' setting): per held-out pair and case, the content adapter learns "
+                f"from N pictures of the held-out shape in one style (case 'checkered xN': a base style; the other "
+                f"held-out style otherwise), captioned 'a {CONTENT_WORD}', and the style adapter from N pictures of the "
+                f"held-out texture on a {ENTANGLED_STYLE_SHAPE}, captioned 'a {STYLE_WORD}' (B-LoRA / ConsisLoRA's "
+                f"'A [v]'; the world has no class word). Cases (content x style targets): "
+                f"{', '.join(f'{a} x {b}' for a, b in args.pairs)}. Content leak: the content reference's own style "
+                f"(drawable judgement) in 'a <base style> {CONTENT_WORD}' and in the composition; style leak: the style "
+                f"reference's {ENTANGLED_STYLE_SHAPE} drawn for 'a {STYLE_WORD} <base shape>' (style adapter alone, as "
+                f"the row applies it) and in the composition (instead of the held-out shape). ")
+        prompts = (f"Recontextualisation: 'a <base style> {CONTENT_WORD}', the first {args.prompts} of "
+                   f"{', '.join(RECONTEXT_STYLES)} that is not the reference's own style; leakage prompts: the first "
+                   f"{args.leakage_shapes} (style adapter alone) / {args.prompts} (composed) of "
+                   f"{', '.join(LEAKAGE_SHAPES)} other than {ENTANGLED_STYLE_SHAPE}. ")
+    else:
+        data = (f"Pairs {', '.join(f'{a} x {b}' for a, b in args.pairs)}; every adapter learns from {args.per_pair} "
+                f"pictures per (shape, style) (content: the shape in the {len(BASE_STYLES)} base styles; style: the "
+                f"texture on the {len(BASE_SHAPES)} base shapes). ")
+        prompts = (f"Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the held-out shape in that base "
+                   f"style (in brackets: the base style alone), base styles {', '.join(RECONTEXT_STYLES[:args.prompts])}"
+                   f"; leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, with the style adapter alone (as "
+                   f"the row applies it; base shapes {', '.join(LEAKAGE_SHAPES[:args.leakage_shapes])}; once per "
+                   f"held-out style x training seed) and with both adapters (base shapes "
+                   f"{', '.join(LEAKAGE_SHAPES[:args.prompts])}); scene fidelity: 'a {RECONTEXT_STYLES[0]} "
+                   f"{CONTENT_WORD} and a <style> <shape>' keeps the second object ("
+                   f"{', '.join(f'{b} {a}' for a, b in SCENE_OBJECTS[:args.scene_prompts])}) in its own region. ")
+    notes = preface + data + (
+        f"Training seeds {args.train_seeds}; every adapter {args.steps} steps x batch 4; ranks, "
         f"learning rates and schedules {RECORDED_RECIPES} (residual rank: 5% of the channels). Sampling: Euler "
         f"{args.sample_steps} steps, CFG {SAMPLING['cfg']}, "
         f"{args.sampling_seeds} pictures per prompt (seed {SAMPLING['seed']}, one batch). Rates are shares of "
         f"pictures, mean ± std over training seeds x sampling seeds (in points); change outside object, diversity and "
-        f"training time: ± std over training seeds. Recontextualisation: 'a <base style> {CONTENT_WORD}' drawn as the "
-        f"held-out shape in that base style (in brackets: the base style alone), base styles "
-        f"{', '.join(RECONTEXT_STYLES[:args.prompts])}; leakage: 'a {STYLE_WORD} <base shape>' keeps its base shape, "
-        f"with the style adapter alone (as the row applies it; base shapes "
-        f"{', '.join(LEAKAGE_SHAPES[:args.leakage_shapes])}; once per held-out style x training seed) and with both "
-        f"adapters (base shapes {', '.join(LEAKAGE_SHAPES[:args.prompts])}); scene fidelity: 'a {RECONTEXT_STYLES[0]} "
-        f"{CONTENT_WORD} and a <style> <shape>' keeps the second object ("
-        f"{', '.join(f'{b} {a}' for a, b in SCENE_OBJECTS[:args.scene_prompts])}) in its own region. Training "
-        f"CPU s and parameters: the content and the style adapter of a pair together.\n\n"
+        f"training time: ± std over training seeds. " + prompts + "Training CPU s and parameters: the content and the "
+        f"style adapter of a pair together; '+ merge': the merge's own training per pair (ZipLoRA's vectors, B4M's "
+        f"joint fine-tune of {B4M_FINE_TUNE['steps']} steps at most).\n\n"
         f"Style ceilings (world VAE round trip of real pictures): strict evaluator "
         + ", ".join(f"{s} {c['strict']:.0%}" for s, c in ceiling.items() if s in HELD_OUT_STYLES)
         + "; the drawable-style judgement on fresh round trips "
@@ -1064,8 +1243,11 @@ def record_table(results, ceiling: dict, args, cpu: float, sheets, charts, prefa
         + (f"Charts: {', '.join(relative(p) for p in charts)}. " if charts else
            "No charts: matplotlib is not installed in .venv (`--charts-only` draws them from results.json). ")
         + (f"{cpu:.0f} CPU s in all." if cpu is not None else ""))
-    record(f"Method benchmark on the world: held-out content x style ({len(args.pairs)} pairs x {len(args.train_seeds)} "
-           f"training seeds)", rows, notes=notes, columns=COLUMNS)
+    title = (f"entangled references, one style / one shape each ({len({held_out(a) + held_out(b) for a, b in args.pairs})}"
+             f" pairs x {len(args.pairs) // max(len({held_out(a) + held_out(b) for a, b in args.pairs}), 1)} cases"
+             if entangled else f"held-out content x style, disentangled data ({len(args.pairs)} pairs")
+    record(f"Method benchmark on the world: {title} x {len(args.train_seeds)} training seeds)", rows, notes=notes,
+           columns=ENTANGLED_COLUMNS if entangled else COLUMNS)
 
 
 def relative(path: Path) -> str:
