@@ -69,17 +69,17 @@ def split_by_shape(measured: dict[str, tuple[float, float]]) -> tuple[tuple[str,
     return content, tuple(b for b in BLOCKS if b not in content)
 
 
-def premise(nodes, model, clip, vae, evaluators, args) -> None:
+def premise(nodes, model, clip, vae, evaluators, args, base) -> None:
     """Does the world support B-LoRA's / ConsisLoRA's premise on the method benchmark's entangled references? For the
     content reference (the held-out star in checkered, 'a sks') and the style reference (zigzag on a circle, 'a
     zkz'), a LoRA per transformer block and one per half of the world split (BLOCK_SPLITS["world"]), each sampled
     alone on its own caption: what does it change, the reference's shape or its texture? The premise holds when the
     content half learns the content reference's shape without its texture and the style half the style reference's
     texture without its shape."""
-    from core.trainers import BLOCK_SPLITS
+    import comfy_host
     from method_benchmark import ENTANGLED_CONTENT_STYLE, ENTANGLED_STYLE_SHAPE
 
-    content_blocks, style_blocks = BLOCK_SPLITS["world"]
+    content_blocks, style_blocks = comfy_host.pack_module(base, "core.trainers").BLOCK_SPLITS["world"]
     references = {"content": (SHAPE, ENTANGLED_CONTENT_STYLE, "a sks"), "style": (ENTANGLED_STYLE_SHAPE, "zigzag", "a zkz")}
     groups = (*((b, b) for b in BLOCKS), ("content half (world split)", ", ".join(content_blocks)),
               ("style half (world split)", ", ".join(style_blocks)))
@@ -126,7 +126,7 @@ def main() -> None:
                         "references (premise()) instead of the split measurement")
     args = parse_args(parser, {"steps": 2, "images": 2, "seeds": 1, "sample_steps": 2})
     torch.set_num_threads(1)
-    nodes, _ = harness.start_comfy()
+    nodes, base = harness.start_comfy()
     import comfy.sd
     from evaluate import WORLD_CHECKPOINT
     from evaluators import load
@@ -134,7 +134,7 @@ def main() -> None:
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(WORLD_CHECKPOINT))
     evaluators, _ = load()
     if args.premise:
-        premise(nodes, model, clip, vae, evaluators, args)
+        premise(nodes, model, clip, vae, evaluators, args, base)
         return
     started = time.process_time()
     baseline = labels(nodes, model, clip, vae, None, evaluators, args)

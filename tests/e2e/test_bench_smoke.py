@@ -27,6 +27,7 @@ MAKE_TARGET_SCRIPTS = [
     ["bench/world/evaluate.py", "--square-scenes"],  # make evaluate, and (b) at 64x64 too
     ["bench/world/evaluate.py", "--parts", "c"],  # the attention part alone
     ["bench/world/block_split.py"],  # make block-split
+    ["bench/world/block_split.py", "--premise"],  # make benchmark's first step
     ["bench/world/train_demo_adapters.py"],  # make demo-adapters
     ["bench/world/train_b4m_residual_demos.py"],  # make demo-adapters
     ["bench/world/judge_demo_adapters.py"],  # make judge-adapters
@@ -155,6 +156,23 @@ def test_benchmark_smoke_in_two_workers_produces_every_row(tmp_path):
     """make benchmark's smoke, as the target runs it (two workers): every row in the table."""
     workers = table_without_timings(run([BENCHMARK], "--smoke", "--workers", "2", "--out", str(tmp_path)))
     assert len(workers) == benchmark_rows()
+
+
+def test_entangled_benchmark_smoke_in_two_workers_produces_every_row_with_its_leaks(tmp_path):
+    """make benchmark's entangled protocol (one style / one shape per reference), smoke size: every row, the leak
+    columns, the headline per case (a base-style and a held-out-style content reference)."""
+    output = run([BENCHMARK], "--smoke", "--protocol", "entangled", "--workers", "2", "--out", str(tmp_path))
+    header = next(line for line in output.splitlines() if line.startswith("| method"))
+    assert "content leak in the composition" in header and "style leak in the composition" in header
+    rows = table_without_timings(output)
+    assert len(rows) == benchmark_rows()
+    per_case = header.strip("| ").split(" | ").index("both right per case")
+    assert rows[0][per_case].startswith("checkered x1: ") and ", speckled x1: " in rows[0][per_case]
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    assert recorded["settings"]["protocol"] == "entangled"
+    assert all("style_leak_alone" in r and "content_leak" in r for r in recorded["rows"] if "chosen" in r)
+    assert {key.split("|")[2] for key in recorded["fingerprints"]} == {
+        "star:checkered:1", "star:speckled:1", "zigzag:circle:1"}
 
 
 @pytest.mark.full  # two more benchmark smokes (170 s) beside the default suite's one

@@ -75,7 +75,8 @@ def test_qr_lora_counts_only_the_upper_triangle_of_delta_r():
     assert mb.trainable_count(lora) == 5 * 2 + 2 * 4
 
 
-ADDED_SINCE = ("K-LoRA (training-free)", "ZipLoRA (merger vectors trained)")  # rows the measured runs had not
+ADDED_SINCE = ("K-LoRA (training-free)", "ZipLoRA (merger vectors trained)",  # rows the measured runs had not
+               "B4M make + joint fine-tune")
 
 
 def test_the_estimate_matches_the_measured_runs_and_the_stated_budget():
@@ -97,10 +98,13 @@ def test_the_estimate_matches_the_measured_runs_and_the_stated_budget():
     assert mb.estimate_seconds(rows_then, defaults) - mb.estimate_seconds(rows_then, first) == \
         pytest.approx(5 * 6 * 6 * 4 * mb.PICTURE_SECONDS)
     assert 3.2 * 3600 < mb.estimate_seconds(rows_then, defaults) < 3.7 * 3600  # the docstring's 3.5 CPU hours
-    # K-LoRA (2 grid points) and ZipLoRA (100 merge steps a cell) add pictures and merge steps to every cell
+    # K-LoRA (2 grid points), ZipLoRA (100 merge steps a cell) and B4M's fine-tune (100 steps at B4M's rate) add
+    # pictures (grid points + recontextualisation + leakage + scene) and merge steps to every cell; B4M's fine-tune
+    # row applies its style run alone as B4M Make does (no new style-alone pictures)
     added = mb.estimate_seconds(mb.ROWS, defaults) - mb.estimate_seconds(rows_then, defaults)
     cells = len(mb.PAIRS) * 3
-    assert added == pytest.approx(cells * (100 * mb.ZIPLORA_STEP_SECONDS + (2 + 1 + 2 + 2 + 1 + 1) * 4 * mb.PICTURE_SECONDS))
+    merges = 100 * mb.ZIPLORA_STEP_SECONDS + 100 * mb.STEP_SECONDS["b4m"]
+    assert added == pytest.approx(cells * (merges + ((2 + 2 + 1) + 2 * (1 + 2 + 1)) * 4 * mb.PICTURE_SECONDS))
     only = argparse.Namespace(**{**vars(defaults), "style_alone_only": True})
     styles = 6 * 250 * sum(mb.STEP_SECONDS[t] for t in ("lora", "b-lora", "consislora", "qr", "b4m"))
     assert mb.estimate_seconds(rows_then, only) == pytest.approx(styles + 5 * 6 * 6 * 4 * mb.PICTURE_SECONDS
@@ -128,11 +132,16 @@ def test_style_alone_leakage_is_one_entry_per_cell_and_shape_and_shared_by_rows_
     cells = mb.style_cells(mb.PAIRS, [0, 1])
     assert cells == [("zigzag", 0), ("speckled", 0), ("zigzag", 1), ("speckled", 1)]
     entries = mb.measure_style_alone(ctx, naive, {"style": 1.0}, cells)
-    assert len(entries) == 4 * 3 and entries[0] == (0, [True, False])
+    assert len(entries["kept"]) == 4 * 3 and entries["kept"][0] == (0, [True, False]) and entries["leak"] == []
     assert sampled[:3] == [f"a {mb.STYLE_WORD} {shape}" for shape in mb.LEAKAGE_SHAPES[:3]]
     assert mb.measure_style_alone(ctx, residual, {"lag": True}, cells) == entries and len(sampled) == 12  # shared
     mb.measure_style_alone(ctx, naive, {"style": 0.75}, cells)  # another strength: its own pictures
-    assert len(sampled) == 24 and mb.image_rate(entries, [0, 1]) == {"mean": 0.5, "spread": 0.5}
+    assert len(sampled) == 24 and mb.image_rate(entries["kept"], [0, 1]) == {"mean": 0.5, "spread": 0.5}
+    # an entangled style reference (zigzag on a circle): never prompted with its own shape; the leak is that shape
+    Judge.labels = staticmethod(lambda shape: ([shape, mb.ENTANGLED_STYLE_SHAPE], []))
+    entangled = mb.measure_style_alone(ctx, naive, {"style": 1.0}, [(f"zigzag:{mb.ENTANGLED_STYLE_SHAPE}:1", 0)])
+    assert sampled[24:] == [f"a {mb.STYLE_WORD} {shape}" for shape in mb.LEAKAGE_SHAPES[1:4]]
+    assert entangled == {"kept": [(0, [True, False])] * 3, "leak": [(0, [False, True])] * 3}
 
 
 def test_workers_get_contiguous_near_equal_runs_of_cells_and_train_few_adapters_twice():
@@ -199,3 +208,31 @@ def test_workers_swap_grid_hits_and_each_gets_every_workers_in_order(tmp_path):
     expected = [{"both": [True, True, True, False], "content": [False, True]}]
     assert got == [expected, expected]
     assert mb.Context(None, None, None, None, None, None, []).exchange("row0", local[0]) == local[0]  # one worker
+
+
+def test_entangled_references_name_one_context_and_a_picture_count():
+    pairs = mb.entangled_pairs(mb.PAIRS[:2], mb.parse_cases("base:6, held-out:1"))
+    assert pairs == [("star:checkered:6", "zigzag:circle:6"), ("star:speckled:1", "zigzag:circle:1"),
+                     ("star:checkered:6", "speckled:circle:6"), ("star:zigzag:1", "speckled:circle:1")]
+    assert [mb.held_out(t) for t in pairs[1]] == ["star", "zigzag"] and mb.reference_context(pairs[1][0]) == "speckled"
+    assert mb.held_out("star") == "star" and mb.reference_context("star") is None  # the disentangled targets
+    assert mb.case_of("star:speckled:1") == "speckled x1" and mb.case_of("star") == ""
+    assert mb.recontext_styles(argparse.Namespace(prompts=2), "red") == ("checkered", "striped")
+    assert mb.leakage_shapes(2, "circle") == ("triangle", "square") and mb.leakage_shapes(1, None) == ("circle",)
+    for bad in ("base", "base:0", "photo:3", "held-out:x"):
+        with pytest.raises(SystemExit, match="--cases"):
+            mb.parse_cases(bad)
+
+
+def test_entangled_rows_show_leaks_and_the_headline_per_case():
+    rate = {"mean": 0.25, "spread": 0.1}
+    entangled = {**measured(mb.NAIVE), **{k: rate for k in ("content_leak", "content_leak_composed", "style_leak_alone",
+                                                              "style_leak_composed", "leakage_alone")},
+                 "both@checkered x6": {"mean": 0.5, "spread": 0.0}, "both@checkered x1": {"mean": 0.0, "spread": 0.0},
+                 "compose_cpu": {"mean": 30.0, "spread": 0.0}}
+    line = mb.table_rows([entangled], entangled=True)[0]
+    assert len(line) == len(mb.ENTANGLED_COLUMNS)
+    assert line[mb.ENTANGLED_COLUMNS.index("both right per case")] == "checkered x6: 50%, checkered x1: 0%"
+    assert line[mb.ENTANGLED_COLUMNS.index("content leak in the composition")] == "25% ± 10"
+    assert line[mb.ENTANGLED_COLUMNS.index("training CPU s")] == "0 ± 0 + 30 merge"
+    assert mb.table_rows([measured(mb.NAIVE)])[0][mb.COLUMNS.index("training CPU s")] == "0 ± 0"  # no merge: no term
