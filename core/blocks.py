@@ -95,6 +95,26 @@ def transformer_of_proj_out(model_key: str) -> tuple[str, tuple[str, int]] | Non
     return match.group(1), (_BLOCK_SHORT_NAMES[match.group(2)], int(match.group(3) or 0))
 
 
+_DOUBLE_BLOCK_IMAGE_ATTENTION_OUT = re.compile(r"(diffusion_model\.double_blocks\.(\d+))\.img_attn\.proj\.weight")
+CROSS_ATTENTION, JOINT_ATTENTION = "cross attention", "joint attention"
+
+
+def residual_site(model_key: str) -> tuple[str, tuple, str] | None:
+    """Where a Personalized Residual sits, and the attention that localises it: (module path, block id, kind).
+
+    - A UNet transformer's proj_out (the paper's layer): its attn2 block id, cross attention.
+    - A FLUX double block's image-stream attention output img_attn.proj, ('double', i), joint attention: its image
+      tokens are the pictures' pixels (the single blocks mix text and image tokens in one stream).
+    None for any other weight."""
+    unet = transformer_of_proj_out(model_key)
+    if unet is not None:
+        return (*unet, CROSS_ATTENTION)
+    match = _DOUBLE_BLOCK_IMAGE_ATTENTION_OUT.fullmatch(model_key)
+    if match is None:
+        return None
+    return match.group(1), ("double", int(match.group(2))), JOINT_ATTENTION
+
+
 _BLOCK = re.compile(r"^diffusion_model\.((?:input_blocks|output_blocks)\.\d+|middle_block|[a-z_]+)")
 
 

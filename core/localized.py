@@ -55,6 +55,31 @@ def concept_attention(q: torch.Tensor, k: torch.Tensor, heads: int, positions: l
     return probabilities[..., positions].sum(-1).mean(1)
 
 
+def joint_concept_attention(q: torch.Tensor, k: torch.Tensor, text_length: int, positions: list[int]) -> torch.Tensor:
+    """MMDiT joint attention (FLUX double blocks, text tokens first): the image queries' attention probability mass
+    on the concept's text token columns, averaged over heads: (B, N) for the N = L - text_length image tokens.
+
+    q, k: (B, heads, L, d), as the block hands them to attention (normalised, RoPE applied). The softmax runs over all
+    L keys, text and image, as the block's own attention does; one head at a time (an L x L map per head)."""
+    heads, d = q.shape[1], q.shape[-1]
+    total = None
+    for head in range(heads):
+        logits = (q[:, head, text_length:].float() @ k[:, head].float().transpose(-1, -2)) * d ** -0.5
+        mass = (logits[..., positions] - logits.logsumexp(-1, keepdim=True)).exp().sum(-1)
+        total = mass if total is None else total + mass
+    return total / heads
+
+
+def image_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N) masks of a DiT's image tokens -> (B, height, width) of the picture's patches (the first height·width
+    tokens: reference-image tokens after them, as FLUX Kontext appends, are not the picture); (B, h, w) unchanged."""
+    if masks.dim() == 3:
+        return masks
+    if masks.shape[1] < height * width:
+        raise ValueError(f"{masks.shape[1]} image tokens cannot be a {height}x{width} patch grid")
+    return masks[:, :height * width].reshape(-1, height, width)
+
+
 def binarize(attention: torch.Tensor, mode: str, value: float) -> torch.Tensor:
     """(B, N) attention -> (B, N) mask of 0 / 1, per sample.
 

@@ -6,7 +6,8 @@ Target presets pick model weight keys ('diffusion_model.<module>.weight'):
 
     preset                  weights
     attention projections   to_q / to_k / to_v / to_out.0 of every attn1 and attn2
-    proj_out                every transformer's proj_out (Personalized Residuals' layers)
+    proj_out                every transformer's proj_out (Personalized Residuals' layers; on FLUX each double
+                            block's image attention output img_attn.proj, core.blocks.residual_site)
     attention in blocks     the attention projections inside the listed blocks (B-LoRA's choice)
     all linear              every Linear and 1x1 conv weight of the UNet (what TrainLoraNode's LoRA reaches,
                             minus 3x3 convs and norms)
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import LowRank, is_pointwise_weight, new_lowrank
-from .blocks import in_block, is_attention_projection, transformer_of_proj_out
+from .blocks import in_block, is_attention_projection, residual_site
 from .qr_lora import qr_factorise, upper_triangular_mask
 from .training import (Optimiser, Phase, Recipe, TrainState, optimiser_state_from_tensors,
                        optimiser_state_tensors)
@@ -30,7 +31,7 @@ from .training import (Optimiser, Phase, Recipe, TrainState, optimiser_state_fro
 
 TARGET_PRESETS = {
     "attention projections": lambda key, shape: is_attention_projection(key),
-    "proj_out": lambda key, shape: transformer_of_proj_out(key) is not None,
+    "proj_out": lambda key, shape: residual_site(key) is not None,
     "attention in blocks": lambda key, shape: is_attention_projection(key),
     "all linear": lambda key, shape: is_pointwise_weight(shape),
 }

@@ -307,19 +307,26 @@ def progress_steps(total: int):
 
 # -- text encoder tokens -------------------------------------------------------------------------
 
-def token_ids(clip, text: str) -> list[int]:
-    """The first text encoder's token ids for ``text``, all 77-token chunks flattened, in conditioning order.
+T5_TOKENS = "t5xxl"  # the token stream FLUX's cross-attention context is made of
+
+
+def token_ids(clip, text: str, stream: str | None = None) -> list[int]:
+    """One text encoder's token ids for ``text``, all chunks flattened, in conditioning order: ``stream`` ('l',
+    't5xxl', ...), by default the CLIP-L one (or the first the tokenizer gives).
 
     Embedding vectors (textual inversion) stand in the list as -1.
     """
     tokens = clip.tokenize(text)
-    first = tokens["l"] if "l" in tokens else tokens[sorted(tokens)[0]]
+    if stream is not None and stream not in tokens:
+        raise ValueError(f"this CLIP gives no {stream!r} tokens (it gives {', '.join(sorted(tokens))}): connect the text "
+                         f"encoder the model was made with")
+    first = tokens[stream] if stream is not None else tokens["l"] if "l" in tokens else tokens[sorted(tokens)[0]]
     return [int(t[0]) if isinstance(t[0], int) else -1 for chunk in first for t in chunk]
 
 
-def special_token_ids(clip) -> set[int]:
+def special_token_ids(clip, stream: str | None = None) -> set[int]:
     """Start, end and padding ids: what the tokenizer adds around an empty prompt."""
-    return set(token_ids(clip, ""))
+    return set(token_ids(clip, "", stream))
 
 
 TOKEN_EMBEDDING_SUFFIX = "embeddings.token_embedding.weight"  # CLIP's token-embedding matrix (vocab, width)
@@ -419,6 +426,46 @@ def module_forward(model, module_name: str):
 def replace_module_forward(model, module_name: str, forward) -> None:
     """Object-patch one module's forward (undone when ComfyUI unpatches the model; weights stay patchable)."""
     model.add_object_patch(f"{module_name}.forward", forward)
+
+
+DIT_BLOCK_REPLACE = "dit"  # patches_replace group of DiT blocks: ("double_block", i) / ("single_block", i) in FLUX
+ATTENTION_OVERRIDE = "optimized_attention_override"  # transformer option: (func, *args, **kwargs) around attention
+BLOCK_TYPE, BLOCK_INDEX = "block_type", "block_index"  # transformer options FLUX sets while a block runs
+
+
+def dit_block_replace_patch(model, block_name: str, index: int):
+    """The replacement another pack already set for a DiT block ('double_block', i), or None."""
+    replace = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get(DIT_BLOCK_REPLACE, {})
+    return replace.get((block_name, index))
+
+
+def set_dit_block_replace_patch(model, patch, block_name: str, index: int) -> None:
+    """``patch(args, {"original_block": run})`` runs in place of the block; args hold img, txt, vec, pe,
+    transformer_options."""
+    model.set_model_patch_replace(patch, DIT_BLOCK_REPLACE, block_name, index)
+
+
+def attention_override(model):
+    """The attention override another pack already set on this model, or None."""
+    return transformer_option(model, ATTENTION_OVERRIDE)
+
+
+def set_attention_override(model, override) -> None:
+    """``override(func, q, k, v, heads, **kwargs)`` around every optimized_attention call of the model (the hook
+    ComfyUI's wrap_attn reads from the call's transformer_options)."""
+    set_transformer_option(model, ATTENTION_OVERRIDE, override)
+
+
+def joint_attention_text_first(model) -> bool:
+    """Whether the model's double blocks put the text tokens before the image tokens in joint attention (FLUX;
+    some variants flip the order)."""
+    blocks = getattr(model.model.diffusion_model, "double_blocks", [])
+    return not any(getattr(block, "flipped_img_txt", False) for block in blocks)
+
+
+def dit_patch_size(model) -> int:
+    """The side of the latent patch a DiT turns into one image token (FLUX: 2)."""
+    return int(getattr(model.model.diffusion_model, "patch_size", 1))
 
 
 def set_transformer_option(model, key: str, value) -> None:

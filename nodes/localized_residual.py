@@ -7,10 +7,12 @@ import torch
 from comfy_api.latest import io
 
 from ..core.adapter import Adapter
-from ..core.blocks import block_of_module, transformer_of_proj_out
+from ..core.blocks import JOINT_ATTENTION, block_of_module, residual_site
 from ..core.layouts import generic_module_name
 from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, evenly_spaced, final_mask,
-                              find_token_positions, mask_grid, new_residual, residual_rank, share_conditional_mask)
+                              find_token_positions, image_masks, joint_concept_attention, mask_grid, new_residual,
+                              residual_rank, share_conditional_mask)
+from ..core.trainers import select_targets
 from . import comfy_compat as cc
 from .common import PackNode, schema, strength_input
 from .model_binding import apply_patch_groups, patches_by_strength
@@ -24,14 +26,16 @@ RESIDUAL = "residual"
 
 @dataclass
 class BlockCall:
-    """What one transformer block's attn2 patches saw during the current UNet call."""
+    """What one transformer block's attn2 patches (UNet) or its joint attention (FLUX double block) saw during the
+    current model call."""
 
     sigma: float
     cond_or_uncond: list[int]
-    height: int
-    width: int
+    height: int | None  # the attention's pixel grid (UNet); None: a DiT's image tokens, kept flat until shown
+    width: int | None
     attention_sum: torch.Tensor | None = None
     count: int = 0
+    text_length: int = 0  # joint attention: the text tokens before the image tokens
 
     def add(self, attention: torch.Tensor) -> None:
         self.attention_sum = attention if self.attention_sum is None else self.attention_sum + attention
@@ -76,6 +80,19 @@ class LocalizedResidualState:
             attention = concept_attention(q, k, extra_options[cc.EXTRA_HEADS], list(self.settings.positions))
             call.add(share_conditional_mask(attention, call.cond_or_uncond))
 
+    def begin_joint(self, block: tuple, transformer_options: dict, text_length: int) -> None:
+        """A FLUX double block starts: note the call's sigma, CFG chunks and the text tokens' count."""
+        self.pending[block] = BlockCall(float(transformer_options[cc.EXTRA_SIGMAS].max()),
+                                        list(transformer_options.get(cc.EXTRA_COND_OR_UNCOND) or []), None, None,
+                                        text_length=text_length)
+
+    def observe_joint(self, block: tuple, q: torch.Tensor, k: torch.Tensor) -> None:
+        """The double block's joint attention: the image queries' mass on the concept's text tokens."""
+        call = self.pending.get(block)
+        if call is not None and self.settings.lag:
+            attention = joint_concept_attention(q, k, call.text_length, list(self.settings.positions))
+            call.add(share_conditional_mask(attention, call.cond_or_uncond))
+
     def finish(self, block: tuple) -> tuple[bool, torch.Tensor | None]:
         """(apply the residual?, mask or None for everywhere) for this block's proj_out in this UNet call."""
         call = self.pending.pop(block, None)
@@ -87,7 +104,8 @@ class LocalizedResidualState:
         mask = binarize(call.attention_sum / call.count, self.settings.mode, self.settings.value)
         chunks = call.cond_or_uncond or [0]
         cond = mask.chunk(len(chunks))[chunks.index(0) if 0 in chunks else 0]
-        self.recorded.setdefault(call.sigma, {})[block] = cond.reshape(-1, call.height, call.width).bool().cpu()
+        kept = cond if call.height is None else cond.reshape(-1, call.height, call.width)
+        self.recorded.setdefault(call.sigma, {})[block] = kept.bool().cpu()
         return True, mask
 
 
@@ -104,6 +122,31 @@ def attn2_capture(block: tuple, prior):
     return patch
 
 
+def double_block_capture(block: tuple, prior):
+    """A FLUX double-block replacement that notes the call's text length in the sampled model's state, then runs the
+    prior replacement (another pack's) or the block itself."""
+    def patch(args: dict, extra: dict):
+        options = args.get("transformer_options") or {}
+        state = options.get(STATE_KEY)
+        if state is not None:
+            state.begin_joint(block, options, args["txt"].shape[1])
+        return prior(args, extra) if prior is not None else extra["original_block"](args)
+    return patch
+
+
+def joint_attention_capture(blocks: frozenset, prior):
+    """An attention override that notes the concept attention of the residual blocks' joint attention (the block
+    FLUX is running is in the call's transformer_options), then runs the prior override or the attention itself."""
+    def override(func, *args, **kwargs):
+        options = kwargs.get("transformer_options") or {}
+        state = options.get(STATE_KEY)
+        block = (options.get(cc.BLOCK_TYPE), options.get(cc.BLOCK_INDEX))
+        if state is not None and block in blocks:
+            state.observe_joint(block, args[0], args[1])
+        return prior(func, *args, **kwargs) if prior is not None else func(*args, **kwargs)
+    return override
+
+
 def residual_where_attended(block: tuple):
     """select() for the proj_out residual: off outside start/end, masked by the block's attention with LAG."""
     def select(options: dict):
@@ -115,12 +158,13 @@ def residual_where_attended(block: tuple):
     return select
 
 
-def concept_positions(clip, prompt: str, words: str) -> list[int]:
-    """Token positions of every concept word (identifier and class word) in the prompt's conditioning."""
-    prompt_ids, special = cc.token_ids(clip, prompt), cc.special_token_ids(clip)
+def concept_positions(clip, prompt: str, words: str, stream: str | None = None) -> list[int]:
+    """Token positions of every concept word (identifier and class word) in the prompt's conditioning: in its CLIP-L
+    tokens (UNets), or in ``stream`` ('t5xxl': FLUX's context is its T5 tokens)."""
+    prompt_ids, special = cc.token_ids(clip, prompt, stream), cc.special_token_ids(clip, stream)
     positions: set[int] = set()
     for word in words.replace(",", " ").split():
-        word_ids = [t for t in cc.token_ids(clip, word) if t not in special]
+        word_ids = [t for t in cc.token_ids(clip, word, stream) if t not in special]
         found = find_token_positions(prompt_ids, word_ids)
         if not found:
             raise ValueError(f"concept word {word!r} is not in the prompt {prompt!r}")
@@ -128,6 +172,11 @@ def concept_positions(clip, prompt: str, words: str) -> list[int]:
     if not positions:
         raise ValueError("concept_words is empty: give the identifier and the class word, e.g. 'sks dog'")
     return sorted(positions)
+
+
+def outside_text_encoder(residual: Adapter) -> Adapter:
+    """The residual without its text-encoder modules (the identifier's token-embedding row, if trained)."""
+    return residual.subset([m for m in residual.module_names if block_of_module(m) != "text_encoder"])
 
 
 def with_text_encoder_part(residual: Adapter, model, clip, strength: float) -> tuple[Adapter, object]:
@@ -139,34 +188,54 @@ def with_text_encoder_part(residual: Adapter, model, clip, strength: float) -> t
     groups, _ = patches_by_strength([residual.subset(text).replace(strength=residual.strength * strength)], model,
                                     clip, {})
     _, patched = apply_patch_groups(model, clip, groups)
-    rest = [m for m in residual.module_names if m not in text]
-    return residual.subset(rest), patched
+    return outside_text_encoder(residual), patched
 
 
 def residual_targets(residual: Adapter, model) -> dict[str, object]:
-    """{proj_out weight key: factors}; every module must be a transformer's proj_out."""
+    """{weight key: factors}; every module must sit where a residual is localised (core.blocks.residual_site: a UNet
+    transformer's proj_out, a FLUX double block's img_attn.proj), all of one kind."""
     targets = {}
     for key, (module, factors) in low_rank_targets(residual, model).items():
-        if transformer_of_proj_out(key) is None:
-            raise ValueError(f"{residual.source}: a localized residual patches transformer proj_out weights only; "
-                             f"module '{module}' targets {key}")
+        if residual_site(key) is None:
+            raise ValueError(f"{residual.source}: a localized residual patches transformer proj_out weights (UNets) or "
+                             f"double_blocks.<i>.img_attn.proj (FLUX) only; module '{module}' targets {key}")
         check_runtime_factors(residual.source, module, factors)
         targets[key] = factors
+    if any(residual_site(key)[2] == JOINT_ATTENTION for key in targets) and not cc.joint_attention_text_first(model):
+        raise ValueError(f"{cc.model_name(model)}: its double blocks put the image tokens before the text tokens; "
+                         f"Apply Localized Residual reads FLUX's order (text first) only")
     return targets
 
 
+def concept_token_stream(targets: dict) -> str | None:
+    """The token stream the concept words are found in: T5 for FLUX's joint attention, CLIP-L for a UNet's."""
+    return cc.T5_TOKENS if any(residual_site(key)[2] == JOINT_ATTENTION for key in targets) else None
+
+
 def install_residuals(patched, settings: LocalizedResidualSettings, targets: dict, strength: float) -> None:
-    """attn2 capture on every transformer of each residual block (chained to prior patches), proj_out forwards
-    plus the residual, a fresh record every sampling run, and the model's own state."""
+    """Attention capture for each residual block, chained to prior patches (UNet: attn2 on every transformer of the
+    block; FLUX: the double block's replacement, for its text length, and one attention override for their joint
+    attention), the residual layers' forwards plus the residual, a fresh record every sampling run, and the model's
+    own state."""
     shapes = cc.weight_shapes(patched)
+    joint_blocks = set()
     for key, factors in targets.items():
-        path, block = transformer_of_proj_out(key)
-        depth = sum(1 for k in shapes if k.startswith(f"{path}.transformer_blocks.") and k.endswith(".attn2.to_q.weight"))
-        for index in range(depth):
-            transformer = (*block, index)
-            cc.set_attn2_replace_patch(patched, attn2_capture(block, cc.attn2_replace_patch(patched, transformer)),
-                                       transformer)
+        path, block, kind = residual_site(key)
+        if kind == JOINT_ATTENTION:
+            joint_blocks.add(block)
+            prior = cc.dit_block_replace_patch(patched, "double_block", block[1])
+            cc.set_dit_block_replace_patch(patched, double_block_capture(block, prior), "double_block", block[1])
+        else:
+            depth = sum(1 for k in shapes
+                        if k.startswith(f"{path}.transformer_blocks.") and k.endswith(".attn2.to_q.weight"))
+            for index in range(depth):
+                transformer = (*block, index)
+                cc.set_attn2_replace_patch(patched, attn2_capture(block, cc.attn2_replace_patch(patched, transformer)),
+                                           transformer)
         add_to_forward(patched, key, shapes[key], {RESIDUAL: (factors, strength)}, residual_where_attended(block))
+    if joint_blocks:
+        cc.set_attention_override(patched, joint_attention_capture(frozenset(joint_blocks),
+                                                                   cc.attention_override(patched)))
 
     def fresh_state_each_run(executor, *args, **kwargs):
         # The sampled patcher's own transformer_options get a new state (not a reset of the one it holds): ComfyUI
@@ -220,12 +289,12 @@ class ApplyLocalizedResidual(PackNode):
     @classmethod
     def execute(cls, model, residual: Adapter, clip, prompt: str, concept_words: str, lag: bool, threshold_mode: str,
                 threshold: float, start_percent: float, end_percent: float, strength: float) -> io.NodeOutput:
-        positions = concept_positions(clip, prompt, concept_words)
+        targets = residual_targets(outside_text_encoder(residual), model)
+        positions = concept_positions(clip, prompt, concept_words, concept_token_stream(targets))
         if strength == 0 or residual.strength == 0:
             return io.NodeOutput(model, clip.encode_from_tokens_scheduled(clip.tokenize(prompt)))
-        residual, clip = with_text_encoder_part(residual, model, clip, strength)
+        _, clip = with_text_encoder_part(residual, model, clip, strength)
         conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        targets = residual_targets(residual, model)
         sigma_range = (cc.percent_to_sigma(model, end_percent), cc.percent_to_sigma(model, start_percent))
         settings = LocalizedResidualSettings(tuple(positions), threshold_mode, threshold, sigma_range, lag)
         patched = model.clone()
@@ -256,11 +325,15 @@ class ShowAttentionMask(PackNode):
             raise ValueError("this model has no localized residual; connect the MODEL output of Apply Localized Residual")
         if not state.recorded:
             raise ValueError("no attention masks were recorded: sample with this model with LAG on first")
-        grid = mask_grid(state.recorded, steps_shown, cell=64)
-        sigmas = evenly_spaced(sorted(state.recorded, reverse=True), steps_shown)  # mask_grid's columns and rows
-        blocks = sorted({block for masks in state.recorded.values() for block in masks})
         height, width = samples["samples"].shape[-2:]
-        mask = final_mask(state.recorded, height * 8, width * 8)
+        patch = cc.dit_patch_size(model)  # a DiT's masks are flat, one value per image token (patch x patch latents)
+        grid_size = (-(-height // patch), -(-width // patch))
+        recorded = {sigma: {block: image_masks(m, *grid_size) for block, m in masks.items()}
+                    for sigma, masks in state.recorded.items()}
+        grid = mask_grid(recorded, steps_shown, cell=64)
+        sigmas = evenly_spaced(sorted(recorded, reverse=True), steps_shown)  # mask_grid's columns and rows
+        blocks = sorted({block for masks in recorded.values() for block in masks})
+        mask = final_mask(recorded, height * 8, width * 8)
         return io.NodeOutput(mask_grid_plot(grid, 64, sigmas, blocks)[None], mask)
 
 
@@ -283,8 +356,7 @@ class NewResidualAdapter(PackNode):
 
     @classmethod
     def execute(cls, model, rank_fraction: float, init_scale: float, seed: int) -> io.NodeOutput:
-        shapes = {k: s for k, s in cc.weight_shapes(model).items()
-                  if k.startswith("diffusion_model.") and k.endswith(".proj_out.weight")}
+        shapes = select_targets(cc.weight_shapes(model), "proj_out")  # UNet proj_out, FLUX img_attn.proj
         generator = torch.Generator().manual_seed(seed)
         modules = {generic_module_name(k): new_residual(s, residual_rank(s[0], rank_fraction), generator, init_scale)
                    for k, s in sorted(shapes.items())}

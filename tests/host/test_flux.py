@@ -226,3 +226,125 @@ def test_ipl_on_flux_is_refused_naming_the_family(comfy, tiny_flux):
         comfy["CSA_ZeroShotAdapt"].execute(model=tiny_flux, vae=None, clip=None, clip_vision=None, mapper_name="x",
                                            images=None, source_label="photo", target_label="sketch", iterations=1,
                                            lr=1e-3, rank=2, seed=0)
+
+
+# -- Apply Localized Residual on FLUX: LAG on the double blocks' joint attention ------------------------------------
+
+STATE_KEY = "csa.localized_residual"
+
+
+@pytest.fixture(scope="module")
+def residual_module(comfy, comfy_base):
+    from comfy_host import pack_module
+
+    return pack_module(comfy_base, "nodes.localized_residual")
+
+
+@pytest.fixture(scope="module")
+def flux_residual(comfy, tiny_flux):
+    return comfy["CSA_NewResidualAdapter"].execute(model=tiny_flux, rank_fraction=0.05, init_scale=0.5, seed=7).args[0]
+
+
+def flux_tokenizer_clip():
+    """A CLIP object holding FLUX's own tokenizers (CLIP-L and T5) and no encoder weights: no small T5 exists, so the
+    tests find concept words in real T5 tokens and give the conditioning directly."""
+    import comfy.sd
+    from comfy.text_encoders.flux import FluxTokenizer
+
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.tokenizer, clip.tokenizer_options = FluxTokenizer(), {}
+    return clip
+
+
+def localized_flux(residual_module, model, residual, lag=True, mode="fixed value", value=1.5, positions=(2, 3)):
+    """Apply Localized Residual's patching of ``model`` (what the node does after encoding the prompt), with concept
+    token positions inside flux_sample's 8 text tokens."""
+    patched = model.clone()
+    targets = residual_module.residual_targets(residual, patched)
+    settings = residual_module.LocalizedResidualSettings(tuple(positions), mode, value, (0.0, 1000.0), lag)
+    residual_module.install_residuals(patched, settings, targets, 1.0)
+    return patched
+
+
+def recorded_masks(patched) -> dict:
+    return patched.model_options["transformer_options"][STATE_KEY].recorded
+
+
+def test_flux_residuals_sit_on_the_double_blocks_image_attention_output(flux_residual):
+    assert flux_residual.module_names == ["diffusion_model.double_blocks.0.img_attn.proj"] and flux_residual.ranks == [154]
+
+
+def test_concept_words_on_flux_are_found_in_the_t5_tokens(residual_module):
+    clip = flux_tokenizer_clip()
+    prompt = "a photo of zxqvbnk dog on the beach"
+    positions = residual_module.concept_positions(clip, prompt, "zxqvbnk dog", "t5xxl")
+    t5 = [int(t[0]) for chunk in clip.tokenize(prompt)["t5xxl"] for t in chunk]
+    hugging_face = clip.tokenizer.t5xxl.tokenizer  # the T5 tokenizer itself: each word's ids, minus its </s>
+    words = [t for word in ("zxqvbnk", "dog") for t in hugging_face(word)["input_ids"][:-1]]
+    assert [t5[p] for p in positions] == words and positions == list(range(positions[0], positions[0] + len(words)))
+    with pytest.raises(ValueError, match="gives no 't5xxl' tokens"):
+        residual_module.concept_positions(comfy_sd_clip_l_only(), prompt, "dog", "t5xxl")
+
+
+def comfy_sd_clip_l_only():
+    import comfy.sd
+    from comfy.sd1_clip import SD1Tokenizer
+
+    clip = comfy.sd.CLIP(no_init=True)
+    clip.tokenizer, clip.tokenizer_options = SD1Tokenizer(), {}
+    return clip
+
+
+def test_lag_on_flux_with_a_zero_mask_is_the_base_model_bit_for_bit(residual_module, tiny_flux, flux_residual):
+    """A threshold no token reaches: the joint attention is captured (a mask per sampler step, one value per image
+    token of the 8x8 patch grid), every value 0, and the sampled latent equals the base model's exactly."""
+    patched = localized_flux(residual_module, tiny_flux, flux_residual)
+    assert torch.equal(flux_sample(patched), flux_sample(tiny_flux))
+    masks = recorded_masks(patched)
+    assert len(masks) == 2 and all(set(m) == {("double", 0)} for m in masks.values())
+    assert all(m[("double", 0)].shape == (1, 64) and not m[("double", 0)].any() for m in masks.values())
+
+
+def test_lag_off_on_flux_is_the_residual_everywhere_and_lag_on_acts_on_the_attended_tokens(
+        comfy, residual_module, tiny_flux, flux_residual):
+    """Without LAG the run-time residual is the residual merged as a LoRA (Apply Adapters); with LAG on the top 25% of
+    image tokens it is neither that nor the base model, and exactly 16 of the 64 tokens carry it at every step. Show
+    Attention Mask draws them on the picture's grid."""
+    everywhere = flux_sample(localized_flux(residual_module, tiny_flux, flux_residual, lag=False))
+    merged = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=flux_residual, block_strengths="").args[0]
+    base = flux_sample(tiny_flux)
+    assert not torch.equal(everywhere, base)
+    assert torch.allclose(everywhere, flux_sample(merged), atol=1e-4 * float(everywhere.abs().max()))
+    localized = localized_flux(residual_module, tiny_flux, flux_residual, mode="top-k percent", value=25)
+    partial = flux_sample(localized)
+    assert not torch.allclose(partial, everywhere) and not torch.allclose(partial, base)
+    assert all(int(m[("double", 0)].sum()) == 16 for m in recorded_masks(localized).values())
+    grid, mask = comfy["CSA_ShowAttentionMask"].execute(model=localized, samples={"samples": partial},
+                                                        steps_shown=2).args
+    assert mask.shape == (1, 128, 128) and float(mask.mean()) == pytest.approx(0.25)
+
+
+def test_lag_on_flux_chains_to_another_packs_block_replacement_and_attention_override(
+        residual_module, tiny_flux, flux_residual):
+    """Another pack's double-block replacement and attention override (here: counting wrappers) stay in the chain:
+    both still run at every call, and the zero-mask model still equals that pack's model bit for bit."""
+    calls = {"block": 0, "attention": 0}
+
+    def other_block(args, extra):
+        calls["block"] += 1
+        return extra["original_block"](args)
+
+    def other_attention(func, *args, **kwargs):
+        calls["attention"] += 1
+        return func(*args, **kwargs)
+
+    other = tiny_flux.clone()
+    other.set_model_patch_replace(other_block, "dit", "double_block", 0)
+    other.model_options["transformer_options"]["optimized_attention_override"] = other_attention
+    expected = flux_sample(other)
+    alone = dict(calls)
+    assert alone["block"] == 2 and alone["attention"] == 2 * 2  # 2 steps x (the double and the single block)
+    chained = localized_flux(residual_module, other, flux_residual)
+    assert torch.equal(flux_sample(chained), expected)
+    assert calls == {"block": 2 * alone["block"], "attention": 2 * alone["attention"]}
+    assert len(recorded_masks(chained)) == 2

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from core.adapter import LowRank, add_lowrank_output
-from core.localized import (binarize, concept_attention, find_token_positions, final_mask, mask_grid,
-                            residual_rank, share_conditional_mask)
+from core.blocks import residual_site
+from core.localized import (binarize, concept_attention, find_token_positions, final_mask, image_masks,
+                            joint_concept_attention, mask_grid, residual_rank, share_conditional_mask)
 
 
 def rand(*shape, seed=0):
@@ -27,6 +28,40 @@ def test_concept_attention_is_the_softmax_mass_on_concept_columns_averaged_over_
         p = torch.softmax(qh @ kh.transpose(1, 2) / d ** 0.5, dim=-1)
         expected += (p[..., 1] + p[..., 3]) / heads
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_joint_concept_attention_is_the_image_queries_mass_on_concept_text_columns():
+    """FLUX's double-block joint attention: keys and queries of 3 text tokens then 5 image tokens; the softmax of each
+    image query runs over all 8 keys, and only the concept text columns' mass is kept (float64 reference)."""
+    q, k = rand(2, 3, 8, 4, seed=3).double(), rand(2, 3, 8, 4, seed=4).double()
+    expected = torch.zeros(2, 5, dtype=torch.float64)
+    for b in range(2):
+        for h in range(3):
+            for i in range(5):
+                logits = torch.stack([q[b, h, 3 + i] @ k[b, h, j] for j in range(8)]) / 2.0  # √d = 2
+                p = logits.exp() / logits.exp().sum()
+                expected[b, i] += (p[0] + p[2]) / 3
+    got = joint_concept_attention(q.float(), k.float(), 3, [0, 2])
+    assert got.shape == (2, 5) and torch.allclose(got.double(), expected, atol=1e-6)
+
+
+def test_image_masks_take_the_pictures_patch_grid_from_flat_image_tokens():
+    flat = torch.arange(2 * 7).reshape(2, 7).float()  # a 2x3 grid and one reference-image token after it
+    assert image_masks(flat, 2, 3).tolist() == [[[0, 1, 2], [3, 4, 5]], [[7, 8, 9], [10, 11, 12]]]
+    grid = torch.zeros(1, 2, 3)
+    assert image_masks(grid, 2, 3) is grid
+    with pytest.raises(ValueError, match="7 image tokens cannot be a 3x3 patch grid"):
+        image_masks(flat, 3, 3)
+
+
+def test_residual_sites_are_unet_proj_out_and_flux_double_block_image_attention_outputs():
+    assert residual_site("diffusion_model.input_blocks.1.1.proj_out.weight") == (
+        "diffusion_model.input_blocks.1.1", ("input", 1), "cross attention")
+    assert residual_site("diffusion_model.double_blocks.3.img_attn.proj.weight") == (
+        "diffusion_model.double_blocks.3", ("double", 3), "joint attention")
+    for other in ("diffusion_model.double_blocks.3.txt_attn.proj.weight", "diffusion_model.single_blocks.0.linear2.weight",
+                  "diffusion_model.double_blocks.3.img_attn.proj.bias", "diffusion_model.input_blocks.1.1.proj_in.weight"):
+        assert residual_site(other) is None
 
 
 def test_binarize_modes():
