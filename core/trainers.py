@@ -43,10 +43,16 @@ BLOCK_PRESET = "attention in blocks"
 # two whose one-block adapters change the shape most (input_blocks.1.1, middle_block.1), style the other two. SD1.5
 # (not measured: no SD1.5 weights here) keeps the split the first world suggested: its middle block, and its first
 # up-block transformer output_blocks.3.1 (diffusers up_blocks.1.attentions.0).
+# FLUX.1 (19 double + 38 single blocks): SplitFlux (Yang et al., CVPR 2026, arXiv 2511.15258) found by prompt
+# replacement that the double blocks barely change the picture, the first ten single blocks (their blocks 20-29) set
+# its content and the later ones (30-57) its style; it fine-tunes the single blocks only. Not measured here (no FLUX
+# weights); on a FLUX with fewer single blocks (FLUX.2 klein, the tests' one-block FLUX) the blocks it lacks are dropped.
+FLUX_SPLIT = "FLUX (SplitFlux)"
 BLOCK_SPLITS = {
     "SDXL": (("output_blocks.0.1",), ("output_blocks.1.1",)),
     "world": (("input_blocks.1.1", "middle_block.1"), ("output_blocks.0.1", "output_blocks.1.1")),
     "SD1.5": (("middle_block.1",), ("output_blocks.3.1",)),
+    FLUX_SPLIT: (tuple(f"single_blocks.{i}" for i in range(10)), tuple(f"single_blocks.{i}" for i in range(10, 38))),
 }
 
 

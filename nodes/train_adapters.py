@@ -11,7 +11,7 @@ from comfy_api.latest import io
 from ..core.adapter import ROLES
 from ..core.blocks import BLOCK_SPLIT_KEY, in_block
 from ..core.layouts import generic_module_name
-from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS, TrainingOptions,
+from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, FLUX_SPLIT, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS, TrainingOptions,
                              consislora_phases, parse_blocks, select_targets, trainable_lora, trainable_qr)
 from ..core.training import SCHEDULES, TARGETS, Phase
 from ..core.training_data import training_latents
@@ -209,16 +209,26 @@ SPLIT_PRESETS = ("auto", *BLOCK_SPLITS, "custom")
 
 
 def resolve_block_split(model, preset: str, content_blocks: str, style_blocks: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(content blocks, style blocks): a preset, 'auto' (SDXL for pooled models, else SD1.5 when its blocks exist,
-    else the world model's one-level split) or the custom lists."""
+    """(content blocks, style blocks): a preset, 'auto' (FLUX's for a model with FLUX single blocks, SDXL for other
+    pooled models, else SD1.5 when its blocks exist, else the world model's one-level split) or the custom lists.
+    FLUX's split keeps the single blocks the model has; a part left with none is refused, naming what exists."""
     if preset == "custom":
         return parse_blocks(content_blocks), parse_blocks(style_blocks)
+    shapes = [k for k in cc.weight_shapes(model) if k.startswith("diffusion_model.")]
+    has = lambda block: any(in_block(k, block) for k in shapes)  # noqa: E731
     if preset == "auto":
-        shapes = cc.weight_shapes(model)
-        has = lambda block: any(in_block(k, block) for k in shapes if k.startswith("diffusion_model."))  # noqa: E731
-        preset = "SDXL" if cc.has_pooled_conditioning(model) else (
+        preset = FLUX_SPLIT if has("single_blocks.0") else "SDXL" if cc.has_pooled_conditioning(model) else (
             "SD1.5" if all(has(b) for part in BLOCK_SPLITS["SD1.5"] for b in part) else "world")
-    return BLOCK_SPLITS[preset]
+    if preset != FLUX_SPLIT:
+        return BLOCK_SPLITS[preset]
+    kept = tuple(tuple(b for b in part if has(b)) for part in BLOCK_SPLITS[preset])
+    for name, part in zip(("content", "style"), kept):
+        if not part:
+            singles = sorted({k.split(".")[2] for k in shapes if k.startswith("diffusion_model.single_blocks.")}, key=int)
+            raise ValueError(f"block_split '{preset}': this model has none of its {name} blocks "
+                             f"({BLOCK_SPLITS[preset][0 if name == 'content' else 1][0]} ...); its single blocks are "
+                             f"{', '.join(singles) or 'none'}: choose 'custom' and name the blocks")
+    return kept
 
 
 def consislora_stages(mode: str, options: TrainingOptions, seed: int, modules: dict, style_names: tuple[str, ...],

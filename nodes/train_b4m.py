@@ -81,6 +81,13 @@ def plp_modules(model, targets: str, blocks: str, rank: int, seed: int, orthogon
     return modules, masks, fresh
 
 
+def b4m_key_form(model) -> str:
+    """The saved files' module names: B4M's own (unet.unet.<diffusers path>, what its official SDXL code reads) on a
+    UNet; ComfyUI's generic names on a DiT, where B4M has no file form of its own (the method and the run stay in the
+    metadata, so Load Adapter and B4M Make read them back)."""
+    return "b4m" if cc.is_unet(model) else "comfy"
+
+
 def train_run(run: str, model, data, targets: str, blocks: str, rank: int, steps: int, lr: float,
               lr_auxiliary: float, orthogonal_init: bool, loss: str, seed: int, filename: str, overwrite: bool,
               resume_from: str, options: TrainingOptions | None = None, auxiliary_data=None,
@@ -96,10 +103,10 @@ def train_run(run: str, model, data, targets: str, blocks: str, rank: int, steps
     title = f"Train B4M {run.capitalize()}"
     if auxiliary_data is None:  # no MCP: only the main factor trains
         job = Job(title, "b4m", run, modules, fresh, (stage,), options, settings, masks, trained_parts=(main,),
-                  metadata={SEED_KEY: str(seed), RUN_KEY: run}, key_form="b4m")
+                  metadata={SEED_KEY: str(seed), RUN_KEY: run}, key_form=b4m_key_form(model))
     else:
         job = Job(title, "b4m", run, modules, fresh, (stage,), options, settings, masks,
-                  metadata={SEED_KEY: str(seed), RUN_KEY: run}, key_form="b4m", second=auxiliary_data,
+                  metadata={SEED_KEY: str(seed), RUN_KEY: run}, key_form=b4m_key_form(model), second=auxiliary_data,
                   second_routes=((main,), (OTHER_PART[main],)),
                   part_lr_scales={OTHER_PART[main]: lr_auxiliary / lr})
     return node_output(run_training(model, vae, clip, data, job, filename, overwrite, resume_from))
@@ -197,12 +204,12 @@ class B4MMake(PackNode):
         if steps == 0:
             adapter = Adapter(modules=made, role="generic", method="b4m", base=cc.model_name(model), source="B4M Make",
                               metadata=metadata)
-            path = save_adapter_file(adapter, model, filename, overwrite, "b4m", {"trainer": "B4M Make", **record})
+            path = save_adapter_file(adapter, model, filename, overwrite, b4m_key_form(model),
+                                     {"trainer": "B4M Make", **record})
             blank = torch.ones(1, 64, 64, 3)
             return io.NodeOutput(adapter, torch.ones(1, 256, 512, 3), blank, path)
-        missing = [name for name, value in (("clip", clip), ("vae", vae), ("content_data", content_data),
-                                            ("style_data", style_data)) if value is None]
-        if missing:
+        missing = [name for name, value in (("content_data", content_data), ("style_data", style_data)) if value is None]
+        if missing:  # CLIP and VAE only when the data are images (the engine names them then)
             raise ValueError(f"the joint fine-tune (steps > 0) needs {', '.join(missing)}; set steps to 0 to make only")
         options = options or METHOD_OPTIONS["b4m"]
         shapes = cc.weight_shapes(model)
@@ -220,5 +227,5 @@ class B4MMake(PackNode):
         job = Job("B4M Make", "b4m", "generic", made, no_fresh, (stage,), options, settings, masks,
                   metadata={**metadata, "csa.b4m_fine_tune": json.dumps({"steps": steps, "preconditioned": preconditioned,
                                                                           "reg": reg})},
-                  key_form="b4m", second=content_data, precondition=reg if preconditioned else None)
+                  key_form=b4m_key_form(model), second=content_data, precondition=reg if preconditioned else None)
         return node_output(run_training(model, vae, clip, style_data, job, filename, overwrite))

@@ -89,6 +89,14 @@ def sdxl_meta(comfy):
 
 
 @pytest.fixture(scope="session")
+def flux_meta(comfy):
+    """FLUX.1-dev at full depth on the meta device: real key names and shapes, no weights."""
+    from support.models import flux_meta_model
+
+    return flux_meta_model()
+
+
+@pytest.fixture(scope="session")
 def clip_with_projection(comfy):
     """The tiny checkpoint's text encoder loaded by ComfyUI's CLIPLoader path, with a text_projection."""
     import comfy.sd

@@ -348,3 +348,110 @@ def test_lag_on_flux_chains_to_another_packs_block_replacement_and_attention_ove
     assert torch.equal(flux_sample(chained), expected)
     assert calls == {"block": 2 * alone["block"], "attention": 2 * alone["attention"]}
     assert len(recorded_masks(chained)) == 2
+
+
+# -- every trainer on FLUX: a few flow-matching steps, the saved file read back --------------------------------------
+
+def flux_options(comfy):
+    return comfy["CSA_TrainingOptions"].execute(
+        batch_size=1, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.0, grad_clip=1.0,
+        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
+        precision="fp32").args[0]
+
+
+def flux_trainer_run(comfy, tiny_flux, trainer: str, filename: str):
+    """(the node's adapter, its saved file's name) for one trainer, two steps on the tiny FLUX."""
+    data, options = flux_training_data(comfy), flux_options(comfy)
+    common = {"model": tiny_flux, "data": data, "seed": 0, "filename": filename, "overwrite": True,
+              "resume_from": "none", "options": options}
+    if trainer == "QR-LoRA":
+        out = comfy["CSA_TrainQRLoRA"].execute(targets="attention projections", blocks="", rank=2, steps=2, lr=1e-3,
+                                               loss="v", role="content", **common).args
+    elif trainer.startswith("ConsisLoRA"):
+        out = comfy["CSA_TrainConsisLoRA"].execute(
+            mode=trainer.split()[-1], block_split="custom", content_blocks="double_blocks.0", style_blocks="single_blocks.0",
+            rank=2, alpha=2.0, steps=2, switch_step=1, lr_epsilon=1e-3, lr_x0=1e-3, style_steps=1, style_lr=1e-3,
+            style_noise_offset=0.03, **common).args
+    elif trainer == "Personalized Residual":
+        out = comfy["CSA_TrainPersonalizedResidual"].execute(
+            identifier="sks", class_word="photo", caption="", rank_fraction=0.002, steps=2, lr=1e-3, loss="epsilon",
+            **common).args
+    elif trainer == "B4M Content":
+        out = comfy["CSA_TrainB4MContent"].execute(
+            targets="attention projections", blocks="", rank=4, steps=2, lr=1e-3, lr_auxiliary=1e-4,
+            orthogonal_init=True, loss="epsilon", auxiliary_data=flux_training_data(comfy, seed=8), **common).args
+    elif trainer == "B4M Make":  # both runs from one seed, then Make with one step of its joint fine-tune
+        runs = [comfy[f"CSA_TrainB4M{run}"].execute(
+            targets="attention projections", blocks="", rank=4, steps=2, lr=1e-3, lr_auxiliary=1e-4,
+            orthogonal_init=True, loss="epsilon", **{**common, "filename": ""}).args[0] for run in ("Content", "Style")]
+        out = comfy["CSA_B4MMake"].execute(
+            content_run=runs[0], style_run=runs[1], model=tiny_flux, content_data=data,
+            style_data=flux_training_data(comfy, seed=8), steps=1, lr=1e-4, preconditioned=True, reg=1e-4,
+            loss="epsilon", seed=0, filename=filename, overwrite=True, options=options).args
+    elif trainer == "ZipLoRA":
+        content, style = (load(comfy, n) for n in ("csa_flux_diffusers.safetensors", "csa_flux_kohya.safetensors"))
+        out = comfy["CSA_TrainZipLoRA"].execute(
+            model=tiny_flux, content=content, style=style, content_data=data, style_data=flux_training_data(comfy, seed=8),
+            steps=2, lr=0.01, similarity_weight=0.01, penalty="mean |m_c ⊙ m_s| (common implementation)",
+            loss="epsilon", seed=0, filename=filename, overwrite=True, resume_from="none", options=options).args
+    return out[0], out[-1]
+
+
+FLUX_TRAINERS = ["QR-LoRA", "ConsisLoRA content", "ConsisLoRA style", "Personalized Residual", "B4M Content",
+                 "B4M Make", "ZipLoRA"]
+
+
+@pytest.mark.parametrize("trainer", FLUX_TRAINERS)
+def test_every_trainer_runs_flow_matching_on_flux_and_its_file_reads_back(comfy, tiny_flux, loras, trainer):
+    """Each trainer two steps on the tiny FLUX (Training Latents; the flow path): the factors move, and its saved
+    file, read back by Load Adapter and by stock LoraLoaderModelOnly, changes the model as the node's adapter does."""
+    import comfy.model_management as mm
+
+    name = f"csa_flux_{trainer.lower().replace(' ', '_')}.safetensors"
+    adapter, path = flux_trainer_run(comfy, tiny_flux, trainer, name)
+    mm.cleanup_models()
+    assert path.endswith(name) and adapter.modules
+    if trainer != "ZipLoRA":  # its output is the folded merge of two trained LoRAs, not factors from zero
+        assert any(float(f.down.abs().max() if trainer == "QR-LoRA" else f.up.abs().max()) > 0
+                   for f in adapter.modules.values()), "two steps moved the factors"
+    ours = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=adapter, block_strengths="").args[0]
+    loaded = load(comfy, name)
+    assert loaded.method == adapter.method
+    read_back = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=loaded, block_strengths="").args[0]
+    if trainer == "QR-LoRA":  # its file keeps Q, ΔR and base R (QR-LoRA's own form, for QR Merge); stock reads the
+        name = "csa_flux_qr_as_lora"  # LoRA Save Adapter writes of it (up = Q, down = ΔR)
+        comfy["CSA_SaveAdapter"].execute(adapter=loaded, filename=name, subfolder="", key_form="comfy", overwrite=True,
+                                         model=tiny_flux)
+        name += ".safetensors"
+    theirs = stock(comfy, tiny_flux, name)
+    assert set(ours.patches) == set(read_back.patches) == set(theirs.patches)
+    assert max_relative_difference(read_back, ours, ours.patches) < FLOAT32_PRECISION
+    assert max_relative_difference(ours, theirs, theirs.patches) < FLOAT32_PRECISION
+
+
+def test_the_flux_block_split_is_splitflux_single_blocks_and_keeps_the_blocks_a_model_has(comfy, comfy_base, flux_meta,
+                                                                                          tiny_flux):
+    """block_split 'auto' on FLUX.1-dev (full depth, meta device) is SplitFlux's: content the first ten single blocks,
+    style the other 28, their attention projections (linear1 / linear2) the targets; on the one-block FLUX the style
+    part has no block left, refused naming the blocks there are."""
+    from comfy_host import pack_module
+
+    train = pack_module(comfy_base, "nodes.train_adapters")
+    trainers = pack_module(comfy_base, "core.trainers")
+    content, style = train.resolve_block_split(flux_meta, "auto", "", "")
+    assert (content, style) == trainers.BLOCK_SPLITS["FLUX (SplitFlux)"]
+    assert content == tuple(f"single_blocks.{i}" for i in range(10)) and len(style) == 28
+    shapes = flux_meta.model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in shapes.items()}
+    assert len(trainers.select_targets(shapes, "attention in blocks", content)) == 10 * 2
+    assert len(trainers.select_targets(shapes, "attention in blocks", style)) == 28 * 2
+    with pytest.raises(ValueError, match="has none of its style blocks .* its single blocks are 0: choose 'custom'"):
+        train.resolve_block_split(tiny_flux, "auto", "", "")
+
+
+def test_new_residual_adapter_on_flux_dev_puts_one_residual_in_each_double_block(comfy, flux_meta):
+    """On FLUX.1-dev's layout: 19 residuals, each double block's img_attn.proj, rank 5% of 3072."""
+    residual = comfy["CSA_NewResidualAdapter"].execute(model=flux_meta, rank_fraction=0.05, init_scale=0.0,
+                                                       seed=0).args[0]
+    assert residual.module_names == [f"diffusion_model.double_blocks.{i}.img_attn.proj" for i in sorted(range(19), key=str)]
+    assert set(residual.ranks) == {154} and residual.base == "Flux"

@@ -32,6 +32,24 @@ def sdxl_meta_model():
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
+# FLUX.1-dev's transformer as ComfyUI's detection reads it from the published weights (19 double, 38 single blocks)
+FLUX_DEV_CONFIG = {"image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+                   "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19,
+                   "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+                   "guidance_embed": True}
+
+
+def flux_meta_model():
+    """A ComfyUI ModelPatcher around FLUX.1-dev's full-depth transformer on the meta device: its real key names and
+    shapes (12B parameters, no weights), for what depends on the block count only."""
+    import comfy.model_detection
+    import comfy.model_patcher
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(FLUX_DEV_CONFIG))
+    model = config.get_model({}, device="meta")
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
 def tiny_clip_vision(config_dir, seed: int = 5):
     """ComfyUI's ClipVisionModel built from TINY_CLIP_VISION_CONFIG, weights from a seeded generator.
 
