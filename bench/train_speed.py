@@ -1,4 +1,5 @@
-"""Training speed and memory: Train Adapter (LoRA) against ComfyUI's TrainLoraNode on the world model.
+"""Training speed and memory: Train Adapter (LoRA) against ComfyUI's TrainLoraNode on the world model and on a
+FLUX-shaped model (FLUX_TRAINERS).
 
     .venv/bin/python bench/train_speed.py [--steps 30] [--batch 4] [--rank 8]
 
@@ -37,6 +38,20 @@ TRAINERS = {
     "ours, Train Personalized Residual + V*'s token embedding (one caption)": "residual+token",
     "TrainLoraNode (every layer)": None,
 }
+# FLUX-shaped rows: the tiny FLUX.1-dev (hidden 3072, one double + one single block, 546M parameters; what ComfyUI
+# detects as FLUX) on 16x16 latents (64 image tokens) with conditioning given directly (8 T5-sized tokens), flow
+# matching; the pack's LoRA on the attention projections (fused qkv / linear1 / linear2 whole) against TrainLoraNode.
+# TrainLoraNode (0.3.75) trains FLUX only with its gradient checkpointing on (without it, the double block's in-place
+# `img +=` breaks its backward pass: "modified by an inplace operation") and only on a model loaded outside inference
+# mode (UNETLoader in a server runs under inference mode; QK-norm's scale, which it does not adapt, stays an inference
+# tensor that autograd cannot save). So these rows load FLUX outside inference mode, TrainLoraNode checkpointed; the
+# FLUX_AS_SERVED rows load it as a server does and report whether each trainer trains at all.
+FLUX_TRAINERS = {
+    "FLUX: ours, attention projections": "flux:attention projections",
+    "FLUX: TrainLoraNode (every layer, gradient checkpointing)": "flux:stock",
+}
+FLUX_AS_SERVED = {"FLUX: TrainLoraNode, model loaded as a server loads it (inference mode)": "flux:stock-served",
+                  "FLUX: ours, model loaded as a server loads it (inference mode)": "flux:attention projections-served"}
 
 
 def resident_bytes() -> int:
@@ -81,6 +96,48 @@ def world_inputs(batch: int):
     samples = [render(BASE_SHAPES[i % 6], BASE_STYLES[i % 5], 300 + i) for i in range(batch)]
     images = torch.from_numpy(np.stack([s.image for s in samples])).float() / 255
     return model, clip, vae, images, [s.caption for s in samples]
+
+
+def flux_inputs(batch: int):
+    """The tiny FLUX model, ``batch`` (at least two: TrainLoraNode's one-latent case fails in 0.3.75) random 16x16
+    FLUX latents and their conditioning, given directly (no small T5)."""
+    import torch
+
+    import comfy.sd
+    from tiny_dit_models import tiny_flux_path
+
+    model = comfy.sd.load_diffusion_model(str(tiny_flux_path()))
+    generator = torch.Generator().manual_seed(0)
+    count = max(batch, 2)
+    latents = torch.randn(count, 16, 16, 16, generator=generator) * 0.5
+    conds = [[[torch.randn(1, 8, 4096, generator=generator), {"pooled_output": torch.randn(1, 768, generator=generator),
+                                                             "guidance": 3.5}]] for _ in range(count)]
+    return model, latents, conds
+
+
+def run_flux(nodes, model, latents, conds, steps: int, args) -> None:
+    """One FLUX run: the pack's Train Adapter from Training Latents, or TrainLoraNode on the same latents and
+    conditioning; rank, batch, lr, AdamW, fp32 as the world rows, each trainer's flow-matching velocity loss."""
+    if args.targets.startswith("flux:stock"):
+        from comfy_extras.nodes_train import TrainLoraNode
+
+        TrainLoraNode.execute(
+            model=[model], latents=[{"samples": latents[i:i + 1]} for i in range(len(conds))],
+            positive=[c for c in conds], batch_size=[args.batch], steps=[steps], grad_accumulation_steps=[1],
+            learning_rate=[1e-4], rank=[args.rank], optimizer=["AdamW"], loss_function=["MSE"], seed=[0],
+            training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"], gradient_checkpointing=[True],  # see FLUX_TRAINERS
+            existing_lora=["[None]"])
+        return
+    data = nodes["CSA_TrainingLatents"].execute(latents={"samples": latents}, conditioning=[c[0] for c in conds],
+                                                captions="", repeats=1, trigger_word="").args[0]
+    options = nodes["CSA_TrainingOptions"].execute(
+        batch_size=args.batch, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=0.0,
+        min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
+        precision="fp32").args[0]
+    nodes["CSA_TrainAdapter"].execute(model=model, data=data, targets=args.targets[5:].removesuffix("-served"), blocks="",
+                                      rank=args.rank, alpha=float(args.rank), steps=steps, lr=1e-4, loss="v",
+                                      role="generic", seed=0, filename="", overwrite=False, resume_from="none",
+                                      options=options)
 
 
 def run_ours(nodes, model, clip, vae, images, captions, steps: int, args) -> None:
@@ -130,8 +187,21 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     nodes, _ = harness.start_comfy()
     with torch.inference_mode():  # as inside a server: models and conditioning are inference tensors
-        inputs = world_inputs(args.batch)
-        run = run_stock if args.targets == "stock" else run_ours
+        flux = args.targets.startswith("flux:")
+        if flux:  # the rows to compare load FLUX outside inference mode (see FLUX_TRAINERS)
+            with torch.inference_mode(args.targets.endswith("-served")):
+                inputs = flux_inputs(args.batch)
+        else:
+            inputs = world_inputs(args.batch)
+        run = run_flux if flux else run_stock if args.targets == "stock" else run_ours
+        if args.targets.endswith("-served"):  # does it train at all? the error it gives, or that it ran
+            try:
+                run(nodes, *inputs, args.short, args)
+            except RuntimeError as error:
+                print("RESULT " + json.dumps({"error": str(error).splitlines()[0]}))
+                return
+            print("RESULT " + json.dumps({"error": None}))
+            return
         with PeakMemory() as memory:  # the first run in a fresh process: every allocation training makes
             started = time.perf_counter()
             run(nodes, *inputs, args.short, args)
@@ -144,9 +214,11 @@ def child(args) -> None:
 
 
 def measure(name: str, targets: str | None, args) -> dict:
-    command = [sys.executable, __file__, "--child", "--targets", targets or "stock", "--steps", str(args.steps),
-               "--short", str(args.short), "--batch", str(args.batch), "--rank", str(args.rank),
-               "--threads", str(args.threads)]
+    flux = (targets or "").startswith("flux:")
+    steps, short, batch = (args.flux_steps, args.flux_short, args.flux_batch) if flux else (args.steps, args.short,
+                                                                                         args.batch)
+    command = [sys.executable, __file__, "--child", "--targets", targets or "stock", "--steps", str(steps),
+               "--short", str(short), "--batch", str(batch), "--rank", str(args.rank), "--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=tempfile.gettempdir())
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -161,27 +233,37 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--flux-steps", type=int, default=8, help="FLUX rows: steps of the timed run")
+    parser.add_argument("--flux-short", type=int, default=2, help="FLUX rows: steps of the warm-up run")
+    parser.add_argument("--flux-batch", type=int, default=2, help="FLUX rows: batch")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--targets", default="attention projections", help=argparse.SUPPRESS)
-    args = parse_args(parser, {"steps": 3, "short": 1, "batch": 2, "rank": 2})
+    args = parse_args(parser, {"steps": 3, "short": 1, "batch": 2, "rank": 2, "flux_steps": 2, "flux_short": 1,
+                               "flux_batch": 1})
     if args.child:
         return child(args)
-    results = {name: measure(name, targets, args) for name, targets in TRAINERS.items()}
-    stock = results["TrainLoraNode (every layer)"]
+    results = {name: measure(name, targets, args) for name, targets in {**TRAINERS, **FLUX_TRAINERS}.items()}
     rows = []
+    for name, targets in FLUX_AS_SERVED.items():
+        error = measure(name, targets, args)["error"]
+        rows.append((name, f"fails: {error}" if error else "trains"))
     for name, result in results.items():
         rows.append((f"{name}: steps per second", f"{result['steps_per_second']:.3f}"))
         rows.append((f"{name}: peak extra memory", f"{result['peak_mib']:.0f} MiB"))
-    for name in list(TRAINERS)[:-1]:
-        speed = results[name]["steps_per_second"] / stock["steps_per_second"]
-        memory = results[name]["peak_mib"] / max(stock["peak_mib"], 1e-9)
-        rows.append((f"{name} / TrainLoraNode", f"speed x{speed:.2f} (target >= 1.5), memory x{memory:.2f} "
-                                                f"(target <= 0.7)"))
+    for trainers, target in ((TRAINERS, "speed target >= 1.5"), (FLUX_TRAINERS, "speed target >= 1")):
+        *ours, stock = list(trainers)
+        for name in ours:
+            speed = results[name]["steps_per_second"] / results[stock]["steps_per_second"]
+            memory = results[name]["peak_mib"] / max(results[stock]["peak_mib"], 1e-9)
+            rows.append((f"{name} / {stock}", f"speed x{speed:.2f} ({target}), memory x{memory:.2f} (target <= 0.7)"))
     record(f"Training speed: the pack's trainers vs TrainLoraNode (world model, rank {args.rank}, batch {args.batch}, 64 px)",
            rows, notes=f"Each trainer in a fresh process under inference mode, {args.threads} torch thread(s); steps "
                        f"per second from a {args.steps}-step run minus a {args.short}-step run; memory: resident "
                        f"memory sampled every 2 ms during the first run above the level before it. x0 loss, AdamW, fp32 for all. "
                        f"B4M's step predicts the main and the auxiliary batch (the same pictures here) in one call. "
+                       f"FLUX rows: the tiny FLUX.1-dev (546M parameters), batch {args.flux_batch}, 16x16 latents, "
+                       f"conditioning given directly, {args.flux_steps}-step run minus {args.flux_short}; each "
+                       f"trainer's velocity loss (flow matching). "
                        f"Load average at the start: {os.getloadavg()[0]:.1f} (the machine is shared).")
 
 

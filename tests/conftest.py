@@ -65,9 +65,9 @@ def tiny_flux(comfy):
     UNETLoader's own loader (comfy.sd.load_diffusion_model), which detects it as Flux from its keys."""
     import comfy.sd
 
-    from support.dit_models import build_tiny_flux, cached
+    from tiny_dit_models import tiny_flux_path
 
-    return comfy.sd.load_diffusion_model(str(cached(comfy_host.TINY_MODELS_DIR, "tiny_flux_dev", build_tiny_flux)))
+    return comfy.sd.load_diffusion_model(str(tiny_flux_path()))
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +75,7 @@ def tiny_sd3(comfy):
     """An SD3 MMDiT of depth 2 (2M parameters), built by the test set-up and loaded as UNETLoader loads it."""
     import comfy.sd
 
-    from support.dit_models import build_tiny_sd3, cached
+    from tiny_dit_models import build_tiny_sd3, cached
 
     return comfy.sd.load_diffusion_model(str(cached(comfy_host.TINY_MODELS_DIR, "tiny_sd3", build_tiny_sd3)))
 

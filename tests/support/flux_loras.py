@@ -1,4 +1,4 @@
-"""FLUX LoRA files as people have them, for the tiny FLUX model (tests/support/dit_models.py: one double block, one
+"""FLUX LoRA files as people have them, for the tiny FLUX model (scripts/tiny_dit_models.py: one double block, one
 single block, hidden 3072), spelled from hand-written tables (not from the pack's code or ComfyUI's key map).
 
 - diffusers / PEFT (``transformer.<diffusers path>.lora_A / lora_B``, what most FLUX LoRAs on the hubs use; ai-toolkit,

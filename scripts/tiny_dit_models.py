@@ -177,3 +177,10 @@ def cached(folder: Path, name: str, build) -> Path:
         build(partial)
         partial.rename(path)
     return path
+
+
+def tiny_flux_path() -> Path:
+    """The tiny FLUX.1-dev file in the tiny-model cache, built on first use (the tests' and the benches' one)."""
+    from comfy_host import TINY_MODELS_DIR
+
+    return cached(TINY_MODELS_DIR, "tiny_flux_dev", build_tiny_flux)
