@@ -12,7 +12,6 @@ from ..core.layouts import generic_module_name
 from ..core.localized import (THRESHOLD_MODES, binarize, concept_attention, evenly_spaced, final_mask,
                               find_token_positions, image_masks, joint_concept_attention, mask_grid, new_residual,
                               residual_rank, share_conditional_mask)
-from ..core.trainers import select_targets
 from . import comfy_compat as cc
 from .common import PackNode, schema, strength_input
 from .model_binding import apply_patch_groups, patches_by_strength
@@ -356,7 +355,10 @@ class NewResidualAdapter(PackNode):
 
     @classmethod
     def execute(cls, model, rank_fraction: float, init_scale: float, seed: int) -> io.NodeOutput:
-        shapes = select_targets(cc.weight_shapes(model), "proj_out")  # UNet proj_out, FLUX img_attn.proj
+        shapes = {k: s for k, s in cc.weight_shapes(model).items() if residual_site(k)}  # UNet proj_out, FLUX img_attn.proj
+        if not shapes:
+            raise ValueError(f"{cc.model_name(model)} has no place for a Personalized Residual: it sits on a UNet "
+                             f"transformer's proj_out or a FLUX double block's img_attn.proj (core.blocks.residual_site)")
         generator = torch.Generator().manual_seed(seed)
         modules = {generic_module_name(k): new_residual(s, residual_rank(s[0], rank_fraction), generator, init_scale)
                    for k, s in sorted(shapes.items())}

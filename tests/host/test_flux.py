@@ -455,3 +455,8 @@ def test_new_residual_adapter_on_flux_dev_puts_one_residual_in_each_double_block
                                                        seed=0).args[0]
     assert residual.module_names == [f"diffusion_model.double_blocks.{i}.img_attn.proj" for i in sorted(range(19), key=str)]
     assert set(residual.ranks) == {154} and residual.base == "Flux"
+
+
+def test_a_residual_on_sd3_is_refused_naming_the_model(comfy, tiny_sd3):
+    with pytest.raises(ValueError, match="SD3 has no place for a Personalized Residual"):
+        comfy["CSA_NewResidualAdapter"].execute(model=tiny_sd3, rank_fraction=0.05, init_scale=0.0, seed=0)
