@@ -1,10 +1,11 @@
-"""CLIP text and image features for the features that need them (IPL, the scores): the text encoders of a
-CLIP, their projected pooled features, image embeddings, and differentiable versions of ComfyUI's CLIP text and
-vision forwards.
+"""The seam's second module (beside comfy_compat): CLIP text and image features for the features that need them
+(IPL, the scores): the text encoders of a CLIP, their projected pooled features, image embeddings, and
+differentiable versions of ComfyUI's CLIP text and vision forwards and of the VAE decoder.
 
 ComfyUI runs its CLIP layers without gradients and adds residuals in place; the out-of-place forwards below
-run the same modules in the same order with the same attention function (they read ComfyUI's CLIP layer
-internals and ``SDClipModel.process_tokens``, listed in comfy_compat's docstring).
+run the same modules in the same order with the same attention function. They read ComfyUI's CLIP layer
+internals, ``SDClipModel.process_tokens`` and the VAE's decoder module (listed in comfy_compat's docstring): when a
+ComfyUI release changes those, this file and comfy_compat.py are the ones to edit.
 """
 from __future__ import annotations
 

@@ -34,9 +34,19 @@ Private internals the pack reads, and why (each is one line to change if ComfyUI
 - ``torch.nn.Module._parameters`` / ``_buffers`` (``training.make_autograd_safe``): models loaded inside a
   server hold inference tensors, which autograd refuses; frozen weights on a gradient path are swapped
   for normal tensors of the same values.
-- ``SDClipModel.process_tokens`` and the CLIP text / vision transformer layers (``nodes/ipl.py``): IPL
-  differentiates through the text and image encoders, which ComfyUI only runs without gradients and with
-  in-place residual adds.
+- ``SDClipModel.process_tokens`` and the CLIP text / vision transformer layers (``clip_features.py``, the seam's
+  other module): IPL and the scores differentiate through the text and image encoders, which ComfyUI only runs
+  without gradients and with in-place residual adds.
+- The torch modules behind MODEL / VAE / CLIP / CLIP_VISION (``model.model``, ``vae.first_stage_model``,
+  ``clip.cond_stage_model``, ``clip_vision.model``: ``torch_modules``): training makes their frozen weights
+  autograd-safe; ``latent_format`` (``latent_channels``) sizes a preview's latent.
+- FLUX's run-time hooks (Apply Localized Residual's LAG): ``transformer_options["patches_replace"]["dit"]``
+  (``dit_block_replace_patch``: chains to another pack's double-block replacement), the
+  ``optimized_attention_override`` option ComfyUI's ``wrap_attn`` reads (``attention_override``), the
+  ``block_type`` / ``block_index`` options FLUX sets while a block runs, the double blocks' ``flipped_img_txt``
+  and the model's ``patch_size``.
+
+A test (tests/unit/test_code_structure.py) fails when a module outside the seam names one of these internals.
 """
 from __future__ import annotations
 
@@ -251,6 +261,27 @@ def checkpoint_units(model) -> list[str]:
             else:
                 units.append(f"diffusion_model.{path}")
     return units
+
+
+# -- the torch modules behind ComfyUI's objects ---------------------------------------------------------------
+
+def torch_modules(model=None, vae=None, clip_vision=None, clip=None) -> list[torch.nn.Module]:
+    """The torch modules behind ComfyUI's MODEL (its BaseModel), VAE, CLIP_VISION and CLIP objects."""
+    found = []
+    if model is not None:
+        found.append(model.model)
+    if vae is not None:
+        found.append(vae.first_stage_model)
+    if clip_vision is not None:
+        found.append(clip_vision.model)
+    if clip is not None:
+        found.append(clip.cond_stage_model)
+    return found
+
+
+def latent_channels(model) -> int:
+    """Channels of the model's latent space (4 for SD, 16 for FLUX / SD3)."""
+    return model.get_model_object("latent_format").latent_channels
 
 
 def is_unet(model) -> bool:

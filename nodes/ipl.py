@@ -25,7 +25,7 @@ from .common import PackNode, schema
 from .plots import loss_plot
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
-from .training import grad_enabled, make_autograd_safe, read_image_folder, torch_modules, vae_encode
+from .training import grad_enabled, make_autograd_safe, read_image_folder, vae_encode
 
 MARKER = "iplplaceholdervectors"
 ADAPTED = "ipl"
@@ -191,7 +191,7 @@ class TrainPromptMapper(PackNode):
         if target.exists() and not overwrite:
             raise FileExistsError(f"{target} already exists; choose another filename or allow overwriting")
         key = paired_encoder(clip, clip_vision)
-        make_autograd_safe(*torch_modules(clip=clip))
+        make_autograd_safe(*cc.torch_modules(clip=clip))
         with grad_enabled():
             embeds = source_embeddings(clip_vision, images, image_folder).clone()
             with torch.random.fork_rng(devices=[]):  # seed the mapper's init without touching the server's generator
@@ -276,7 +276,7 @@ class ZeroShotAdapt(PackNode):
         mapper, _ = load_mapper(cc.mapper_file_path(mapper_name))
         check_mapper_fits(mapper, clip_vision, clip, mapper_name)
         model = cc.static_patcher(model)
-        make_autograd_safe(*torch_modules(model, vae, clip_vision))
+        make_autograd_safe(*cc.torch_modules(model, vae, clip_vision))
         with grad_enabled():
             pairs = PromptPairs(clip, paired_encoder(clip, clip_vision), mapper,
                                 clip_vision_embeds(clip_vision, images).clone(), source_label, target_label)

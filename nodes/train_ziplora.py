@@ -198,7 +198,7 @@ def run_ziplora(model, clip, vae, inputs: tuple[MergeInput, MergeInput], content
                 penalty: str, weight: float, options: TrainingOptions, filename: str, overwrite: bool,
                 resume_from: str) -> tuple[Result, ZipPlan]:
     model = cc.static_patcher(model)
-    make_autograd_safe(model.model)
+    make_autograd_safe(*cc.torch_modules(model))
     with grad_enabled():  # the merger vectors and the factors they scale: normal tensors, not a node's inference ones
         plan = ZipPlan(*inputs, cc.weight_shapes(model))
         sigmas = cc.sigma_table(model)

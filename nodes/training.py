@@ -72,20 +72,6 @@ def make_autograd_safe(*modules) -> None:
                         module._buffers[name] = buffer.clone()
 
 
-def torch_modules(model=None, vae=None, clip_vision=None, clip=None) -> list:
-    """The torch modules behind ComfyUI's MODEL, VAE, CLIP_VISION and CLIP objects."""
-    found = []
-    if model is not None:
-        found.append(model.model)
-    if vae is not None:
-        found.append(vae.first_stage_model)
-    if clip_vision is not None:
-        found.append(clip_vision.model)
-    if clip is not None:
-        found.append(clip.cond_stage_model)
-    return found
-
-
 def vae_encode(vae, images) -> torch.Tensor:
     """VAE latents of (B, H, W, C) images, no gradient (training targets)."""
     with torch.no_grad():
@@ -235,7 +221,7 @@ def preview_image(model, clip, vae, prompt: str, seed: int, size: int, steps: in
         positive = (encode or (lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text))))(prompt)
         negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         factor = vae.spacial_compression_encode()
-        channels = model.get_model_object("latent_format").latent_channels
+        channels = cc.latent_channels(model)
         latent = torch.zeros(1, channels, size // factor, size // factor)
         samples = cc.sample(model, positive, negative, latent, seed, steps, cfg)
         return vae.decode(samples)[..., :3].clamp(0, 1).float()
@@ -442,7 +428,7 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
                  resume_from: str = NO_RESUME) -> Result:
     """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
     model = cc.static_patcher(model)
-    make_autograd_safe(*torch_modules(model, clip=clip if job.token is not None else None))
+    make_autograd_safe(*cc.torch_modules(model, clip=clip if job.token is not None else None))
     with grad_enabled():
         # factors made in a node are inference tensors inside a server: train normal-tensor copies
         job.modules.update(frozen_copy(job.modules))

@@ -75,3 +75,34 @@ def test_tests_and_benches_call_nodes_with_keywords():
             if POSITIONAL_EXECUTE.search(line) and "=" not in line.split(".execute(", 1)[1].split(",")[0]:
                 offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
     assert not offenders, "call nodes with keyword arguments:\n" + "\n".join(offenders)
+
+
+SEAM = {"comfy_compat.py", "clip_features.py"}  # the modules that may read ComfyUI's private internals
+# ComfyUI internals (attributes, option keys) the seam's docstring lists: nothing else in the pack names them
+PRIVATE_ATTRIBUTES = {"cond_stage_model", "first_stage_model", "process_tokens", "model_config", "unet_config", "backup",
+                      "wrappers", "diffusion_model", "flipped_img_txt", "patch_size", "inner_model_options"}
+PRIVATE_KEYS = {"patches_replace", "optimized_attention_override", "latent_format", "block_type", "block_index",
+                "model_sampling"}
+
+
+def private_uses(path: Path) -> list[str]:
+    """Where a file names a ComfyUI private internal: an attribute, an option key, or the BaseModel behind a MODEL
+    (``model.model``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES:
+            found.append(f"{node.lineno}: .{node.attr}")
+        if isinstance(node, ast.Attribute) and node.attr == "model" and isinstance(node.value, ast.Name) \
+                and node.value.id == "model":
+            found.append(f"{node.lineno}: model.model")
+        if isinstance(node, ast.Constant) and node.value in PRIVATE_KEYS:
+            found.append(f"{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_only_the_seam_reads_comfyui_private_internals():
+    offenders = {path.name: private_uses(path) for path in sorted(NODES.glob("*.py")) if path.name not in SEAM}
+    offenders = {name: uses for name, uses in offenders.items() if uses}
+    assert not offenders, f"ComfyUI internals outside the seam (move them behind nodes/comfy_compat.py): {offenders}"
+    seam = {name: private_uses(NODES / name) for name in SEAM}
+    assert all(seam.values()), "the check could not fail: the seam itself names these internals"
