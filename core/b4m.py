@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from .adapter import LowRank, is_pointwise_weight
+from . import metadata as META
 
-SEED_KEY = "csa.b4m_seed"  # file metadata: the seed of the frozen halves
-RUN_KEY = "csa.b4m_run"  # file metadata: content, style or made
+SEED_KEY = META.B4M_SEED  # file metadata: the seed of the frozen halves
+RUN_KEY = META.B4M_RUN  # file metadata: content, style or made
 BASIS_ROWS = 1280  # the official orthonormal basis has 1280 rows (SDXL's widest attention layer)
 RUNS = ("content", "style")
 # which factor each run trains on its main images; the other factor trains on the auxiliary data

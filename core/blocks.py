@@ -15,6 +15,7 @@ import json
 import re
 
 from .adapter import Adapter
+from . import metadata as META
 
 # B-LoRA / ConsisLoRA on SDXL: (diffusers name, ComfyUI name) of the content and the style block.
 B_LORA_BLOCKS = {
@@ -44,7 +45,7 @@ def in_block(module: str, block: str) -> bool:
     return path == prefix or path.startswith(prefix + "_")
 
 
-BLOCK_SPLIT_KEY = "csa.block_split"  # metadata of a trained ConsisLoRA / B-LoRA file: {"content": [...], "style": [...]}
+BLOCK_SPLIT_KEY = META.BLOCK_SPLIT  # metadata of a trained ConsisLoRA / B-LoRA file: {"content": [...], "style": [...]}
 
 
 def b_lora_blocks(adapter: Adapter, part: str) -> tuple[str, ...]:

@@ -12,8 +12,9 @@ import torch
 
 from .adapter import BIAS_PARTS, Adapter, LowRank, ModuleTensors, check_factors
 from .layouts import COMFY_LORA_PARTS, KIND_OF_PART, QR_SAVED_SUFFIXES, QR_SUFFIXES, SAVED_SUFFIXES, group_by_module
+from . import metadata as META
 
-METADATA_PREFIX = "csa."
+METADATA_PREFIX = META.PREFIX
 UNKNOWN_KIND = "unknown kind"
 LOW_RANK_PARTS = {"up", "down", "alpha"}
 # a part -> the parts ComfyUI's loader reads with it (without them it fails or skips the module)
@@ -59,7 +60,7 @@ def adapter_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     try:
         return Adapter(modules=modules, role=role or stored.get("role", "generic"),
                        method=stored.get("method") or grouped.method, base=stored.get("base", "unknown"), source=source,
-                       metadata={**metadata, "csa.layouts": json.dumps(grouped.layout_names)},
+                       metadata={**metadata, META.LAYOUTS: json.dumps(grouped.layout_names)},
                        module_tensors=module_tensors, ignored_keys=dict(sorted(ignored.items())))
     except ValueError as error:  # e.g. a csa.role in the file's metadata that is not a role
         raise ValueError(f"{source}: {error}") from error

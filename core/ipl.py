@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from .adapter_file import AdapterFileError, read_safetensors, write_safetensors
 from .training import Optimiser, optimise
+from . import metadata as META
 
-MAPPER_KIND = "csa.ipl_latent_mapper"
+MAPPER_KIND = META.MAPPER_KIND
 ADAM = Optimiser(name="adam", weight_decay=0.0)  # IPL trains with plain Adam (the paper's setting)
 
 
@@ -78,16 +79,16 @@ class LatentMapper(torch.nn.Module):
 
 def save_mapper(mapper: LatentMapper, path: str | os.PathLike, metadata: dict[str, str] | None = None,
                 overwrite: bool = False):
-    meta = {"csa.kind": MAPPER_KIND, "csa.mapper_config": json.dumps(mapper.config()), **(metadata or {})}
+    meta = {META.KIND: MAPPER_KIND, META.MAPPER_CONFIG: json.dumps(mapper.config()), **(metadata or {})}
     return write_safetensors(path, dict(mapper.state_dict()), meta, overwrite=overwrite)
 
 
 def load_mapper(path: str | os.PathLike) -> tuple[LatentMapper, dict[str, str]]:
     tensors, metadata = read_safetensors(path)
     name = os.path.basename(str(path))
-    if metadata.get("csa.kind") != MAPPER_KIND or "csa.mapper_config" not in metadata:
+    if metadata.get(META.KIND) != MAPPER_KIND or META.MAPPER_CONFIG not in metadata:
         raise AdapterFileError(f"{name}: not a prompt mapper file (no csa.kind={MAPPER_KIND} metadata)")
-    mapper = LatentMapper(**json.loads(metadata["csa.mapper_config"]))
+    mapper = LatentMapper(**json.loads(metadata[META.MAPPER_CONFIG]))
     missing = set(mapper.state_dict()) - set(tensors)
     if missing:
         raise AdapterFileError(f"{name}: mapper tensors missing: {sorted(missing)[:4]}")

@@ -27,6 +27,7 @@ from .blocks import in_block, is_attention_projection, residual_site
 from .qr_lora import qr_factorise, upper_triangular_mask
 from .training import (Optimiser, Phase, Recipe, TrainState, optimiser_state_from_tensors,
                        optimiser_state_tensors)
+from . import metadata as META
 
 
 TARGET_PRESETS = {
@@ -208,28 +209,28 @@ def weights_hash(weights: dict[str, torch.Tensor]) -> str:
 
 # -- training state files (the optimiser state beside a saved adapter) --------------------------------------
 
-STATE_KIND = "csa.training_state"
+STATE_KIND = META.STATE_KIND
 
 
 def state_file_contents(state: TrainState, names: list[str], recipe: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a training-state file: optimiser tensors per parameter; step, losses, the optimiser's
     other values and the recipe as JSON metadata (no pickle)."""
     tensors, rest = optimiser_state_tensors(state.optimiser, names)
-    metadata = {"csa.kind": STATE_KIND, "csa.step": str(state.step), "csa.losses": json.dumps(state.losses),
-                "csa.parameters": json.dumps(names), "csa.optimiser": json.dumps(rest), "csa.recipe": json.dumps(recipe)}
+    metadata = {META.KIND: STATE_KIND, META.STEP: str(state.step), META.LOSSES: json.dumps(state.losses),
+                META.PARAMETERS: json.dumps(names), META.OPTIMISER: json.dumps(rest), META.RECIPE: json.dumps(recipe)}
     return tensors, metadata
 
 
 def state_from_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str,
                     names: list[str]) -> tuple[TrainState, dict]:
     """The TrainState and recipe of a training-state file; refuses a file made for other parameters."""
-    if metadata.get("csa.kind") != STATE_KIND:
+    if metadata.get(META.KIND) != STATE_KIND:
         raise ValueError(f"{source}: not a training-state file (no csa.kind={STATE_KIND} metadata)")
-    saved = json.loads(metadata["csa.parameters"])
+    saved = json.loads(metadata[META.PARAMETERS])
     if saved != names:
         missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
         raise ValueError(f"{source}: the saved optimiser state is for other parameters (missing {missing[:3]}, "
                          f"extra {extra[:3]}); resume with the same targets, rank and method")
-    optimiser = optimiser_state_from_tensors(tensors, json.loads(metadata["csa.optimiser"]), names)
-    return (TrainState(int(metadata["csa.step"]), json.loads(metadata["csa.losses"]), optimiser),
-            json.loads(metadata["csa.recipe"]))
+    optimiser = optimiser_state_from_tensors(tensors, json.loads(metadata[META.OPTIMISER]), names)
+    return (TrainState(int(metadata[META.STEP]), json.loads(metadata[META.LOSSES]), optimiser),
+            json.loads(metadata[META.RECIPE]))

@@ -26,6 +26,7 @@ from .plots import loss_plot
 from .runtime_adapters import ACTIVE_KEY, install_switched_adapters
 from .sockets import AdapterSocket
 from .training import grad_enabled, make_autograd_safe, read_image_folder, vae_encode
+from ..core import metadata as META
 
 MARKER = "iplplaceholdervectors"
 ADAPTED = "ipl"
@@ -200,8 +201,8 @@ class TrainPromptMapper(PackNode):
             losses = train_mapper(mapper, embeds, lambda v, label: prompt_features(clip, key, mapper, v, label),
                                   source_label, target_label, template_features(clip, key, target_label), iterations,
                                   lr, batch_size, seed, regularizer_weight, on_step=cc.progress_steps(iterations))
-        save_mapper(mapper, target, {"csa.source_label": source_label, "csa.target_label": target_label,
-                                     "csa.final_loss": f"{losses[-1]:.6f}"}, overwrite=overwrite)
+        save_mapper(mapper, target, {META.SOURCE_LABEL: source_label, META.TARGET_LABEL: target_label,
+                                     META.FINAL_LOSS: f"{losses[-1]:.6f}"}, overwrite=overwrite)
         return io.NodeOutput(target.name, loss_plot(losses, title="Prompt mapper loss")[None])
 
 

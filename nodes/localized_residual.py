@@ -18,8 +18,9 @@ from .model_binding import apply_patch_groups, patches_by_strength
 from .plots import mask_grid_plot
 from .runtime_adapters import add_to_forward, check_runtime_factors, low_rank_targets, publish_call_options
 from .sockets import AdapterSocket
+from ..core import metadata as META
 
-STATE_KEY = "csa.localized_residual"  # transformer option: this model's LocalizedResidualState
+STATE_KEY = META.LOCALIZED_RESIDUAL  # transformer option: this model's LocalizedResidualState
 RESIDUAL = "residual"
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core import metadata as META
 from ..core.adapter import Adapter, LowRank, ModuleTensors
 from ..core.blocks import block_of, block_of_module, check_block_names, strength_of_block
 from ..core.binding import (Binding, bias_key, bind, check_architecture, family_of_names, slice_of,
@@ -72,7 +73,7 @@ def dense_changes(adapter: Adapter, binding: Binding, model) -> dict[str, tuple[
     slice of a fused weight changes that slice; the change is the whole weight's, zero outside the slices."""
     changes = {}
     for key, (module, kept) in binding.tensor_targets.items():
-        patches = kept_patches(f"csa.{module}", module, kept, key, adapter.source)
+        patches = kept_patches(META.PREFIX + module, module, kept, key, adapter.source)
         bases = comfy_compat.base_weights(model, {weight_key_of(t) for t in patches})
         for target, patch in patches.items():
             weight_key, part = weight_key_of(target), slice_of(target)

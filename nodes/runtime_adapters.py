@@ -22,9 +22,10 @@ import torch.utils.checkpoint
 from ..core.adapter import Adapter, LowRank, add_lowrank_output
 from . import comfy_compat as cc
 from .model_binding import bind_to_model, whole_targets
+from ..core import metadata as META
 
-ACTIVE_KEY = "csa.active_adapters"  # transformer option: frozenset of adapter names switched on for a call
-CALL_WRAPPER_KEY = "csa.runtime_adapters"
+ACTIVE_KEY = META.ACTIVE_ADAPTERS  # transformer option: frozenset of adapter names switched on for a call
+CALL_WRAPPER_KEY = META.RUNTIME_ADAPTERS
 _CALL_OPTIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("csa_call_options", default=None)
 
 

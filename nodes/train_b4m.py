@@ -9,6 +9,7 @@ import json
 import torch
 from comfy_api.latest import io
 
+from ..core import metadata as META
 from ..core.adapter import Adapter, LowRank
 from ..core.b4m import MAIN_PART, RUN_KEY, SEED_KEY, frozen_masks, make, plp_lora
 from ..core.layouts import generic_module_name
@@ -225,7 +226,7 @@ class B4MMake(PackNode):
         def no_fresh(name: str):
             raise ValueError(f"B4M Make does not redraw {name}")
         job = Job("B4M Make", "b4m", "generic", made, no_fresh, (stage,), options, settings, masks,
-                  metadata={**metadata, "csa.b4m_fine_tune": json.dumps({"steps": steps, "preconditioned": preconditioned,
+                  metadata={**metadata, META.B4M_FINE_TUNE: json.dumps({"steps": steps, "preconditioned": preconditioned,
                                                                           "reg": reg})},
                   key_form=b4m_key_form(model), second=content_data, precondition=reg if preconditioned else None)
         return node_output(run_training(model, vae, clip, style_data, job, filename, overwrite))

@@ -17,8 +17,9 @@ from . import comfy_compat as cc
 from .common import PackNode, schema
 from .training import (SEED_MAX, Job, Stage, TrainedToken, node_output, outputs, require, run_training,
                        saving_inputs, shared_inputs)
+from ..core import metadata as META
 
-CONCEPT_WORDS_KEY = "csa.concept_words"  # file metadata: the words to give Apply Localized Residual
+CONCEPT_WORDS_KEY = META.CONCEPT_WORDS  # file metadata: the words to give Apply Localized Residual
 
 
 def residual_modules(model, rank_fraction: float, seed: int):

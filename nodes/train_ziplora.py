@@ -27,9 +27,10 @@ from .sockets import AdapterSocket, TrainingDataSocket
 from .training import (NO_RESUME, SEED_MAX, STATE_SUFFIX, Result, encode_training_set, grad_enabled, make_autograd_safe,
                        node_output, outputs, preview_image, preview_task, refuse_planned_files, saving_inputs,
                        state_path, step_path, step_reporter)
+from ..core import metadata as META
 
 METHOD = "ziplora"
-VALUES_PREFIX = "csa.values."  # the merger vectors themselves in the state file, beside the optimiser's slots
+VALUES_PREFIX = META.VALUES_PREFIX  # the merger vectors themselves in the state file, beside the optimiser's slots
 
 
 class ZipPlan:
@@ -109,7 +110,7 @@ class ZipFiles:
     def write(self, path: Path, state: TrainState) -> str:
         adapter = self.plan.merged_adapter(cc.model_name(self.model))
         names = {n: n for n in adapter.module_names}
-        metadata = {**adapter_metadata(adapter, self.record), "csa.steps_done": str(state.step)}
+        metadata = {**adapter_metadata(adapter, self.record), META.STEPS_DONE: str(state.step)}
         written = write_safetensors(path, {**tensors_from_modules(adapter.modules, names),
                                            **tensors_from_module_tensors(adapter.module_tensors, names)},
                                     metadata, overwrite=self.overwrite)
@@ -218,6 +219,6 @@ def run_ziplora(model, clip, vae, inputs: tuple[MergeInput, MergeInput], content
         if options.preview_prompt.strip():
             previews.append(trainee.preview(clip, vae, options.preview_prompt, options.preview_seed, content_data.size))
         path = files.write(files.path, state) if files.path is not None else ""
-    adapter = plan.merged_adapter(cc.model_name(model)).replace(metadata={"csa.created_with": json.dumps(record)})
+    adapter = plan.merged_adapter(cc.model_name(model)).replace(metadata={META.CREATED_WITH: json.dumps(record)})
     blank = torch.ones(1, content_data.size, content_data.size, 3)
     return Result(adapter, state.losses, [], torch.cat(previews) if previews else blank, path), plan

@@ -36,6 +36,7 @@ from .model_binding import bind_to_model, whole_targets
 from .plots import loss_plot
 from .runtime_adapters import checkpoint_blocks, install_switched_adapters
 from .sockets import AdapterSocket, TrainingDataSocket, TrainingOptionsSocket
+from ..core import metadata as META
 
 
 def grad_enabled() -> contextlib.ExitStack:
@@ -172,7 +173,7 @@ class TrainedToken:
 
 # -- the model being trained -----------------------------------------------------------------------------------
 
-TRAINED = "csa.trained"
+TRAINED = META.TRAINED
 
 
 class Trainee:
@@ -333,7 +334,7 @@ def resume_from_file(name: str, job: Job, base_hash: str, model) -> tuple[int, T
         raise ValueError(f"resume_from {name!r} trains {len(saved.modules)} modules, this node targets "
                          f"{len(job.modules)}; use the same targets and blocks")
     state_tensors, state_meta = read_safetensors(state_file, suffix=STATE_SUFFIX)
-    recipe = json.loads(state_meta.get("csa.recipe", "{}"))
+    recipe = json.loads(state_meta.get(META.RECIPE, "{}"))
     if (recipe.get("method"), recipe.get("base_hash")) != (job.method, base_hash):
         raise ValueError(f"resume_from {name!r} was trained as {recipe.get('method')} on base {recipe.get('base_hash')}; "
                          f"this node trains {job.method} on base {base_hash}")
@@ -393,7 +394,7 @@ class Checkpoints:
     def adapter(self, modules: dict[str, LowRank]) -> Adapter:
         job = self.job
         return Adapter(modules=frozen_copy(modules), role=job.role, method=job.method, base=cc.model_name(self.model),
-                       source=job.title, metadata={"csa.base_hash": self.record["base_hash"], **job.metadata})
+                       source=job.title, metadata={META.BASE_HASH: self.record["base_hash"], **job.metadata})
 
     def write(self, path: Path, stage: int, state: TrainState, earlier: list[list[float]]) -> Path:
         dtype = PRECISIONS[self.job.options.precision]
@@ -402,7 +403,7 @@ class Checkpoints:
                            extras={k: v.to(dtype) for k, v in f.extras.items()}) for n, f in adapter.modules.items()}
         done = sum(map(len, earlier)) + state.step
         metadata = {**adapter_metadata(adapter, self.record), **adapter.metadata,
-                    "csa.trigger": self.record["data"]["trigger"], "csa.steps_done": str(done)}
+                    META.TRIGGER: self.record["data"]["trigger"], META.STEPS_DONE: str(done)}
         written = write_safetensors(path, tensors_from_modules(cast, self.names(cast), self.job.qr_form,
                                                                FORM_SUFFIXES[self.job.key_form]),
                                     metadata, overwrite=self.overwrite)
@@ -487,7 +488,7 @@ def save_adapter_file(adapter: Adapter, model, filename: str, overwrite: bool, k
     names = {n: keys[n + ".weight"] for n in adapter.modules}
     base_hash = weights_hash(cc.base_weights(model, target_keys(adapter.modules)))
     metadata = {**adapter_metadata(adapter, {**record, "base_hash": base_hash}), **adapter.metadata,
-                "csa.base_hash": base_hash}
+                META.BASE_HASH: base_hash}
     tensors = tensors_from_modules(adapter.modules, names, suffixes=FORM_SUFFIXES[key_form])
     return str(write_safetensors(path, tensors, metadata, overwrite=overwrite))
 

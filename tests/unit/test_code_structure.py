@@ -106,3 +106,20 @@ def test_only_the_seam_reads_comfyui_private_internals():
     assert not offenders, f"ComfyUI internals outside the seam (move them behind nodes/comfy_compat.py): {offenders}"
     seam = {name: private_uses(NODES / name) for name in SEAM}
     assert all(seam.values()), "the check could not fail: the seam itself names these internals"
+
+
+def test_every_metadata_key_is_defined_once_and_documented():
+    """core/metadata.py owns every 'csa.' key; docs/file-metadata.md lists each with its description."""
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from core.metadata import KEYS
+
+    pattern = re.compile(r"[\"']csa\.")
+    written = [f"{path.relative_to(REPO_ROOT)}:{n}" for path in [*(REPO_ROOT / "core").glob("*.py"), *NODES.glob("*.py")]
+               if path.name != "metadata.py" for n, line in enumerate(path.read_text().splitlines(), 1)
+               if pattern.search(line)]
+    assert not written, f"'csa.' keys outside core/metadata.py: {written}"
+    page = (REPO_ROOT / "docs" / "file-metadata.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (.+) \|$", page, re.MULTILINE))
+    assert rows == KEYS
