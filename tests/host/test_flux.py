@@ -460,3 +460,52 @@ def test_new_residual_adapter_on_flux_dev_puts_one_residual_in_each_double_block
 def test_a_residual_on_sd3_is_refused_naming_the_model(comfy, tiny_sd3):
     with pytest.raises(ValueError, match="SD3 has no place for a Personalized Residual"):
         comfy["CSA_NewResidualAdapter"].execute(model=tiny_sd3, rank_fraction=0.05, init_scale=0.0, seed=0)
+
+
+# -- the Content-Style Guider on a guidance-distilled FLUX --------------------------------------------------------
+
+def test_the_content_style_guider_on_flux_at_cfg_1(comfy, comfy_base, tiny_flux, loras):
+    """FLUX.1-dev is guidance-distilled (its guidance is an input; it is sampled at cfg 1). The guider with both λ 0 is
+    stock CFGGuider at cfg 1 on the model with the content and the style adapter applied; a term whose positive and
+    negative pass use the same adapter and the same prompt adds exactly nothing (its two extra passes run); with
+    different prompts it moves the result. The guidance prompts are given as conditioning (no small T5 to encode
+    them), so the node's own CLIP encoding is not exercised here."""
+    import comfy.samplers as samplers
+    from comfy_host import pack_module
+
+    guidance = pack_module(comfy_base, "nodes.consistency_guidance")
+    runtime = pack_module(comfy_base, "nodes.runtime_adapters")
+    content, style = load(comfy, loras["diffusers"]), load(comfy, loras["kohya"])
+    generator = torch.Generator().manual_seed(3)
+
+    def conditioning():
+        return [[torch.randn(1, 8, 4096, generator=generator),
+                 {"pooled_output": torch.randn(1, 768, generator=generator), "guidance": 3.5}]]
+
+    positive, other = conditioning(), conditioning()
+    latent = torch.zeros(1, 16, 16, 16)
+    noise = torch.randn(latent.shape, generator=generator)
+    sigmas = samplers.calculate_sigmas(tiny_flux.get_model_object("model_sampling"), "simple", 2).cpu()
+    base = frozenset({"cc", "ss"})
+
+    def guided(lambdas: dict, prompts: dict):
+        patched = tiny_flux.clone()
+        runtime.install_switched_adapters(patched, {"cc": content, "ss": style, "sc": content, "cs": style}, base)
+        guider = guidance.ContentStyleCFGGuider(patched)
+        guider.inner_set_conds({"positive": positive, "negative": positive, **prompts})
+        guider.configure(1.0, lambdas, base)
+        return guider.sample(noise, latent, samplers.sampler_object("euler"), sigmas, disable_pbar=True, seed=0)
+
+    plain = guided({"content": 0.0, "style": 0.0}, {})
+    merged = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=content, adapter_2=style,
+                                                block_strengths="").args[0]
+    stock_guider = samplers.CFGGuider(merged)
+    stock_guider.set_conds(positive, positive)
+    stock_guider.set_cfg(1.0)
+    expected = stock_guider.sample(noise, latent, samplers.sampler_object("euler"), sigmas, disable_pbar=True,
+                                   seed=0)
+    assert torch.allclose(plain, expected, atol=1e-4 * float(expected.abs().max()))
+    same = {"content_positive": positive, "content_negative": positive}
+    assert torch.equal(guided({"content": 1.0, "style": 0.0}, same), plain)  # cc and sc are one adapter here
+    moved = guided({"content": 1.0, "style": 0.0}, {"content_positive": other, "content_negative": positive})
+    assert not torch.allclose(moved, plain)
