@@ -1,9 +1,20 @@
 """Method benchmark on the world: does each method combine a held-out content and a held-out style better than the
-naive sum of two LoRAs? One command, one table.
+naive sum of two LoRAs? Two protocols, one table each.
 
-    .venv/bin/python bench/world/method_benchmark.py [--seeds 3] [--steps 250] [--only naive,guider] [--workers 2]
+    .venv/bin/python bench/world/method_benchmark.py [--protocol entangled] [--cases base:6,base:1,held-out:6]
+                                                     [--seeds 3] [--steps 250] [--only naive,guider] [--workers 2]
                                                      [--estimate]
-    make benchmark
+    make benchmark   (the block premise, then both protocols)
+
+Entangled (--protocol entangled, the papers' setting): each adapter learns from references that carry the other
+half, as a photo of one dog carries its own style and one painting its own subject. Per held-out pair and case, the
+content adapter learns from N pictures of the held-out shape in one style (a base style, checkered, or the pair's
+other held-out style), captioned 'a sks'; the style adapter from N pictures of the held-out texture on one shape (a
+circle), captioned 'a zkz' (B-LoRA's and ConsisLoRA's 'A [v]'); N = 1 (B-LoRA / ConsisLoRA's single image) or 6
+(few-image, as B4M / QR-LoRA / DreamBooth). Besides the measures below, each row reports the leaks: the content
+reference's own style in 'a <base style> sks' and in the composition, the style reference's own shape in 'a zkz
+<base shape>' (style adapter alone) and in the composition, and the headline per case. Results go to
+bench/world/benchmark/entangled/. The rest of this docstring describes the disentangled protocol (the default).
 
 For every held-out content x style pair (star, heart x zigzag, speckled) and training seed, each trainer of the pack
 learns the content (the shape in every base style, captioned 'a <style> sks') and the style (the texture on every
