@@ -62,16 +62,38 @@ def checkpointed(forward):
     return run
 
 
+_ANCHOR = torch.zeros((), requires_grad=True)  # an input that needs grad: a re-entrant checkpoint's output then does
+
+
+def checkpointed_in_place_safe(forward):
+    """``forward`` checkpointed for blocks that add into their own tensors in place (FLUX's, other DiTs'): the forward
+    runs without saving anything (torch's re-entrant checkpoint); the backward pass runs it again on copies of its
+    tensor inputs under ordinary autograd with every saved tensor copied (cc.in_place_safe_autograd), the call's
+    options published again. Its gradients reach the trained factors through ``.backward()`` (not autograd.grad)."""
+    def run(*args, **kwargs):
+        options = call_options()
+        arg_tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        kwarg_tensors = [n for n, v in kwargs.items() if isinstance(v, torch.Tensor)]
+
+        def again(_anchor, *tensors):
+            a, k = list(args), dict(kwargs)
+            for slot, tensor in zip([*arg_tensors, *kwarg_tensors], tensors):
+                (a.__setitem__ if isinstance(slot, int) else k.__setitem__)(slot, tensor.clone())
+            with _publish(options), cc.in_place_safe_autograd():
+                return forward(*a, **k)
+        tensors = [args[i] for i in arg_tensors] + [kwargs[n] for n in kwarg_tensors]
+        return torch.utils.checkpoint.checkpoint(again, _ANCHOR, *tensors, use_reentrant=True)
+    return run
+
+
 def checkpoint_blocks(model) -> int:
-    """Checkpoint every block the diffusion model calls (cc.checkpoint_units); returns how many. UNets only for now:
-    on FLUX torch's recomputation does not see the forward's own sequence of saved tensors (a CheckpointError), so a
-    DiT is refused by name rather than trained differently."""
-    if not cc.is_unet(model):
-        raise ValueError(f"gradient checkpointing works on UNets (SD1.x, SDXL) for now, not on {cc.model_name(model)}; "
-                         f"turn it off in Training Options")
+    """Checkpoint every block the diffusion model calls (cc.checkpoint_units); returns how many. UNet layers with
+    torch's non-re-entrant checkpoint; a DiT's blocks, which add into their inputs in place, re-entrant
+    (checkpointed_in_place_safe)."""
+    wrap = checkpointed if cc.is_unet(model) else checkpointed_in_place_safe
     units = cc.checkpoint_units(model)
     for name in units:
-        cc.replace_module_forward(model, name, checkpointed(cc.module_forward(model, name)))
+        cc.replace_module_forward(model, name, wrap(cc.module_forward(model, name)))
     return len(units)
 
 

@@ -429,6 +429,10 @@ def run_training(model, vae, clip, data: TrainingImages, job: Job, filename: str
                  resume_from: str = NO_RESUME) -> Result:
     """Train the job's modules stage by stage on the engine; save, preview and resume as asked."""
     model = cc.static_patcher(model)
+    routed_losses = job.second is not None and any(route is not None for route in job.second_routes)
+    if job.options.gradient_checkpointing and routed_losses and not cc.is_unet(model):
+        raise ValueError(f"gradient checkpointing on {cc.model_name(model)} recomputes each block re-entrantly, which "
+                         f"cannot route B4M's two losses to separate factors; turn it off in Training Options")
     make_autograd_safe(*cc.torch_modules(model, clip=clip if job.token is not None else None))
     with grad_enabled():
         # factors made in a node are inference tensors inside a server: train normal-tensor copies

@@ -1,6 +1,6 @@
 """Gradient checkpointing (Training Options): each block the diffusion model calls is recomputed in the backward
-pass, with the run-time adapters inside it, so a run trains exactly the factors it trains without it, on a UNet; on
-FLUX it is refused by name (not built yet)."""
+pass, with the run-time adapters inside it, so a run trains exactly the factors it trains without it, on a UNet and
+on FLUX (its blocks re-entrantly, on copies); B4M's routed losses on a DiT are refused by name."""
 from __future__ import annotations
 
 import pytest
@@ -44,7 +44,7 @@ def test_a_checkpointed_unet_run_trains_the_same_factors(comfy, comfy_base, tiny
     assert same_factors(plain, checkpointed)
 
 
-def test_checkpointing_a_dit_is_refused_by_name(comfy, comfy_base, tiny_flux):
+def test_a_checkpointed_flux_run_trains_the_same_factors(comfy, comfy_base, tiny_flux):
     from comfy_host import pack_module
 
     generator = torch.Generator().manual_seed(1)
@@ -55,5 +55,20 @@ def test_checkpointing_a_dit_is_refused_by_name(comfy, comfy_base, tiny_flux):
                                                 repeats=1, trigger_word="").args[0]
     units = pack_module(comfy_base, "nodes.comfy_compat").checkpoint_units(tiny_flux)
     assert {"diffusion_model.double_blocks.0", "diffusion_model.single_blocks.0"} <= set(units)
-    with pytest.raises(ValueError, match="gradient checkpointing works on UNets .* not on Flux"):
-        train(comfy, tiny_flux, data, True, loss="v")
+    plain, checkpointed = (train(comfy, tiny_flux, data, flag, loss="v") for flag in (False, True))
+    assert any(float(f.up.abs().max()) > 0 for f in plain.modules.values())
+    assert same_factors(plain, checkpointed)
+
+
+def test_checkpointing_b4m_with_its_routed_losses_on_a_dit_is_refused_by_name(comfy, tiny_flux):
+    generator = torch.Generator().manual_seed(2)
+    latents = {"samples": torch.randn(1, 16, 16, 16, generator=generator) * 0.5}
+    conditioning = [[torch.randn(1, 8, 4096, generator=generator),
+                     {"pooled_output": torch.randn(1, 768, generator=generator), "guidance": 3.5}]]
+    data = comfy["CSA_TrainingLatents"].execute(latents=latents, conditioning=conditioning, captions="a sks photo",
+                                                repeats=1, trigger_word="").args[0]
+    with pytest.raises(ValueError, match="gradient checkpointing on Flux .* cannot route B4M's two losses"):
+        comfy["CSA_TrainB4MContent"].execute(
+            model=tiny_flux, data=data, auxiliary_data=data, targets="attention projections", blocks="", rank=4,
+            steps=1, lr=1e-3, lr_auxiliary=1e-4, orthogonal_init=True, loss="epsilon", seed=0, filename="",
+            overwrite=False, resume_from="none", options=options(comfy, True))
