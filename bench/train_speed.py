@@ -48,6 +48,7 @@ TRAINERS = {
 # FLUX_AS_SERVED rows load it as a server does and report whether each trainer trains at all.
 FLUX_TRAINERS = {
     "FLUX: ours, attention projections": "flux:attention projections",
+    "FLUX: ours, attention projections, gradient checkpointing": "flux:attention projections+checkpointing",
     "FLUX: TrainLoraNode (every layer, gradient checkpointing)": "flux:stock",
 }
 FLUX_AS_SERVED = {"FLUX: TrainLoraNode, model loaded as a server loads it (inference mode)": "flux:stock-served",
@@ -133,8 +134,9 @@ def run_flux(nodes, model, latents, conds, steps: int, args) -> None:
     options = nodes["CSA_TrainingOptions"].execute(
         batch_size=args.batch, accumulation=1, schedule="constant", warmup_steps=0, weight_decay=0.01, grad_clip=0.0,
         min_snr_gamma=0.0, noise_offset=0.0, save_every=0, preview_prompt="", preview_every=0, preview_seed=0,
-        precision="fp32").args[0]
-    nodes["CSA_TrainAdapter"].execute(model=model, data=data, targets=args.targets[5:].removesuffix("-served"), blocks="",
+        precision="fp32", gradient_checkpointing=args.targets.endswith("+checkpointing")).args[0]
+    targets = args.targets[5:].removesuffix("-served").removesuffix("+checkpointing")
+    nodes["CSA_TrainAdapter"].execute(model=model, data=data, targets=targets, blocks="",
                                       rank=args.rank, alpha=float(args.rank), steps=steps, lr=1e-4, loss="v",
                                       role="generic", seed=0, filename="", overwrite=False, resume_from="none",
                                       options=options)
