@@ -136,3 +136,10 @@ def winners_summary(plan: Schedule, steps: int) -> list[str]:
         lines.append(f"step {step + 1}/{steps} (p {progress:.2f}, S {scale:.3f}): content in "
                      f"{len(plan.content_layers(progress))} of {len(plan.scores)} layers")
     return lines
+
+def finest_projections(rows: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The smallest projections of a weight's key-map slices (a slice covering others, such as a to_qkv name over
+    q, k and v, is their union, not a projection of its own); [] when the rest still overlap."""
+    finest = sorted(r for r in rows if not any(o != r and r[0] <= o[0] and o[0] + o[1] <= r[0] + r[1] for o in rows))
+    overlapping = any(a[0] + a[1] > b[0] for a, b in zip(finest, finest[1:]))
+    return [] if overlapping else finest

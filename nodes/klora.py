@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+import torch
+
 from ..core.adapter import Adapter, LowRank, is_pointwise_weight
+from ..core.binding import normal_target, slice_of
 from ..core.dense import carried_diffs
-from ..core.klora import (BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, PATTERNS, TRIMMED, WRAPPED, Schedule, schedule,
+from ..core.klora import (BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, PATTERNS, TRIMMED, WRAPPED, Schedule, finest_projections, schedule,
                           step_progress, winners_summary)
 from ..core.layouts import generic_module_name
 from . import comfy_compat as cc
@@ -34,12 +37,50 @@ def switchable(inputs: dict[str, MergeInput], shapes: dict) -> tuple[dict[str, d
     return switched, others
 
 
-def select_winner(plan: Schedule, key: str):
-    """A run-time select(): the layer's winner at the sampler step of the call (the first step outside a sampler)."""
+PROJECTION = "#"  # a projection of a fused weight, as K-LoRA's layers are named: '<weight key>#<first row>'
+
+
+def projections(model, keys) -> dict[str, list[tuple[int, int]]]:
+    """{fused weight key: [(first row, rows), ...]} for the weights ComfyUI's key map splits into projections along
+    their output rows (FLUX's img / txt qkv and linear1's q, k, v and MLP input; SD3's qkv): K-LoRA switches each
+    projection, as its official code does with diffusers' separate to_q / to_k / to_v."""
+    found: dict[str, set] = {}
+    for value in cc.lora_key_map(model).values():
+        target = normal_target(value)
+        part = None if target is None else slice_of(target)
+        if part is not None and target[0] in keys and part[0] == 0:
+            found.setdefault(target[0], set()).add((part[1], part[2]))
+    return {key: parts for key, rows in found.items() if (parts := finest_projections(rows))}
+
+
+
+def projection_factors(factors: LowRank, first: int, rows: int) -> LowRank:
+    """The factors of one projection's change: up's other rows zero (the layer's output there unchanged)."""
+    up = torch.zeros_like(factors.up)
+    up[first:first + rows] = factors.up[first:first + rows]
+    return LowRank(up=up, down=factors.down, alpha=factors.alpha)
+
+
+def split_projections(layers: dict[str, LowRank], fused: dict[str, list[tuple[int, int]]]) -> dict[str, LowRank]:
+    """K-LoRA's layers of one adapter: whole weights as they are, fused ones as the projections it changes (a
+    diffusers file's to_q alone changes one third of a qkv weight: the others are no layer of that adapter)."""
+    split = {}
+    for key, factors in layers.items():
+        if key in fused and not factors.extras:
+            split.update({f"{key}{PROJECTION}{first}": projection_factors(factors, first, rows)
+                          for first, rows in fused[key] if factors.up[first:first + rows].any()})
+        else:
+            split[key] = factors
+    return split
+
+
+def select_winner(plan: Schedule, layers: list[str], terms: dict):
+    """A run-time select() for one weight: each of its K-LoRA layers' (the weight, or each projection of a fused
+    weight) winner at the sampler step of the call (the first step outside a sampler), as its term names."""
     def select(options: dict):
         step = cc.sampler_step(options)
         progress = 0.0 if step is None else step_progress(*step)
-        return [plan.winner(key, progress)], None
+        return [name for layer in layers if (name := f"{plan.winner(layer, progress)}|{layer}") in terms], None
     return select
 
 
@@ -95,11 +136,17 @@ class KLoRA(PackNode):
                 other_changes: str) -> io.NodeOutput:
         inputs = {"content": merge_input(content, model, "content"), "style": merge_input(style, model, "style")}
         switched, others = switchable(inputs, cc.weight_shapes(model))
+        fused = projections(model, {key for layers in switched.values() for key in layers})
+        switched = {role: split_projections(layers, fused) for role, layers in switched.items()}
         plan = schedule(switched["content"], switched["style"], alpha, beta, pattern, balance)
         patched = model.clone()
-        for key in plan.scores:
-            terms = {role: (layers[key], inputs[role].strength) for role, layers in switched.items() if key in layers}
-            add_to_forward(patched, key, cc.weight_shapes(model)[key], terms, select_winner(plan, key))
+        by_weight: dict[str, list[str]] = {}
+        for layer in plan.scores:
+            by_weight.setdefault(layer.split(PROJECTION)[0], []).append(layer)
+        for key, layers in by_weight.items():
+            terms = {f"{role}|{layer}": (found[layer], inputs[role].strength) for role, found in switched.items()
+                     for layer in layers if layer in found}
+            add_to_forward(patched, key, cc.weight_shapes(model)[key], terms, select_winner(plan, layers, terms))
         publish_call_options(patched)
         if other_changes == ADD_BOTH:
             extra = [other_changes_adapter(inputs[r], keys, r) for r, keys in others.items() if keys]

@@ -138,11 +138,33 @@ def test_klora_on_flux_with_one_adapter_zero_is_the_other_alone(comfy, comfy_bas
         model=tiny_flux, content=content, style=load(comfy, "csa_flux_zero.safetensors"),
         pattern="S* (wrapped, official default)", alpha=1.5, beta=1.275,
         balance="trimmed mean of layer ratios (official code)", other_changes="leave out (K-LoRA)").args
-    # 21 modules on 14 weights: img / txt q, k, v on one qkv each, the single block's q, k, v, mlp on linear1
-    assert report.startswith(f"K-LoRA on {len(DIFFUSERS_FLUX_MODULES) - 2 - 2 - 3} layers"), report.splitlines()[0]
+    # 21 modules on 14 weights (img / txt q, k, v on one qkv each, the single block's q, k, v, mlp on linear1): K-LoRA
+    # switches each projection of a fused weight alone, as the official code switches diffusers' to_q / to_k / to_v
+    assert report.startswith(f"K-LoRA on {len(DIFFUSERS_FLUX_MODULES)} layers"), report.splitlines()[0]
     expected, got = flux_sample(alone), flux_sample(switched)
     assert torch.isfinite(got).all() and (got - expected).abs().max() <= 1e-4 * expected.abs().max()
     assert not torch.equal(expected, flux_sample(tiny_flux)), "the adapter changes the prediction"
+
+
+def test_klora_on_flux_switches_each_projection_of_a_fused_weight(comfy, comfy_base, tiny_flux):
+    """A content LoRA on the double block's to_q only and a style LoRA on its to_v only: both land on img_attn.qkv.
+    Switched per weight, one of them would be dropped at every step; switched per projection (as the official code
+    switches to_q / to_v), each projection has one adapter, which always wins there, so K-LoRA is the naive sum."""
+    block = "transformer.transformer_blocks.0.attn."
+    for name, projection, seed in (("csa_flux_q_only", "to_q", 11), ("csa_flux_v_only", "to_v", 12)):
+        tensors = {k: v for k, v in flux_lora("diffusers", seed=seed).items() if k.startswith(block + projection + ".")}
+        assert len(tensors) == 2
+        save_file(tensors, str(comfy_base / "models" / "loras" / f"{name}.safetensors"))
+    content, style = load(comfy, "csa_flux_q_only.safetensors"), load(comfy, "csa_flux_v_only.safetensors")
+    switched, report = comfy["CSA_KLoRA"].execute(
+        model=tiny_flux, content=content, style=style, pattern="S* (wrapped, official default)", alpha=1.5,
+        beta=1.275, balance="trimmed mean of layer ratios (official code)", other_changes="leave out (K-LoRA)").args
+    assert report.startswith("K-LoRA on 2 layers (0 changed by both adapters)"), report.splitlines()[0]
+    summed = comfy["CSA_ApplyAdapters"].execute(model=tiny_flux, adapter=content, adapter_2=style,
+                                                block_strengths="").args[0]
+    expected, got = flux_sample(summed), flux_sample(switched)
+    assert not torch.equal(expected, flux_sample(tiny_flux))
+    assert torch.allclose(got, expected, atol=1e-4 * float(expected.abs().max()))
 
 
 def flux_training_data(comfy, count=2, seed=7):

@@ -94,3 +94,11 @@ def test_bad_settings_are_refused_by_name():
         balance({}, "median")
     with pytest.raises(ValueError, match="S\\* needs alpha > 0"):
         schedule({"a": lowrank(2, 2, 1, seed=0)}, {}, alpha=0.0)
+
+
+def test_the_projections_of_a_fused_weight_are_its_smallest_key_map_slices():
+    from core.klora import finest_projections
+
+    assert finest_projections({(0, 3072), (0, 9216), (3072, 3072), (6144, 3072), (9216, 12288)}) == [
+        (0, 3072), (3072, 3072), (6144, 3072), (9216, 12288)]  # FLUX linear1: a to_qkv name covers q, k and v
+    assert finest_projections({(0, 4), (2, 4)}) == []  # overlapping slices: the weight is switched whole
