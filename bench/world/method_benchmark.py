@@ -771,6 +771,8 @@ def measure_row(ctx, row: Row) -> dict:
             judged = judge_regions(ctx.judge.models, to_pixels(sample(
                 f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}", LANDSCAPE)))
             per_image["scene"].append((seed, [second in objects for objects in judged]))
+    if not per_image["scene"]:  # the entangled protocol draws no scenes
+        del per_image["scene"]
     return {"row": row.name, "best": best, "grid_scores": grid_scores, "per_image": per_image, "per_cell": per_cell,
             "seconds": seconds, "pictures": pictures, "sheet": sheet}
 
