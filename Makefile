@@ -80,8 +80,11 @@ block-split: setup
 # content in every base style, the style on every base shape). Every method's adapters are trained with the pack's
 # trainers, composed, sampled and judged; two worker processes of one thread each. Appends the tables to
 # bench/RESULTS.md, writes bench/world/benchmark/ (entangled/ for the first protocol: contact sheets, charts, JSON).
-BENCHMARK_ENTANGLED := --protocol entangled --pairs 2 --seeds 2 --steps 250
-BENCHMARK_DISENTANGLED := --pairs 2 --seeds 2 --steps 250
+# Sized to about 2.3 hours wall on this 2-core machine by the benchmark's --estimate (premise ~0.2 h, entangled 2 pairs x
+# 3 cases x 1 seed ~1.5 h, disentangled 2 pairs x 1 seed ~0.6 h); the one-pair entangled run of 2026-12-08 took 88
+# minutes beside other jobs. More seeds: pass --seeds to the scripts (each seed adds about the same again).
+BENCHMARK_ENTANGLED := --protocol entangled --pairs 2 --seeds 1 --steps 250
+BENCHMARK_DISENTANGLED := --pairs 2 --seeds 1 --steps 250
 benchmark: setup
 	OMP_NUM_THREADS=1 $(PYTHON) bench/world/block_split.py --premise --lr 5e-3 --seeds 8
 	OMP_NUM_THREADS=1 $(PYTHON) bench/world/method_benchmark.py $(BENCHMARK_ENTANGLED)
