@@ -44,15 +44,20 @@ def test_a_checkpointed_unet_run_trains_the_same_factors(comfy, comfy_base, tiny
     assert same_factors(plain, checkpointed)
 
 
-def test_a_checkpointed_flux_run_trains_the_same_factors(comfy, comfy_base, tiny_flux):
-    from comfy_host import pack_module
-
-    generator = torch.Generator().manual_seed(1)
+def flux_latents(comfy, seed: int):
+    """Training Latents for the tiny FLUX: one latent and its conditioning, given directly (no small T5)."""
+    generator = torch.Generator().manual_seed(seed)
     latents = {"samples": torch.randn(1, 16, 16, 16, generator=generator) * 0.5}
     conditioning = [[torch.randn(1, 8, 4096, generator=generator),
                      {"pooled_output": torch.randn(1, 768, generator=generator), "guidance": 3.5}]]
-    data = comfy["CSA_TrainingLatents"].execute(latents=latents, conditioning=conditioning, captions="a sks photo",
+    return comfy["CSA_TrainingLatents"].execute(latents=latents, conditioning=conditioning, captions="a sks photo",
                                                 repeats=1, trigger_word="").args[0]
+
+
+def test_a_checkpointed_flux_run_trains_the_same_factors(comfy, comfy_base, tiny_flux):
+    from comfy_host import pack_module
+
+    data = flux_latents(comfy, seed=1)
     units = pack_module(comfy_base, "nodes.comfy_compat").checkpoint_units(tiny_flux)
     assert {"diffusion_model.double_blocks.0", "diffusion_model.single_blocks.0"} <= set(units)
     plain, checkpointed = (train(comfy, tiny_flux, data, flag, loss="v") for flag in (False, True))
@@ -61,12 +66,7 @@ def test_a_checkpointed_flux_run_trains_the_same_factors(comfy, comfy_base, tiny
 
 
 def test_checkpointing_b4m_with_its_routed_losses_on_a_dit_is_refused_by_name(comfy, tiny_flux):
-    generator = torch.Generator().manual_seed(2)
-    latents = {"samples": torch.randn(1, 16, 16, 16, generator=generator) * 0.5}
-    conditioning = [[torch.randn(1, 8, 4096, generator=generator),
-                     {"pooled_output": torch.randn(1, 768, generator=generator), "guidance": 3.5}]]
-    data = comfy["CSA_TrainingLatents"].execute(latents=latents, conditioning=conditioning, captions="a sks photo",
-                                                repeats=1, trigger_word="").args[0]
+    data = flux_latents(comfy, seed=2)
     with pytest.raises(ValueError, match="gradient checkpointing on Flux .* cannot route B4M's two losses"):
         comfy["CSA_TrainB4MContent"].execute(
             model=tiny_flux, data=data, auxiliary_data=data, targets="attention projections", blocks="", rank=4,
