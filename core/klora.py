@@ -137,6 +137,7 @@ def winners_summary(plan: Schedule, steps: int) -> list[str]:
                      f"{len(plan.content_layers(progress))} of {len(plan.scores)} layers")
     return lines
 
+
 def finest_projections(rows: set[tuple[int, int]]) -> list[tuple[int, int]]:
     """The smallest projections of a weight's key-map slices (a slice covering others, such as a to_qkv name over
     q, k and v, is their union, not a projection of its own); [] when the rest still overlap."""

@@ -1,15 +1,14 @@
 """K-LoRA: a content and a style adapter combined without training, switched per layer and sampling step."""
 from __future__ import annotations
 
-from comfy_api.latest import io
-
 import torch
+from comfy_api.latest import io
 
 from ..core.adapter import Adapter, LowRank, is_pointwise_weight
 from ..core.binding import normal_target, slice_of
 from ..core.dense import carried_diffs
-from ..core.klora import (BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, PATTERNS, TRIMMED, WRAPPED, Schedule, finest_projections, schedule,
-                          step_progress, winners_summary)
+from ..core.klora import (BALANCES, DEFAULT_ALPHA, DEFAULT_BETA, PATTERNS, TRIMMED, WRAPPED, Schedule,
+                          finest_projections, schedule, step_progress, winners_summary)
 from ..core.layouts import generic_module_name
 from . import comfy_compat as cc
 from .common import PackNode, schema
@@ -51,7 +50,6 @@ def projections(model, keys) -> dict[str, list[tuple[int, int]]]:
         if part is not None and target[0] in keys and part[0] == 0:
             found.setdefault(target[0], set()).add((part[1], part[2]))
     return {key: parts for key, rows in found.items() if (parts := finest_projections(rows))}
-
 
 
 def projection_factors(factors: LowRank, first: int, rows: int) -> LowRank:

@@ -201,15 +201,20 @@ def residual_targets(residual: Adapter, model) -> dict[str, object]:
                              f"double_blocks.<i>.img_attn.proj (FLUX) only; module '{module}' targets {key}")
         check_runtime_factors(residual.source, module, factors)
         targets[key] = factors
-    if any(residual_site(key)[2] == JOINT_ATTENTION for key in targets) and not cc.joint_attention_text_first(model):
+    if on_joint_attention(targets) and not cc.joint_attention_text_first(model):
         raise ValueError(f"{cc.model_name(model)}: its double blocks put the image tokens before the text tokens; "
                          f"Apply Localized Residual reads FLUX's order (text first) only")
     return targets
 
 
+def on_joint_attention(targets: dict) -> bool:
+    """Whether the residual's layers are localised by a DiT's joint attention (FLUX double blocks)."""
+    return any(residual_site(key)[2] == JOINT_ATTENTION for key in targets)
+
+
 def concept_token_stream(targets: dict) -> str | None:
     """The token stream the concept words are found in: T5 for FLUX's joint attention, CLIP-L for a UNet's."""
-    return cc.T5_TOKENS if any(residual_site(key)[2] == JOINT_ATTENTION for key in targets) else None
+    return cc.T5_TOKENS if on_joint_attention(targets) else None
 
 
 def install_residuals(patched, settings: LocalizedResidualSettings, targets: dict, strength: float) -> None:

@@ -11,8 +11,8 @@ from comfy_api.latest import io
 from ..core.adapter import ROLES
 from ..core.blocks import BLOCK_SPLIT_KEY, in_block
 from ..core.layouts import generic_module_name
-from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, FLUX_SPLIT, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS, TrainingOptions,
-                             consislora_phases, parse_blocks, select_targets, trainable_lora, trainable_qr)
+from ..core.trainers import (BLOCK_PRESET, BLOCK_SPLITS, FLUX_SPLIT, METHOD_OPTIONS, PRECISIONS, TARGET_PRESETS,
+                             TrainingOptions, consislora_phases, parse_blocks, select_targets, trainable_lora, trainable_qr)
 from ..core.training import SCHEDULES, TARGETS, Phase
 from ..core.training_data import training_latents
 from . import comfy_compat as cc
@@ -214,8 +214,8 @@ def resolve_block_split(model, preset: str, content_blocks: str, style_blocks: s
     FLUX's split keeps the single blocks the model has; a part left with none is refused, naming what exists."""
     if preset == "custom":
         return parse_blocks(content_blocks), parse_blocks(style_blocks)
-    shapes = [k for k in cc.weight_shapes(model) if k.startswith("diffusion_model.")]
-    has = lambda block: any(in_block(k, block) for k in shapes)  # noqa: E731
+    keys = [k for k in cc.weight_shapes(model) if k.startswith("diffusion_model.")]
+    has = lambda block: any(in_block(k, block) for k in keys)  # noqa: E731
     if preset == "auto":
         preset = FLUX_SPLIT if has("single_blocks.0") else "SDXL" if cc.has_pooled_conditioning(model) else (
             "SD1.5" if all(has(b) for part in BLOCK_SPLITS["SD1.5"] for b in part) else "world")
@@ -224,7 +224,7 @@ def resolve_block_split(model, preset: str, content_blocks: str, style_blocks: s
     kept = tuple(tuple(b for b in part if has(b)) for part in BLOCK_SPLITS[preset])
     for name, part in zip(("content", "style"), kept):
         if not part:
-            singles = sorted({k.split(".")[2] for k in shapes if k.startswith("diffusion_model.single_blocks.")}, key=int)
+            singles = sorted({k.split(".")[2] for k in keys if k.startswith("diffusion_model.single_blocks.")}, key=int)
             raise ValueError(f"block_split '{preset}': this model has none of its {name} blocks "
                              f"({BLOCK_SPLITS[preset][0 if name == 'content' else 1][0]} ...); its single blocks are "
                              f"{', '.join(singles) or 'none'}: choose 'custom' and name the blocks")

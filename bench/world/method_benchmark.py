@@ -736,7 +736,7 @@ def measure_row(ctx, row: Row) -> dict:
         log(f"{row.name} {variant}: both right {both:.0%}, content {content:.0%}")
     best = max(range(len(row.grid)), key=lambda i: grid_scores[i])
     per_image = {k: [] for k in ("both", "content", "style", "both_strict", "style_strict", "recontext",
-                                 "recontext_style", "leakage", "scene")}
+                                 "recontext_style", "leakage")}  # and "scene" where scenes are drawn
     per_cell = {k: [] for k in ("diversity", "background", "compose_cpu")}
     seconds, pictures, sheet = 0.0, 0, {}
     for (content_target, style_target), seed in ctx.cells:
@@ -770,9 +770,7 @@ def measure_row(ctx, row: Row) -> dict:
         for second in SCENE_OBJECTS[:args.scene_prompts] if content_context is None else ():  # disentangled only
             judged = judge_regions(ctx.judge.models, to_pixels(sample(
                 f"a {RECONTEXT_STYLES[0]} {CONTENT_WORD} and a {second[1]} {second[0]}", LANDSCAPE)))
-            per_image["scene"].append((seed, [second in objects for objects in judged]))
-    if not per_image["scene"]:  # the entangled protocol draws no scenes
-        del per_image["scene"]
+            per_image.setdefault("scene", []).append((seed, [second in objects for objects in judged]))
     return {"row": row.name, "best": best, "grid_scores": grid_scores, "per_image": per_image, "per_cell": per_cell,
             "seconds": seconds, "pictures": pictures, "sheet": sheet}
 
